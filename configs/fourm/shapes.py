@@ -1,0 +1,62 @@
+"""4M on the embedded shapes data: every modality to every other, small enough for a CPU.
+
+Run:
+  mmjax train --config=configs/fourm/shapes.py:tiny --workdir=runs/fourm_shapes
+  mmjax train --config=configs/fourm/shapes.py:tiny,runlocal --workdir=/tmp/smoke   # seconds
+Variants: `tiny` (D=192, 4+4 layers) and `small` (D=384, 6+6). `runlocal` shrinks steps and data.
+"""
+
+import ml_collections
+
+from mmjax import config as mmconfig
+from mmjax import defaults
+
+SIZES = {
+    "tiny": dict(d_model=192, num_heads=3, encoder_layers=4, decoder_layers=4),
+    "small": dict(d_model=384, num_heads=6, encoder_layers=6, decoder_layers=6),
+}
+
+
+def get_config(arg=None):
+  arg = mmconfig.parse_arg(arg, variant="tiny", runlocal=False)
+  if arg.variant not in SIZES:
+    raise ValueError(f"variant must be one of {sorted(SIZES)}, got {arg.variant!r}")
+  config = ml_collections.ConfigDict()
+  config.objective = "fourm"
+  config.seed = 0  # parameter init and dropout/sampling RNG
+
+  config.data = defaults.shapes_data()
+  # Modality ids follow this order. Image-like tokens come from the shapes tokenizers (8x8 grids
+  # of 64x64 scenes); text-like ones share the shapes SentencePiece vocabulary.
+  config.modalities = ml_collections.ConfigDict(sort_keys=False, initial_dictionary=dict(
+      rgb=dict(kind="image_pixels", source="rgb", image_size=64, patch_size=8),
+      tok_rgb=dict(kind="image_tokens", source="rgb", vocab_size=1024, grid=(8, 8),
+                   tokenizer="configs/tokenizers/shapes_rgb.py"),
+      tok_depth=dict(kind="image_tokens", source="depth", vocab_size=1024, grid=(8, 8),
+                     tokenizer="configs/tokenizers/shapes_depth.py"),
+      tok_semseg=dict(kind="image_tokens", source="semseg", vocab_size=256, grid=(8, 8),
+                      tokenizer="configs/tokenizers/shapes_semseg.py"),
+      caption=dict(kind="sequence", source="caption", vocab_size=1024, max_length=48,
+                   tokenizer="configs/tokenizers/shapes_text.py"),
+      det=dict(kind="sequence", source="det", vocab_size=1024, max_length=64,
+               tokenizer="configs/tokenizers/shapes_text.py"),
+  ))
+  config.masking = ml_collections.ConfigDict(dict(
+      mixture="4m7",            # Dirichlet mixture: "4m7", "4m21", or a fixed "rgb->tok_semseg"
+      input_alpha=0.5,          # all->all component concentration
+      keep_scheme="random",     # span-masking keep probability: "random", "all" or "binary"
+  ))
+
+  config.model = ml_collections.ConfigDict(dict(SIZES[arg.variant]))
+  config.model.num_input_tokens = 128
+  config.model.num_target_tokens = 128
+  config.model.dtype = "float32"
+
+  config.train = defaults.train(steps=2000, batch_size=32, lr=5e-4, warmup_steps=200)
+  config.mesh = defaults.mesh()
+
+  if arg.runlocal:
+    config.data.num_train, config.data.num_val = 256, 32
+    config.train.update(steps=20, batch_size=8, warmup_steps=2, log_every=5, checkpoint_every=10)
+    config.model.update(num_input_tokens=64, num_target_tokens=64)
+  return config

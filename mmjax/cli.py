@@ -1,0 +1,220 @@
+"""`mmjax <command>`: a thin command line over importable functions.
+
+Every command takes `--config=PATH[:ARG]`, `--config.KEY=VALUE` overrides and `--workdir=DIR`.
+User errors (a bad flag, a missing file, an unknown config key) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from mmjax import __version__
+from mmjax.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+# Commands that later work items implement; they still parse and validate their config today.
+_PLANNED = {
+    "prepare tokens": "the tokenizers issue (#3)",
+    "tokenizer train": "the tokenizers issue (#3)",
+    "train": "the trainer issue (#7)",
+    "eval": "the trainer and model issues (#5, #7)",
+    "generate": "the model issues (#5, #6)",
+    "bench step": "the trainer issue (#7)",
+    "bench data": "the pipelines issue (#4)",
+    "bench decode": "the decoder issue (#6)",
+    "aot": "the trainer issue (#7)",
+    "sweep": "the trainer issue (#7)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+  """An ArgumentParser whose errors are UserErrors, so that main() reports them in one line."""
+
+  def error(self, message):
+    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _add_common(parser: argparse.ArgumentParser, *, config_required: bool) -> None:
+  parser.add_argument("--config", required=config_required, metavar="PATH[:ARG]",
+                      help="config file and optional variant argument; override keys with "
+                           "--config.KEY=VALUE")
+  parser.add_argument("--workdir", metavar="DIR", help="directory the command writes to")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="mmjax", description=(
+      "Pretrain multimodal models on discrete tokens: 4M-style any-to-any masked modeling and "
+      "mixed-modal decoders, from a CPU to TPU pods."))
+  parser.add_argument("--version", action="version", version=f"mmjax {__version__}")
+  commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+  demo = commands.add_parser("demo", help="the whole pipeline on the embedded shapes data, on CPU")
+  _add_common(demo, config_required=False)
+  demo.add_argument("--num-train", type=int, default=2000, help="training scenes to generate")
+  demo.add_argument("--num-val", type=int, default=200, help="validation scenes to generate")
+  demo.set_defaults(run=_run_demo)
+
+  prepare = commands.add_parser("prepare", help="prepare a dataset: shapes scenes or token shards")
+  prepare_kinds = prepare.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
+  shapes = prepare_kinds.add_parser("shapes", help="generate the synthetic shapes scenes")
+  _add_common(shapes, config_required=False)
+  shapes.add_argument("--out", required=True, metavar="DIR", help="tfds data directory to write")
+  shapes.add_argument("--num-train", type=int, default=20000, help="scenes in the train split")
+  shapes.add_argument("--num-val", type=int, default=1000, help="scenes in the validation split")
+  shapes.add_argument("--seed", type=int, default=0, help="scene i is a function of (seed, i)")
+  shapes.add_argument("--image-size", type=int, default=64, help="side of the square images")
+  shapes.set_defaults(run=_run_prepare_shapes)
+  tokens = prepare_kinds.add_parser("tokens", help="pre-tokenize a raw dataset into ArrayRecords")
+  _add_common(tokens, config_required=True)
+  tokens.set_defaults(run=_planned("prepare tokens"))
+
+  tokenizer = commands.add_parser("tokenizer", help="train a text or image-like tokenizer")
+  tokenizer_actions = tokenizer.add_subparsers(dest="action", metavar="ACTION",
+                                               parser_class=_Parser)
+  tokenizer_train = tokenizer_actions.add_parser("train", help="train a tokenizer, report quality")
+  _add_common(tokenizer_train, config_required=True)
+  tokenizer_train.set_defaults(run=_planned("tokenizer train"))
+
+  for name, help_text in (
+      ("train", "train (4M, decoder or tokenizer objective); resumes from DIR's checkpoint"),
+      ("eval", "metrics and PNG grids from the latest checkpoint"),
+      ("generate", "any-to-any generation from given inputs"),
+  ):
+    command = commands.add_parser(name, help=help_text)
+    _add_common(command, config_required=True)
+    command.set_defaults(run=_planned(name))
+
+  bench = commands.add_parser("bench", help="throughput figures as one JSON line on stdout")
+  bench_kinds = bench.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
+  for name, help_text in (("step", "train-step throughput and MFU"),
+                          ("data", "input-pipeline samples/s"),
+                          ("decode", "decoder tokens/s with and without the KV cache")):
+    command = bench_kinds.add_parser(name, help=help_text)
+    _add_common(command, config_required=True)
+    command.set_defaults(run=_planned(f"bench {name}"))
+  bench_shapes = bench_kinds.add_parser("shapes", help="shapes scene generation speed")
+  _add_common(bench_shapes, config_required=False)
+  bench_shapes.add_argument("--num-scenes", type=int, default=5000)
+  bench_shapes.add_argument("--image-size", type=int, default=64)
+  bench_shapes.set_defaults(run=_run_bench_shapes)
+
+  aot = commands.add_parser("aot", help="compile the train step for a TPU topology without TPUs")
+  _add_common(aot, config_required=True)
+  aot.add_argument("--topology", required=True, help="e.g. v5p:2x2x2")
+  aot.set_defaults(run=_planned("aot"))
+
+  sweep = commands.add_parser("sweep", help="run or emit a grid of runs; collect results")
+  _add_common(sweep, config_required=False)
+  sweep.add_argument("--sweep", required=True, metavar="PATH", help="sweep file, e.g. "
+                     "configs/sweeps/scaling.py")
+  sweep.set_defaults(run=_planned("sweep"))
+  return parser
+
+
+def _load_config(args: argparse.Namespace):
+  """The command's config with its overrides applied and validated, or None without --config."""
+  from mmjax import config as mmconfig  # imported late: `mmjax --help` should not load absl
+
+  if args.config is None:
+    if args.overrides:
+      raise UserError(f"{args.overrides[0].split('=')[0]} given without --config")
+    return None
+  return mmconfig.load(args.config, args.overrides)
+
+
+def _planned(name: str) -> Callable[[argparse.Namespace], int]:
+  def run(args: argparse.Namespace) -> int:
+    _load_config(args)  # configs are validated even before the command exists
+    print(f"mmjax {name}: not implemented yet; it arrives with {_PLANNED[name]}. "
+          "The config is valid.", file=sys.stderr)
+    return EXIT_USER_ERROR
+  return run
+
+
+def _run_prepare_shapes(args: argparse.Namespace) -> int:
+  from mmjax.data import shapes
+
+  _load_config(args)
+  try:
+    summary = shapes.prepare_shapes(args.out, num_train=args.num_train, num_val=args.num_val,
+                                    seed=args.seed, image_size=args.image_size,
+                                    progress=sys.stderr.isatty())
+  except ValueError as e:
+    raise UserError(f"prepare shapes: {e}") from None
+  print(json.dumps(summary, default=str))
+  return 0
+
+
+def _run_bench_shapes(args: argparse.Namespace) -> int:
+  from mmjax.data import shapes
+
+  _load_config(args)
+  result = shapes.benchmark_generation(args.num_scenes, image_size=args.image_size)
+  print(json.dumps({"bench": "shapes", "image_size": args.image_size, **result}))
+  return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+  from mmjax.data import shapes
+
+  _load_config(args)
+  workdir = args.workdir or os.path.join("runs", "demo")
+  data_dir = os.path.join(workdir, "data")
+  print(f"mmjax demo: preparing {args.num_train} + {args.num_val} shapes scenes in {data_dir}")
+  summary = shapes.prepare_shapes(data_dir, num_train=args.num_train, num_val=args.num_val,
+                                  seed=0, image_size=64, progress=True)
+  print(json.dumps(summary, indent=2, default=str))
+  print("mmjax demo: done. Next stages (tokenizers, training, evaluation, sampling) join the demo "
+        "as they land.")
+  return 0
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.KEY=VALUE` / `--config.KEY VALUE` overrides from argparse's arguments."""
+  rest, overrides = [], []
+  expects_value = False
+  for arg in argv:
+    if expects_value:
+      overrides.append(arg)
+      expects_value = False
+    elif arg.startswith("--config."):
+      overrides.append(arg)
+      expects_value = "=" not in arg
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, overrides = _split_overrides(argv)
+  parser = _build_parser()
+  try:
+    args = parser.parse_args(rest)
+    args.overrides = overrides
+    if not hasattr(args, "run"):
+      command = " ".join(a for a in rest if not a.startswith("-"))
+      if not command:
+        parser.print_help()
+        return EXIT_USER_ERROR
+      raise UserError(f"mmjax {command}: choose one of its subcommands (see mmjax {command} "
+                      "--help)")
+    return args.run(args)
+  except UserError as e:
+    print(f"mmjax: error: {e}", file=sys.stderr)
+    return EXIT_USER_ERROR
+  except FileNotFoundError as e:
+    print(f"mmjax: error: file not found: {e.filename or e}", file=sys.stderr)
+    return EXIT_USER_ERROR
+  except KeyboardInterrupt:
+    print("mmjax: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

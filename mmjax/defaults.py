@@ -1,0 +1,71 @@
+"""Config sections that every training config shares, so config files state only what differs.
+
+Every key is commented here once; config files override values, never copy the sections.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def train(**overrides) -> ml_collections.ConfigDict:
+  """The optimisation and loop section (`config.train`)."""
+  section = ml_collections.ConfigDict(dict(
+      steps=1000,             # optimizer steps to run
+      batch_size=64,          # global batch, over all hosts
+      microbatches=1,         # gradient accumulation: batch_size / microbatches per forward pass
+      lr=1e-4,                # peak learning rate
+      schedule="cosine",      # "cosine" (warm-up then cosine to 0), "wsd", "rsqrt" or "constant"
+      warmup_steps=100,       # linear warm-up from 0
+      decay_fraction=0.2,     # wsd: fraction of steps spent decaying at the end
+      b1=0.9,                 # AdamW betas and eps (4M: 0.9, 0.95, 1e-8)
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.05,      # not applied to norm weights and biases
+      grad_clip=1.0,          # global-norm clipping; 0 disables
+      nan_policy="stop",      # on a NaN/inf loss: "stop" (no save of the bad state) or "skip"
+      log_every=10,           # steps between metric lines
+      eval_every=0,           # steps between validation passes; 0: only at the end
+      checkpoint_every=500,   # steps between checkpoints (always one at the end)
+      keep_checkpoints=3,     # retention: the newest this many
+  ))
+  section.update(overrides)
+  return section
+
+
+def mesh(**shape) -> ml_collections.ConfigDict:
+  """Device mesh (`config.mesh`): axis sizes, one of them -1 to be filled from the device count."""
+  sizes = dict(data=-1, fsdp=1, tensor=1, expert=1)
+  sizes.update(shape)
+  return ml_collections.ConfigDict(dict(
+      shape=sizes,
+      batch_axes=("data", "fsdp"),  # mesh axes the global batch is split over
+      # Logical axis -> mesh axes. One table for every model; unnamed logical axes are replicated.
+      rules=(
+          ("batch", ("data", "fsdp")),
+          ("embed", "fsdp"),
+          ("mlp", "tensor"),
+          ("heads", "tensor"),
+          ("kv", None),
+          ("vocab", "tensor"),
+          ("expert", "expert"),
+          ("layers", None),
+          ("length", None),
+      ),
+  ))
+
+
+def shapes_data(**overrides) -> ml_collections.ConfigDict:
+  """The embedded shapes dataset (`config.data`); `mmjax prepare shapes` writes it to `data_dir`."""
+  section = ml_collections.ConfigDict(dict(
+      name="shapes",          # tfds builder name
+      data_dir="",            # where the prepared data lives; "" means <workdir>/data
+      image_size=64,          # side of the square scenes
+      num_train=20000,        # scenes in the train split
+      num_val=1000,           # scenes in the validation split
+      seed=0,                 # scene i of a split is a pure function of (seed, split, i)
+      shuffle_seed=0,         # order of the training stream
+      num_workers=0,          # grain multiprocessing workers; 0 reads in the main process
+  ))
+  section.update(overrides)
+  return section

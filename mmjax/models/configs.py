@@ -1,0 +1,105 @@
+"""Frozen model configs: the only view of the config that model code gets.
+
+`model_config(config)` is the boundary: it turns `config.model` into the dataclass of the config's
+objective, so unknown keys fail here, by name, and modules never see the global ConfigDict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mmjax.config import ConfigDict, ConfigError, to_dataclass
+
+
+@dataclasses.dataclass(frozen=True)
+class FourMConfig:
+  """A 4M encoder-decoder (specs/fourm.md). Both stacks share the width."""
+  d_model: int = 384
+  num_heads: int = 6
+  encoder_layers: int = 6
+  decoder_layers: int = 6
+  mlp_type: str = "swiglu"        # "swiglu" (released models) or "gelu" (with biases)
+  mlp_hidden: int = 0             # 0: int(2 * 4 * d_model / 3) for swiglu, 4 * d_model for gelu
+  norm_type: str = "layernorm"    # "layernorm" or "rmsnorm"
+  norm_eps: float = 1e-6
+  qk_norm: bool = False
+  use_bias: bool = False          # biases in qkv, projections and norms (the context proj always has one)
+  tie_heads: bool = False         # tie each output head to its decoder token table
+  num_input_tokens: int = 128     # encoder slots N
+  num_target_tokens: int = 128    # decoder slots M
+  dtype: str = "float32"          # compute dtype
+  param_dtype: str = "float32"
+  remat: str = "none"             # named remat policy of the scanned blocks
+
+  def __post_init__(self):
+    if self.d_model % self.num_heads:
+      raise ConfigError(f"model.num_heads ({self.num_heads}) must divide model.d_model "
+                        f"({self.d_model})")
+    if self.mlp_type not in ("swiglu", "gelu"):
+      raise ConfigError(f"model.mlp_type must be 'swiglu' or 'gelu', got {self.mlp_type!r}")
+    if self.norm_type not in ("layernorm", "rmsnorm"):
+      raise ConfigError(f"model.norm_type must be 'layernorm' or 'rmsnorm', got {self.norm_type!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def hidden(self) -> int:
+    if self.mlp_hidden:
+      return self.mlp_hidden
+    return int(2 * 4 * self.d_model / 3) if self.mlp_type == "swiglu" else 4 * self.d_model
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """A mixed-modal decoder-only model on the Chameleon recipe (specs/mixed_modal.md)."""
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 0           # 0: as many as num_heads (no grouped-query attention)
+  mlp_hidden: int = 0             # 0: int(2 * 4 * d_model / 3) rounded up to a multiple of 64
+  max_length: int = 512           # sequence length the model is trained on
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_layout: str = "rotate_half"  # "rotate_half" or "interleaved" pairs
+  qk_norm: bool = True
+  norm_order: str = "pre"         # "pre": x + f(norm(x)); "post" (swin): x + norm(f(x))
+  residual_dropout: float = 0.0
+  tie_embeddings: bool = False
+  z_loss: float = 1e-5
+  sparsity: str = "dense"         # "dense", "mot", "moma" or "moe" (modality-agnostic token choice)
+  experts_per_modality: int = 4   # moma: experts in each modality group
+  num_experts: int = 8            # moe
+  moe_top_k: int = 1              # moe
+  balance_loss: float = 0.01      # moe load-balance loss weight
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+
+  def __post_init__(self):
+    if self.d_model % self.num_heads:
+      raise ConfigError(f"model.num_heads ({self.num_heads}) must divide model.d_model "
+                        f"({self.d_model})")
+    kv = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv:
+      raise ConfigError(f"model.num_kv_heads ({kv}) must divide model.num_heads ({self.num_heads})")
+    if self.rope_layout not in ("rotate_half", "interleaved"):
+      raise ConfigError(f"model.rope_layout must be 'rotate_half' or 'interleaved', "
+                        f"got {self.rope_layout!r}")
+    if self.norm_order not in ("pre", "post"):
+      raise ConfigError(f"model.norm_order must be 'pre' or 'post', got {self.norm_order!r}")
+    if self.sparsity not in ("dense", "mot", "moma", "moe"):
+      raise ConfigError(f"model.sparsity must be dense, mot, moma or moe, got {self.sparsity!r}")
+
+
+MODEL_CONFIGS = {"fourm": FourMConfig, "decoder": DecoderConfig}
+
+
+def model_config(config: ConfigDict):
+  """The frozen model config of `config`, chosen by its objective."""
+  objective = config.get("objective", "")
+  if objective not in MODEL_CONFIGS:
+    raise ConfigError(f"config key 'objective' must be one of {sorted(MODEL_CONFIGS)} to build a "
+                      f"model, got {objective!r}")
+  return to_dataclass(MODEL_CONFIGS[objective], config.model, where="model")
