@@ -1,0 +1,1 @@
+"""Tokenizers: text (SentencePiece), image-like (VQ / FSQ in JAX), boxes as text."""
