@@ -1,0 +1,64 @@
+"""The command line: help, config errors and user errors exit non-zero with one line."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from mmjax import cli
+
+COMMANDS = ("demo", "prepare", "tokenizer", "train", "eval", "generate", "bench", "aot", "sweep")
+
+
+def _run(capsys, *argv):
+  code = cli.main(list(argv))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_help_lists_every_command_of_the_contract():
+  result = subprocess.run([sys.executable, "-m", "mmjax.cli", "--help"], capture_output=True,
+                          text=True, check=True)
+  for command in COMMANDS:
+    assert f"    {command}" in result.stdout
+
+
+def test_no_command_prints_help_and_fails(capsys):
+  code, out, _ = _run(capsys)
+  assert code == 2 and "usage: mmjax" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["train"], "required: --config"),
+    (["train", "--config=configs/missing.py"], "'configs/missing.py' does not exist"),
+    (["train", "--config=configs/fourm/shapes.py", "--config.train.stepz=3"],
+     "unknown config key 'train.stepz'.*closest valid names: train.steps"),
+    (["train", "--config=configs/fourm/shapes.py", "--config.train.steps"], "needs a value"),
+    (["train", "--config=configs/fourm/shapes.py", "--bogus"], "unrecognized arguments: --bogus"),
+    (["prepare", "shapes", "--num-train", "3"], "required: --out"),
+    (["prepare", "shapes", "--out", "x", "--num-train", "many"], "invalid int value"),
+    (["bench"], "choose one of its subcommands"),
+    (["prepare", "shapes", "--out", "x", "--config.data.seed=1"], "without --config"),
+])
+def test_user_errors_are_one_line_and_exit_2(capsys, argv, message):
+  code, _, err = _run(capsys, *argv)
+  assert code == 2
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("mmjax: error: "), err
+  assert "Traceback" not in err
+  assert re.search(message, lines[0]), lines[0]
+
+
+def test_planned_command_validates_config_then_says_so(capsys):
+  code, _, err = _run(capsys, "aot", "--config=configs/fourm/4m.py:B", "--topology=v5p:2x2x2")
+  assert code == 2 and "not implemented yet" in err and "config is valid" in err
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "mmjax.cli", "train",
+                           "--config=configs/fourm/shapes.py:tiny", "--config.model.d_modle=3"],
+                          capture_output=True, text=True)
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr and "model.d_model" in result.stderr
