@@ -1,0 +1,1 @@
+"""Data: the synthetic shapes world, record builders, and the input pipeline."""
