@@ -143,7 +143,7 @@ def _run_prepare_shapes(args: argparse.Namespace) -> int:
   try:
     summary = shapes.prepare_shapes(args.out, num_train=args.num_train, num_val=args.num_val,
                                     seed=args.seed, image_size=args.image_size,
-                                    progress=sys.stderr.isatty())
+                                    progress=True)
   except ValueError as e:
     raise UserError(f"prepare shapes: {e}") from None
   print(json.dumps(summary, default=str))
@@ -161,16 +161,27 @@ def _run_bench_shapes(args: argparse.Namespace) -> int:
 
 def _run_demo(args: argparse.Namespace) -> int:
   from mmjax.data import shapes
+  from mmjax.eval import grids
 
   _load_config(args)
   workdir = args.workdir or os.path.join("runs", "demo")
   data_dir = os.path.join(workdir, "data")
   print(f"mmjax demo: preparing {args.num_train} + {args.num_val} shapes scenes in {data_dir}")
-  summary = shapes.prepare_shapes(data_dir, num_train=args.num_train, num_val=args.num_val,
-                                  seed=0, image_size=64, progress=True)
+  try:
+    summary = shapes.prepare_shapes(data_dir, num_train=args.num_train, num_val=args.num_val,
+                                    seed=0, image_size=64, progress=True)
+  except ValueError as e:
+    raise UserError(f"demo: {e}") from None
   print(json.dumps(summary, indent=2, default=str))
-  print("mmjax demo: done. Next stages (tokenizers, training, evaluation, sampling) join the demo "
-        "as they land.")
+  scenes = [shapes.generate_scene(i, split="validation") for i in range(6)]
+  preview = grids.save_grid(
+      os.path.join(workdir, "shapes_preview.png"),
+      [[s["rgb"], grids.to_rgb(s["depth"], "depth"), grids.to_rgb(s["semseg"], "classes")]
+       for s in scenes],
+      column_titles=("rgb", "depth", "semseg"), row_titles=[s["caption"] for s in scenes])
+  print(f"mmjax demo: validation scenes with their captions: {preview}")
+  print("mmjax demo: done. Tokenizers, training, evaluation and sampling join the demo as they "
+        "land.")
   return 0
 
 

@@ -62,3 +62,32 @@ def test_console_script_error_has_no_traceback(tmp_path):
                           capture_output=True, text=True)
   assert result.returncode == 2
   assert "Traceback" not in result.stderr and "model.d_model" in result.stderr
+
+
+def test_prepare_shapes_writes_a_readable_dataset(tmp_path, capsys):
+  import json
+
+  import tensorflow_datasets as tfds
+
+  code, out, _ = _run(capsys, "prepare", "shapes", "--out", str(tmp_path), "--num-train", "6",
+                      "--num-val", "2", "--seed", "3")
+  assert code == 0
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert summary["splits"] == {"train": 6, "validation": 2}
+  source = tfds.data_source("shapes/s64", data_dir=str(tmp_path))
+  assert len(source["train"]) == 6 and source["validation"][1]["rgb"].shape == (64, 64, 3)
+
+
+def test_prepare_shapes_bad_parameter_is_a_user_error(tmp_path, capsys):
+  code, _, err = _run(capsys, "prepare", "shapes", "--out", str(tmp_path), "--image-size", "8")
+  assert code == 2 and "image_size" in err and "Traceback" not in err
+
+
+def test_demo_prepares_data_and_a_preview(tmp_path, capsys):
+  from PIL import Image
+
+  code, out, _ = _run(capsys, "demo", "--workdir", str(tmp_path), "--num-train", "8",
+                      "--num-val", "4")
+  assert code == 0 and "shapes_preview.png" in out
+  with Image.open(tmp_path / "shapes_preview.png") as image:
+    assert image.size[0] > 300
