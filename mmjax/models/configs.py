@@ -30,8 +30,21 @@ class FourMConfig:
   dtype: str = "float32"          # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"             # named remat policy of the scanned blocks
+  # Added for the model/loss (issue 5): output heads and loss options.
+  heads_impl: str = "auto"        # "chunked" (CPU: modality-aligned chunks), "ragged" (ragged_dot), "auto"
+  head_chunk: int = 128           # chunked heads: tokens per chunk (each chunk holds one modality)
+  loss_weighting: str = "mod"     # "mod": mean per modality, then over modalities; "token": per token
+  label_smoothing: float = 0.0    # spec default 0
+  z_loss: float = 0.0             # weight of lse^2 per target token; spec default 0
 
   def __post_init__(self):
+    if self.heads_impl not in ("auto", "chunked", "ragged"):
+      raise ConfigError(f"model.heads_impl must be 'auto', 'chunked' or 'ragged', "
+                        f"got {self.heads_impl!r}")
+    if self.loss_weighting not in ("mod", "token"):
+      raise ConfigError(f"model.loss_weighting must be 'mod' or 'token', got {self.loss_weighting!r}")
+    if self.head_chunk <= 0:
+      raise ConfigError(f"model.head_chunk must be positive, got {self.head_chunk}")
     if self.d_model % self.num_heads:
       raise ConfigError(f"model.num_heads ({self.num_heads}) must divide model.d_model "
                         f"({self.d_model})")
@@ -76,11 +89,25 @@ class DecoderConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  # Added for the decoder model (issue 6):
+  capacity_factor: float = 1.25   # moe: per-expert capacity ceil(cf * tokens * top_k / experts)
+  expert_hidden: int = 0          # moma/moe expert width; 0: equal active compute with dense
+  moma_aux_router: bool = True    # moma: train a small sigmoid MLP to predict selection (causal decode)
+  moma_aux_router_hidden: int = 0  # its width; 0: max(8, d_model // 8)
+  aux_router_loss: float = 1.0    # moma: weight of the auxiliary routers' BCE (on detached inputs)
+  loss_weights: tuple = ()        # per-modality loss weights as {name: weight}; missing names: 1.0
+  grouped_impl: str = "auto"      # grouped matmuls: "ragged" (TPU/GPU), "chunked" (CPU), "auto"
+  group_chunk: int = 64           # chunked: rows per chunk (padding is at most one chunk per group)
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
       raise ConfigError(f"model.num_heads ({self.num_heads}) must divide model.d_model "
                         f"({self.d_model})")
+    if self.remat not in ("none", "full", "dots", "dots_no_batch"):
+      raise ConfigError(f"model.remat must be none, full, dots or dots_no_batch, got {self.remat!r}")
+    if self.grouped_impl not in ("auto", "ragged", "chunked"):
+      raise ConfigError(f"model.grouped_impl must be auto, ragged or chunked, "
+                        f"got {self.grouped_impl!r}")
     kv = self.num_kv_heads or self.num_heads
     if self.num_heads % kv:
       raise ConfigError(f"model.num_kv_heads ({kv}) must divide model.num_heads ({self.num_heads})")
