@@ -1,0 +1,283 @@
+"""Records -> the 4M batch (`mmjax.data.fourm_batch`), many records at once with numpy.
+
+A record is a dict keyed by modality name: for an `image_tokens` modality an int array of
+grid_h*grid_w ids (any int dtype, [G] or [grid_h, grid_w]); for a `sequence` modality a 1-D int array
+without EOS (appended here, then truncated to max_length); for an `image_pixels` modality an uint8
+image [H, W, 3]. A modality a dataset declares optional may be absent (key missing or None): it is then
+empty for that record. Anything else wrong (a required modality absent, a wrong length or dtype, an id
+outside [0, vocab_size)) is a bad record: an error naming the record and field, or, with
+`bad_records="skip"`, the row becomes padding (every slot invalid) and is counted.
+
+Per batch: a mixture component per sample, input budgets over N and target budgets over M
+(`masking.dirichlet_budgets`), disjoint random input/target cells for images, span masking for
+sequences, then every modality's candidates concatenated in modality-id order and the valid ones moved
+to the front (stable), so the encoder's N slots and the decoder's M slots come out laid out.
+
+Decoder slots of a sequence whose (cut) target is t_0 .. t_{T-1}: T slots, slot j holding the input
+t_j (`dec_tokens`) and the label t_{j+1} (`dec_targets`), position j; the last slot has no label
+(`dec_loss_mask` False), as in the reference (decoder input = target[:-1], labels = target[1:]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mmjax.config import ConfigError
+from mmjax.data import fourm_batch, masking
+from mmjax.data.mixtures import Mixture
+from mmjax.errors import UserError
+from mmjax.modalities import IMAGE_PIXELS, IMAGE_TOKENS, SEQUENCE, Modality, Registry
+from mmjax.tokenizers import special
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+BAD_RECORD_MODES = ("error", "skip")
+
+
+class BadRecord(UserError):
+  """A record that cannot be used; the message names the record and the field."""
+
+
+def patchify(images_BHWC: np.ndarray, patch: int) -> np.ndarray:
+  """uint8 images -> ImageNet-normalised patches [B, P, patch*patch*C] in row-major patch order,
+  each flattened in (patch_row, patch_col, channel) order."""
+  B, H, W, C = images_BHWC.shape
+  x = images_BHWC.reshape(B, H // patch, patch, W // patch, patch, C).transpose(0, 1, 3, 2, 4, 5)
+  x = x.reshape(B, (H // patch) * (W // patch), patch * patch * C).astype(np.float32)
+  # (x / 255 - mean) / std as one multiply and one add, in place: this is memory-bound.
+  x *= np.tile(1.0 / (255.0 * IMAGENET_STD[:C]), patch * patch).astype(np.float32)
+  x += np.tile(-IMAGENET_MEAN[:C] / IMAGENET_STD[:C], patch * patch).astype(np.float32)
+  return x
+
+
+class FourMTransform:
+  """Callable `(records, rng) -> (batch, num_bad)`: the 4M masking of a batch of records.
+
+  `optional[d]` names the modalities dataset d may lack; `dataset_B` (per record, default 0) says
+  which dataset each record comes from; `where_B` labels records in error messages.
+  """
+
+  def __init__(self, registry: Registry, mixture: Mixture, num_input: int, num_target: int, *,
+               num_sentinels: int = 100, bad_records: str = "error",
+               optional: Sequence[Sequence[str]] = ((),)):
+    if bad_records not in BAD_RECORD_MODES:
+      raise ConfigError(f"data.bad_records must be one of {BAD_RECORD_MODES}, got {bad_records!r}")
+    pixels = [m for m in registry if m.kind == IMAGE_PIXELS]
+    if len(pixels) > 1:
+      raise ConfigError(f"the 4M batch holds one image_pixels modality, got "
+                        f"{[m.name for m in pixels]}")
+    self.registry = registry
+    self.mixture = mixture
+    self.num_input, self.num_target = int(num_input), int(num_target)
+    self.bad_records = bad_records
+    self.optional = tuple(frozenset(registry[n].name for n in names) for names in optional)
+    self.special = special.SpecialIds(num_sentinels=num_sentinels)
+    self.sentinel0 = self.special.sentinel(0)
+    for m in registry:
+      if m.is_sequence:
+        needed = (m.max_length + 1) // 2 + 2  # [S_0] .. [S_{runs+1}]
+        if needed > num_sentinels:
+          raise ConfigError(f"modality {m.name}: max_length {m.max_length} can need {needed} "
+                            f"sentinels; masking.num_sentinels is {num_sentinels}")
+        if self.special.num_reserved > m.vocab_size:
+          raise ConfigError(f"modality {m.name}: vocab_size {m.vocab_size} has no room for the "
+                            f"{self.special.num_reserved} reserved ids")
+    self.pixel = pixels[0] if pixels else None
+    self.num_tokens = np.array([m.num_tokens for m in registry], np.int64)
+    self.is_image = np.array([m.is_image for m in registry])
+    self.can_target = np.array([m.can_be_target for m in registry])
+
+  # -------------------------------------------------------------------------------------------
+  # Gathering and validation.
+
+  def _bad(self, where: str, name: str, what: str, bad_B: np.ndarray, b: int) -> None:
+    if self.bad_records == "error":
+      raise BadRecord(f"bad record {where}: field {name!r}: {what}")
+    bad_B[b] = True
+
+  def _absent(self, value: Any, m: Modality, b: int, dataset_B: np.ndarray, where: Sequence[str],
+              bad_B: np.ndarray) -> bool:
+    """True if the value is absent; a bad record unless the record's dataset allows it."""
+    if value is not None:
+      return False
+    if m.name not in self.optional[dataset_B[b]]:
+      self._bad(where[b], m.name, "missing (not declared optional for its dataset)", bad_B, b)
+    return True
+
+  def _gather_image(self, m: Modality, records, dataset_B, where, bad_B, present_B):
+    B, G = len(records), m.num_tokens
+    values = [r.get(m.name) for r in records]
+    out = None
+    if all(v is not None for v in values):
+      try:  # fast path: every record well formed
+        out = np.stack(values)
+      except ValueError:
+        out = None
+      if out is not None and (out.dtype.kind not in "iu" or out.size != B * G):
+        out = None
+    if out is None:
+      out = np.zeros((B, G), np.int64)
+      for b, v in enumerate(values):
+        if self._absent(v, m, b, dataset_B, where, bad_B):
+          present_B[b] = False
+          continue
+        a = np.asarray(v)
+        if a.dtype.kind not in "iu":
+          self._bad(where[b], m.name, f"dtype {a.dtype} is not an integer type", bad_B, b)
+        elif a.size != G:
+          self._bad(where[b], m.name, f"has {a.size} tokens, expected {G} ({m.grid[0]}x"
+                    f"{m.grid[1]})", bad_B, b)
+        else:
+          out[b] = a.reshape(-1)
+    out = out.reshape(B, G).astype(np.int64, copy=False)
+    self._check_vocab(m, out, np.arange(B), where, bad_B, present_B)
+    return out.astype(np.int32)
+
+  def _check_vocab(self, m, ids, rows, where, bad_B, present_B):
+    wrong = (ids >= m.vocab_size) | (ids < 0)
+    if wrong.any():
+      flat = wrong.reshape(len(ids), -1) if ids.ndim > 1 else wrong
+      for i in np.flatnonzero(flat.any(axis=-1) if ids.ndim > 1 else flat):
+        b = int(rows[i])
+        if not present_B[b] or bad_B[b]:
+          continue
+        bad_id = int(ids[i][flat[i]][0]) if ids.ndim > 1 else int(ids[i])
+        self._bad(where[b], m.name, f"id {bad_id} outside [0, {m.vocab_size})", bad_B, b)
+
+  def _gather_sequence(self, m, records, dataset_B, where, bad_B, present_B):
+    B, L = len(records), m.max_length
+    values = []
+    for b, r in enumerate(records):
+      v = r.get(m.name)
+      if self._absent(v, m, b, dataset_B, where, bad_B):
+        present_B[b] = False
+        values.append(np.zeros(0, np.int64))
+        continue
+      a = np.asarray(v)
+      if a.ndim != 1 or (a.dtype.kind not in "iu" and a.size):
+        self._bad(where[b], m.name, f"expected a 1-D integer array, got shape {a.shape} dtype "
+                  f"{a.dtype}", bad_B, b)
+        a = np.zeros(0, np.int64)
+      values.append(a)
+    lens = np.array([len(v) for v in values], np.int64)
+    flat = np.concatenate(values).astype(np.int64) if lens.sum() else np.zeros(0, np.int64)
+    rows = np.repeat(np.arange(B), lens)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
+    if len(flat):
+      wrong = (flat >= m.vocab_size) | (flat < 0)
+      if wrong.any():
+        self._check_vocab(m, flat[wrong], rows[wrong], where, bad_B, present_B)
+    out = np.zeros((B, L), np.int32)
+    fits = cols < L
+    out[rows[fits], cols[fits]] = flat[fits]
+    with_eos = present_B & (lens < L)
+    out[np.flatnonzero(with_eos), lens[with_eos]] = self.special.eos
+    length = np.where(present_B, np.minimum(lens + 1, L), 0)
+    return out, length
+
+  def _gather_pixels(self, m, records, dataset_B, where, bad_B, present_B):
+    B, S = len(records), m.image_size
+    images = np.zeros((B, S, S, m.channels), np.uint8)
+    for b, r in enumerate(records):
+      v = r.get(m.name)
+      if self._absent(v, m, b, dataset_B, where, bad_B):
+        present_B[b] = False
+        continue
+      a = np.asarray(v)
+      if a.shape != images.shape[1:] or a.dtype != np.uint8:
+        self._bad(where[b], m.name, f"expected uint8 {images.shape[1:]}, got {a.dtype} "
+                  f"{a.shape}", bad_B, b)
+        continue
+      images[b] = a
+    return patchify(images, m.patch_size)
+
+  # -------------------------------------------------------------------------------------------
+
+  def __call__(self, records: Sequence[Mapping[str, Any]], rng: np.random.Generator, *,
+               dataset_B: Sequence[int] | None = None,
+               where_B: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], int]:
+    B, K = len(records), len(self.registry)
+    dataset_B = np.zeros(B, np.int64) if dataset_B is None else np.asarray(dataset_B)
+    where = [f"{b} of the batch" for b in range(B)] if where_B is None else list(where_B)
+    bad_B = np.zeros(B, bool)
+    present_BK = np.ones((B, K), bool)
+    data = []
+    for k, m in enumerate(self.registry):
+      gather = {IMAGE_TOKENS: self._gather_image, SEQUENCE: self._gather_sequence,
+                IMAGE_PIXELS: self._gather_pixels}[m.kind]
+      data.append(gather(m, records, dataset_B, where, bad_B, present_BK[:, k]))
+    present_BK &= ~bad_B[:, None]  # a skipped record becomes an all-padding row
+
+    mix = self.mixture
+    comp_B = rng.choice(len(mix.weights), size=B, p=mix.weights)
+    cap_in = self.num_tokens[None, :] * present_BK
+    in_BK = masking.dirichlet_budgets(rng, mix.input_alpha[comp_B] * present_BK, self.num_input,
+                                      cap_in)
+    cap_tgt = np.where(self.is_image[None, :], cap_in - in_BK, cap_in) * self.can_target[None, :]
+    tgt_BK = masking.dirichlet_budgets(rng, mix.target_alpha[comp_B] * present_BK,
+                                       self.num_target, cap_tgt)
+
+    enc, dec = [], []  # per modality: (id, tokens, valid) / (id, tokens, targets, loss, valid)
+    for k, m in enumerate(self.registry):
+      if m.is_image:
+        is_in, is_tgt = masking.image_selection(rng, in_BK[:, k], tgt_BK[:, k], m.num_tokens)
+        ids = (np.broadcast_to(np.arange(m.num_tokens, dtype=np.int32), is_in.shape)
+               if m.kind == IMAGE_PIXELS else data[k])  # a pixel slot's id is its patch index
+        enc.append((k, ids, is_in))
+        if m.can_be_target:
+          dec.append((k, np.zeros_like(ids), ids, is_tgt, is_tgt))  # loss = valid
+      else:
+        tokens, length = data[k]
+        keep_prob = masking.keep_probabilities(rng, mix.keep[comp_B, k])
+        spans = masking.span_mask(rng, tokens, length, in_BK[:, k], tgt_BK[:, k], keep_prob,
+                                  self.sentinel0)
+        I, T = spans.input_BI.shape[1], spans.target_BT.shape[1]
+        enc.append((k, spans.input_BI, np.arange(I)[None, :] < spans.input_len_B[:, None]))
+        labels = np.zeros_like(spans.target_BT)
+        labels[:, :-1] = spans.target_BT[:, 1:]
+        j = np.arange(T)[None, :]
+        dec.append((k, spans.target_BT, labels, j + 1 < spans.target_len_B[:, None],
+                    j < spans.target_len_B[:, None]))
+
+    P, C = (self.pixel.num_tokens, self.pixel.patch_dim) if self.pixel else (0, 0)
+    batch = fourm_batch.empty(B, self.num_input, self.num_target, P, C)
+    if self.pixel is not None:
+      batch["enc_pixels"] = data[self.registry.index(self.pixel.name)]
+    _pack(batch, "enc", ("tokens",), enc, self.num_input)
+    _pack(batch, "dec", ("tokens", "targets", "loss_mask"), dec, self.num_target)
+    return batch, int(bad_B.sum())
+
+
+def _pack(batch: dict[str, np.ndarray], prefix: str, names: Sequence[str], parts: list,
+          width: int) -> None:
+  """Concatenates the modalities' candidate slots and moves the valid ones to the front (stable),
+  filling `batch[prefix_*]` [B, width] in place. A part is (modality id, *fields in the order of
+  `names`, valid); a candidate's position is its column within its part.
+
+  One `flatnonzero` over the valid mask lists the valid candidates in row-major order (= the stable
+  partition); each gets slot rank-within-row. Every field is then one gather and one scatter.
+  """
+  if not parts:
+    return
+  valid = np.concatenate([p[-1] for p in parts], axis=1)
+  B, W = valid.shape
+  part_width = [p[-1].shape[1] for p in parts]
+  col_mod = np.repeat(np.array([p[0] for p in parts], np.int32), part_width)
+  col_pos = np.concatenate([np.arange(w, dtype=np.int32) for w in part_width])
+  src = np.flatnonzero(valid)
+  count_B = np.count_nonzero(valid, axis=1)
+  row = np.repeat(np.arange(B), count_B)
+  rank = np.arange(len(src)) - np.repeat(np.cumsum(count_B) - count_B, count_B)
+  if count_B.max(initial=0) > width:  # budgets make this impossible; cut like the reference
+    src, row, rank = src[rank < width], row[rank < width], rank[rank < width]
+  dest = row * width + rank
+  col = src - row * W
+  batch[f"{prefix}_valid"].reshape(-1)[dest] = True
+  batch[f"{prefix}_modality"].reshape(-1)[dest] = col_mod[col]
+  batch[f"{prefix}_positions"].reshape(-1)[dest] = col_pos[col]
+  for i, name in enumerate(names):
+    field = np.concatenate([p[1 + i] for p in parts], axis=1).reshape(-1)
+    batch[f"{prefix}_{name}"].reshape(-1)[dest] = field[src]
