@@ -1,0 +1,1 @@
+"""Objective adapters for the trainer: one module per model family."""
