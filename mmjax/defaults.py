@@ -66,6 +66,9 @@ def shapes_data(**overrides) -> ml_collections.ConfigDict:
       seed=0,                 # scene i of a split is a pure function of (seed, split, i)
       shuffle_seed=0,         # order of the training stream
       num_workers=0,          # grain multiprocessing workers; 0 reads in the main process
+      bad_records="error",    # a bad record (missing/wrong-length field, id >= vocab): "error" names
+                              # it and stops; "skip" pads its batch row and counts it
+      missing="",             # comma-separated modalities the dataset may lack (empty where absent)
   ))
   section.update(overrides)
   return section

@@ -39,7 +39,10 @@ def get_config(arg=None):
       det=dict(kind="sequence", source="det", vocab_size=30000, max_length=256),
   ))
   config.masking = ml_collections.ConfigDict(dict(
-      mixture="4m7", input_alpha=0.5, keep_scheme="random"))
+      mixture="4m7", input_alpha=0.5, keep_scheme="random",
+      rgb_modality="",      # plays "rgb" in rgb->all; "" = the image_pixels modality
+      mixture_weights=(),   # component weights overriding the mixture's own; () = defaults
+      num_sentinels=200))   # the reference's [S_0]..[S_199]; max_length 256 needs 130
 
   config.model = ml_collections.ConfigDict(dict(
       d_model=width, num_heads=heads, encoder_layers=depth, decoder_layers=depth,

@@ -45,6 +45,9 @@ def get_config(arg=None):
       mixture="4m7",            # Dirichlet mixture: "4m7", "4m21", or a fixed "rgb->tok_semseg"
       input_alpha=0.5,          # all->all component concentration
       keep_scheme="random",     # span-masking keep probability: "random", "all" or "binary"
+      rgb_modality="",          # plays "rgb" in rgb->all; "" = the image_pixels one, else tok rgb
+      mixture_weights=(),       # component weights overriding the mixture's own; () = defaults
+      num_sentinels=100,        # sentinel ids [S_0].. of the text vocabulary (tokenizers/special.py)
   ))
 
   config.model = ml_collections.ConfigDict(dict(SIZES[arg.variant]))
