@@ -53,6 +53,17 @@ def patchify(images_BHWC: np.ndarray, patch: int) -> np.ndarray:
   return x
 
 
+def _all_int_arrays(values: Sequence[Any], size: int | None) -> bool:
+  """True if every value is an integer numpy array (1-D for sequences, `size` elements for
+  images): the common case, checked in one pass before taking the fast path."""
+  for v in values:
+    if type(v) is not np.ndarray or v.dtype.kind not in "iu":
+      return False
+    if (v.ndim != 1) if size is None else (v.size != size):
+      return False
+  return True
+
+
 class FourMTransform:
   """Callable `(records, rng) -> (batch, num_bad)`: the 4M masking of a batch of records.
 
@@ -111,13 +122,8 @@ class FourMTransform:
     B, G = len(records), m.num_tokens
     values = [r.get(m.name) for r in records]
     out = None
-    if all(v is not None for v in values):
-      try:  # fast path: every record well formed
-        out = np.stack(values)
-      except ValueError:
-        out = None
-      if out is not None and (out.dtype.kind not in "iu" or out.size != B * G):
-        out = None
+    if _all_int_arrays(values, G):  # fast path: every record well formed
+      out = np.concatenate(values, axis=None)
     if out is None:
       out = np.zeros((B, G), np.int64)
       for b, v in enumerate(values):
@@ -132,7 +138,7 @@ class FourMTransform:
                     f"{m.grid[1]})", bad_B, b)
         else:
           out[b] = a.reshape(-1)
-    out = out.reshape(B, G).astype(np.int64, copy=False)
+    out = out.reshape(B, G)
     self._check_vocab(m, out, np.arange(B), where, bad_B, present_B)
     return out.astype(np.int32)
 
@@ -149,21 +155,21 @@ class FourMTransform:
 
   def _gather_sequence(self, m, records, dataset_B, where, bad_B, present_B):
     B, L = len(records), m.max_length
-    values = []
-    for b, r in enumerate(records):
-      v = r.get(m.name)
-      if self._absent(v, m, b, dataset_B, where, bad_B):
-        present_B[b] = False
-        values.append(np.zeros(0, np.int64))
-        continue
-      a = np.asarray(v)
-      if a.ndim != 1 or (a.dtype.kind not in "iu" and a.size):
-        self._bad(where[b], m.name, f"expected a 1-D integer array, got shape {a.shape} dtype "
-                  f"{a.dtype}", bad_B, b)
-        a = np.zeros(0, np.int64)
-      values.append(a)
-    lens = np.array([len(v) for v in values], np.int64)
-    flat = np.concatenate(values).astype(np.int64) if lens.sum() else np.zeros(0, np.int64)
+    values = [r.get(m.name) for r in records]
+    if not _all_int_arrays(values, None):  # slow path: say what is wrong with which record
+      for b, v in enumerate(values):
+        if self._absent(v, m, b, dataset_B, where, bad_B):
+          present_B[b] = False
+          values[b] = np.zeros(0, np.int64)
+          continue
+        a = np.asarray(v)
+        if a.ndim != 1 or (a.dtype.kind not in "iu" and a.size):
+          self._bad(where[b], m.name, f"expected a 1-D integer array, got shape {a.shape} dtype "
+                    f"{a.dtype}", bad_B, b)
+          a = np.zeros(0, np.int64)
+        values[b] = a
+    lens = np.fromiter(map(len, values), np.int64, len(values))
+    flat = np.concatenate(values) if lens.sum() else np.zeros(0, np.int64)
     rows = np.repeat(np.arange(B), lens)
     cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
     if len(flat):

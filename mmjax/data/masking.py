@@ -166,31 +166,33 @@ def spans_from_keep(tokens_BL: np.ndarray, length_B: np.ndarray, keep_BL: np.nda
   dropped = valid & ~keep
   starts = dropped.copy()
   starts[:, 1:] &= ~dropped[:, :-1]
-  run_id = np.cumsum(starts, axis=1)                 # k of [S_k] for a dropped token
-  num_runs = run_id[:, -1] if L else np.zeros(B, np.int64)
-  rows = np.broadcast_to(np.arange(B)[:, None], (B, L))
+  run_id = np.cumsum(starts, axis=1, dtype=np.int32)  # k of [S_k] for a dropped token
+  num_runs = run_id[:, -1].astype(np.int64) if L else np.zeros(B, np.int64)
+  sentinel_BL = sentinel0 + run_id
 
-  # Input: a kept token emits itself, a run start emits its sentinel.
+  # Input: a kept token emits itself, a run start its sentinel; row-major order = output order.
   emits = keep | starts
-  in_pos = np.cumsum(emits, axis=1) - 1
   input_BI = np.zeros((B, L), np.int32)
-  input_BI[rows[emits], in_pos[emits]] = np.where(keep, tokens_BL, sentinel0 + run_id)[emits]
+  idx, dest, _ = _left_align(emits, L)
+  input_BI.reshape(-1)[dest] = np.where(keep, tokens_BL, sentinel_BL).reshape(-1)[idx]
   input_len = np.where(input_budget_B > 0, emits.sum(axis=1), 0)  # budget 0: no input at all
   input_BI[input_budget_B <= 0] = 0
 
-  # Target: a run start emits its sentinel then the token; other dropped tokens the token.
+  # Target: slot 2i holds position i's sentinel (if a run starts there), 2i+1 its dropped token.
   T = L + (L + 1) // 2 + 1
   S = (L + 1) // 2 + 1
-  end = np.cumsum(dropped.astype(np.int64) + starts, axis=1)
+  emits2 = np.stack([starts, dropped], axis=2).reshape(B, 2 * L)
+  values2 = np.stack([sentinel_BL, tokens_BL.astype(np.int32)], axis=2).reshape(-1)
   target_BT = np.zeros((B, T), np.int32)
-  target_BT[rows[dropped], (end - 1)[dropped]] = tokens_BL[dropped]
-  target_BT[rows[starts], (end - 2)[starts]] = sentinel0 + run_id[starts]
-  target_len = np.where(length_B > 0, dropped.sum(axis=1) + num_runs + 1, 0).astype(np.int64)
+  idx2, dest2, rank2 = _left_align(emits2, T)
+  target_BT.reshape(-1)[dest2] = values2[idx2]
+  target_len = np.where(length_B > 0, emits2.sum(axis=1) + 1, 0).astype(np.int64)
   last = np.maximum(target_len - 1, 0)  # an empty sequence has no target at all
   target_BT[np.arange(B), last] = np.where(target_len > 0, sentinel0 + num_runs + 1, 0)
   # Sentinel positions in the target, by sentinel order: [B, S].
   spos = np.zeros((B, S), np.int64)
-  spos[rows[starts], run_id[starts] - 1] = (end - 2)[starts]
+  is_sent = idx2 % 2 == 0
+  spos.reshape(-1)[(idx2 // (2 * L) * S + values2[idx2] - sentinel0 - 1)[is_sent]] = rank2[is_sent]
   spos[np.arange(B), num_runs] = last
   num_sent = num_runs + 1
 
@@ -208,3 +210,14 @@ def spans_from_keep(tokens_BL: np.ndarray, length_B: np.ndarray, keep_BL: np.nda
   window = np.take_along_axis(target_BT, cols, axis=1)
   window[np.arange(T)[None, :] >= new_len[:, None]] = 0
   return SpanResult(input_BI, input_len.astype(np.int64), window, new_len.astype(np.int64))
+
+
+def _left_align(mask_BW: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """For the True entries of `mask_BW` in row-major order: their flat index, the flat index of
+  their left-aligned slot in a [B, width] array, and their rank within the row."""
+  B = mask_BW.shape[0]
+  idx = np.flatnonzero(mask_BW)
+  count = np.count_nonzero(mask_BW, axis=1)
+  rank = np.arange(len(idx)) - np.repeat(np.cumsum(count) - count, count)
+  dest = np.repeat(np.arange(B) * width, count) + rank
+  return idx, dest, rank

@@ -175,3 +175,19 @@ def test_too_few_sentinels_is_a_config_error():
   from mmjax.config import ConfigError
   with pytest.raises(ConfigError, match="num_sentinels"):
     _make(num_sentinels=4)
+
+
+def test_bench_data_reports_rates():
+  import ml_collections
+  from mmjax.data.bench import run_bench_data
+  config = ml_collections.ConfigDict()
+  config.modalities = ml_collections.ConfigDict(MODS)
+  config.masking = dict(mixture="4m7", input_alpha=0.5, keep_scheme="random", num_sentinels=100)
+  config.model = dict(num_input_tokens=24, num_target_tokens=24)
+  config.data = dict(shuffle_seed=0, bad_records="error", missing="")
+  config.train = dict(batch_size=8)
+  result = run_bench_data(config, batch_size=16, num_records=64, min_seconds=0.05,
+                          pipeline_batches=2)
+  assert result["bench"] == "data" and result["samples_per_s"] > 0
+  assert result["samples_per_s_per_core"] > 0 and result["pipeline_samples_per_s"] > 0
+  assert result["modalities"] == ["tok_rgb", "tok_semseg", "caption"]  # pixels left out
