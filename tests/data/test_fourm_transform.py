@@ -181,7 +181,7 @@ def test_bench_data_reports_rates():
   import ml_collections
   from mmjax.data.bench import run_bench_data
   config = ml_collections.ConfigDict()
-  config.modalities = ml_collections.ConfigDict(MODS)
+  config.modalities = ml_collections.ConfigDict(MODS, sort_keys=False)
   config.masking = dict(mixture="4m7", input_alpha=0.5, keep_scheme="random", num_sentinels=100)
   config.model = dict(num_input_tokens=24, num_target_tokens=24)
   config.data = dict(shuffle_seed=0, bad_records="error", missing="")

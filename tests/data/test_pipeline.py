@@ -20,7 +20,7 @@ MODS = dict(
 
 def _config(**data):
   config = ml_collections.ConfigDict()
-  config.modalities = ml_collections.ConfigDict(MODS)
+  config.modalities = ml_collections.ConfigDict(MODS, sort_keys=False)
   config.masking = dict(mixture="4m7", input_alpha=0.5, keep_scheme="random", num_sentinels=100)
   config.model = dict(num_input_tokens=16, num_target_tokens=16)
   config.train = dict(batch_size=8)
