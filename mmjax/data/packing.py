@@ -21,7 +21,7 @@ import grain
 import numpy as np
 
 from mmjax.data import sequence_batch
-from mmjax.data.sequences import Document, SequenceBuilder
+from mmjax.data.sequences import Document, SequenceBuilder, record_uniforms
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -64,11 +64,6 @@ def pack_documents(documents: Sequence[Document], length: int) -> list[dict[str,
   return rows
 
 
-def record_rng(seed: int, record_number: int) -> np.random.Generator:
-  """The generator of the documents of the `record_number`-th record of the stream."""
-  return np.random.default_rng([int(seed), int(record_number)])
-
-
 class _PackedSequencesIterator(grain.DatasetIterator):
   """Reads a window of records, builds and packs its documents, emits the rows one by one."""
 
@@ -82,6 +77,7 @@ class _PackedSequencesIterator(grain.DatasetIterator):
     self._rows: list[dict[str, np.ndarray]] = []
     self._emitted = 0
     self._skip = 0                    # rows to skip after a restore
+    self._per_record = builder.config.documents_per_record
 
   def _read_window(self) -> None:
     self._records += self._window_records
@@ -93,7 +89,8 @@ class _PackedSequencesIterator(grain.DatasetIterator):
       except StopIteration:
         break
       number = self._records + read
-      documents += self._builder.documents(record, record_rng(self._seed, number), number)
+      uniforms = record_uniforms(self._seed, number, self._per_record)
+      documents += self._builder.documents(record, uniforms, number)
       read += 1
     self._window_records = read
     self._rows = pack_documents(documents, self._length)

@@ -23,8 +23,9 @@ Packing into fixed lengths lives in `mmjax.data.packing`.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -200,6 +201,37 @@ def sequences_config(section: Mapping[str, Any], registry: mm.Registry) -> Seque
   return cfg
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+  z = (z + 0x9E3779B97F4A7C15) & _MASK64
+  z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+  z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+  return z ^ (z >> 31)
+
+
+def record_uniforms(seed: int, record_number: int, n: int) -> list[float]:
+  """`n` uniforms in [0, 1) that are a pure function of (seed, record number): a splitmix64 hash,
+  ~1 us, where seeding a numpy Generator per record costs ~150 us."""
+  base = _splitmix64(_splitmix64(int(seed) & _MASK64) ^ (int(record_number) & _MASK64))
+  return [(_splitmix64(base + k) >> 11) * 2.0 ** -53 for k in range(n)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+  """What laying out one modality of a template needs, looked up once."""
+  name: str
+  is_image: bool
+  vocab_size: int
+  num_tokens: int
+  grid: tuple[int, int]
+  offset: int
+  weight: float
+  begin: int = -1
+  end: int = -1
+
+
 class SequenceBuilder:
   """Turns records into documents (one concern: layout; packing is `mmjax.data.packing`)."""
 
@@ -213,93 +245,117 @@ class SequenceBuilder:
     if self.max_length < 2:
       raise ConfigError(f"sequence length must be >= 2, got {self.max_length}")
     weights = dict(self.config.loss_weights)
-    self._weight = {m.name: float(weights.get(m.name, 1.0)) for m in registry}
+    vocab = self.vocab
+    self._slots = {}
+    for name in {n for t in self.config.templates for n in t}:
+      m = registry[name]
+      image = m.kind == mm.IMAGE_TOKENS
+      self._slots[name] = _Slot(name, image, m.vocab_size, m.num_tokens, m.grid, vocab.offset(name),
+                                float(weights.get(name, 1.0)),
+                                vocab.begin_image(name) if image else -1,
+                                vocab.end_image(name) if image else -1)
+    self._text_weight = float(weights.get(vocab.names[vocab.text_modality], 1.0))
+    self._modality_table = vocab.modality_table
     p = np.asarray(self.config.probabilities, np.float64)
-    self._probabilities = p / p.sum()
+    self._cumulative = np.cumsum(p / p.sum())
     self.truncated = 0  # documents cut to max_length so far
 
-  def _segment(self, record: Mapping[str, Any], name: str, record_id: Any) -> np.ndarray | None:
+  def _segment(self, record: Mapping[str, Any], slot: _Slot, record_id: Any) -> np.ndarray | None:
     """Global ids of one modality of a record, checked; None when the record lacks it."""
-    value = record.get(name)
+    value = record.get(slot.name)
     if value is None:
       return None
     ids = np.asarray(value)
     if ids.size == 0:
       return None
-    where = f"record {record_id}, field {name!r}"
-    if not np.issubdtype(ids.dtype, np.integer):
-      raise UserError(f"{where}: token ids must be integers, got dtype {ids.dtype}")
-    modality = self.registry[name]
-    if modality.kind == mm.IMAGE_TOKENS and ids.size != modality.num_tokens:
-      raise UserError(f"{where}: {ids.size} image tokens (shape {ids.shape}), expected "
-                      f"{modality.grid[0]}x{modality.grid[1]} = {modality.num_tokens}")
-    ids = ids.reshape(-1).astype(np.int64)
-    bad = (ids < 0) | (ids >= modality.vocab_size)
-    if bad.any():
-      k = int(np.argmax(bad))
-      raise UserError(f"{where}: token {k} has id {int(ids[k])}, outside the modality's "
-                      f"vocabulary [0, {modality.vocab_size})")
-    if modality.kind == mm.SEQUENCE and self.config.drop_text_specials:
+    if ids.dtype.kind not in "iu":
+      raise UserError(f"record {record_id}, field {slot.name!r}: token ids must be integers, got "
+                      f"dtype {ids.dtype}")
+    if slot.is_image and ids.size != slot.num_tokens:
+      raise UserError(f"record {record_id}, field {slot.name!r}: {ids.size} image tokens (shape "
+                      f"{ids.shape}), expected {slot.grid[0]}x{slot.grid[1]} = {slot.num_tokens}")
+    ids = ids.reshape(-1).astype(np.int32)
+    if ids.min() < 0 or ids.max() >= slot.vocab_size:
+      k = int(np.argmax((ids < 0) | (ids >= slot.vocab_size)))
+      raise UserError(f"record {record_id}, field {slot.name!r}: token {k} has id {int(ids[k])}, "
+                      f"outside the modality's vocabulary [0, {slot.vocab_size})")
+    if slot.is_image:
+      return ids + slot.offset
+    if self.config.drop_text_specials:
       ids = ids[(ids != special.PAD) & (ids != special.BOS) & (ids != special.EOS)]
-    return self.vocab.to_global(name, ids)
+    return ids
 
-  def documents(self, record: Mapping[str, Any], rng: np.random.Generator,
+  def documents(self, record: Mapping[str, Any], uniforms: Sequence[float],
                 record_id: Any = "?") -> list[Document]:
-    """The documents of one record (`config.documents_per_record` of them)."""
-    if "index" in record and np.ndim(record["index"]) == 0:
-      record_id = int(record["index"])
-    names = {n for t in self.config.templates for n in t}
-    segments = {n: self._segment(record, n, record_id) for n in names}
-    fits = np.array([all(segments[n] is not None for n in t) for t in self.config.templates])
-    p = np.where(fits, self._probabilities, 0.0)
-    if p.sum() <= 0:
-      present = sorted(n for n, s in segments.items() if s is not None)
-      raise UserError(f"record {record_id}: no template applies; it has {present or 'none'} of the "
-                      f"templates' modalities {sorted(names)}")
-    choices = rng.choice(len(p), size=self.config.documents_per_record, p=p / p.sum())
+    """The documents of one record: one per uniform in [0, 1) (see `record_uniforms`), each laid
+    out by the template that uniform draws among the templates whose modalities the record has."""
+    index = record.get("index")
+    if index is not None and np.ndim(index) == 0:
+      record_id = int(index)
+    segments = {n: self._segment(record, slot, record_id) for n, slot in self._slots.items()}
+    fits = [all(segments[n] is not None for n in t) for t in self.config.templates]
+    if all(fits):
+      cumulative = self._cumulative
+    else:
+      p = np.diff(self._cumulative, prepend=0.0) * fits
+      if p.sum() <= 0:
+        present = sorted(n for n, s in segments.items() if s is not None)
+        raise UserError(f"record {record_id}: no template applies; it has {present or 'none'} of "
+                        f"the templates' modalities {sorted(self._slots)}")
+      cumulative = np.cumsum(p / p.sum())
+    last = len(cumulative) - 1
+    cumulative = cumulative.tolist()
+    choices = [min(bisect.bisect_right(cumulative, u), last) for u in uniforms]
     return [self._document(self.config.templates[c], segments, record_id) for c in choices]
 
   def _document(self, template: tuple[str, ...], segments: dict[str, np.ndarray],
                 record_id: Any) -> Document:
-    vocab, text_w = self.vocab, self._weight[self.vocab.names[self.vocab.text_modality]]
-    tokens = [np.array([vocab.bos], np.int32)]
-    weights = [np.zeros(1, np.float32)]  # BOS is never a target
-    blocks = [np.zeros(1, np.int32)]
-    num_blocks = 0
+    bidirectional = self.config.image_blocks_bidirectional
+    pieces = [[self.vocab.bos]]
+    spans = []  # (start, stop, weight, block) of each segment in the document
+    n = 1
     for name in template:
-      ids, w = segments[name], self._weight[name]
-      if self.registry[name].kind == mm.IMAGE_TOKENS:
-        ids = np.concatenate([[vocab.begin_image(name)], ids, [vocab.end_image(name)]])
-        block = np.zeros(len(ids), np.int32)
-        if self.config.image_blocks_bidirectional:
-          num_blocks += 1
-          block[1:-1] = num_blocks
-        blocks.append(block)
+      slot, ids = self._slots[name], segments[name]
+      if slot.is_image:
+        pieces += [[slot.begin], ids, [slot.end]]
+        spans.append((n, n + len(ids) + 2, slot.weight, 0))
+        if bidirectional:
+          spans.append((n + 1, n + 1 + len(ids), slot.weight, len(spans) + 1))
+        n += len(ids) + 2
       else:
-        blocks.append(np.zeros(len(ids), np.int32))
-      tokens.append(ids.astype(np.int32))
-      weights.append(np.full(len(ids), w, np.float32))
-    tokens.append(np.array([vocab.eos], np.int32))
-    weights.append(np.full(1, text_w, np.float32))
-    blocks.append(np.zeros(1, np.int32))
-    tokens_N, weights_N, block_N = map(np.concatenate, (tokens, weights, blocks))
-    if len(tokens_N) > self.max_length:
+        pieces.append(ids)
+        spans.append((n, n + len(ids), slot.weight, 0))
+        n += len(ids)
+    pieces.append([self.vocab.eos])
+    spans.append((n, n + 1, self._text_weight, 0))
+    n += 1
+    tokens_N = np.concatenate(pieces).astype(np.int32)
+    weights_N = np.zeros(n, np.float32)  # BOS is never a target: weight 0
+    block_N = np.zeros(n, np.int32)
+    blocks = 0
+    for start, stop, weight, block in spans:
+      if block:
+        blocks += 1
+        block_N[start:stop] = blocks
+      else:
+        weights_N[start:stop] = weight
+    if n > self.max_length:
       if self.config.long_documents == "error":
-        raise UserError(f"record {record_id}: document {'+'.join(template)} has "
-                        f"{len(tokens_N)} tokens, more than the sequence length {self.max_length}")
+        raise UserError(f"record {record_id}: document {'+'.join(template)} has {n} tokens, more "
+                        f"than the sequence length {self.max_length}")
       self.truncated += 1
-      tokens_N, weights_N, block_N = (a[:self.max_length] for a in (tokens_N, weights_N, block_N))
-    n = len(tokens_N)
+      n = self.max_length
+      tokens_N, weights_N, block_N = tokens_N[:n], weights_N[:n], block_N[:n]
     targets_N = np.zeros(n, np.int32)
     targets_N[:-1] = tokens_N[1:]
     loss_N = np.zeros(n, np.float32)
     loss_N[:-1] = weights_N[1:]
-    # A slot inside a bidirectional block sees its target when the target is in the same block.
-    loss_N[:-1] *= ~((block_N[:-1] > 0) & (block_N[:-1] == block_N[1:]))
+    if blocks:  # a slot inside a bidirectional block sees its target when it is in the same block
+      loss_N[:-1][(block_N[:-1] > 0) & (block_N[:-1] == block_N[1:])] = 0.0
     return {
         "tokens": tokens_N,
         "targets": targets_N,
-        "modality": vocab.modality_table[tokens_N],
+        "modality": self._modality_table[tokens_N],
         "block": block_N,
         "position": np.arange(n, dtype=np.int32),
         "loss_weight": loss_N,

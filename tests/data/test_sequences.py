@@ -1,6 +1,8 @@
 """Mixed-modal documents and packing: shared vocabulary, layout, targets, blocks, packing, resume."""
 
 import collections
+import json
+import pickle
 
 import grain
 import numpy as np
@@ -28,6 +30,11 @@ def builder(max_length=32, **overrides):
   section.update(overrides)
   return sequences.SequenceBuilder(REGISTRY, sequences.sequences_config(section, REGISTRY),
                                    max_length)
+
+
+def u(i, n=1):
+  """The uniforms that draw the templates of record i."""
+  return sequences.record_uniforms(0, i, n)
 
 
 def record(i, rng=None):
@@ -69,7 +76,7 @@ def test_document_layout_targets_and_weights_by_hand():
   b = builder(templates=(("caption", "tok_rgb"),), probabilities=(1.0,),
               loss_weights=dict(caption=2.0, tok_rgb=0.5))
   rec = dict(caption=np.array([7, 8, 3, 0, 0]), tok_rgb=np.array([[0, 1, 2], [3, 4, 29]]))
-  (doc,) = b.documents(rec, np.random.default_rng(0), record_id=5)
+  (doc,) = b.documents(rec, u(0), record_id=5)
   # BOS, caption (its EOS and PADs dropped), BOI, 6 codes at offset 50, EOI, EOS
   tokens = [91, 7, 8, 87, 50, 51, 52, 53, 54, 79, 88, 92]
   assert doc["tokens"].tolist() == tokens
@@ -84,7 +91,7 @@ def test_document_layout_targets_and_weights_by_hand():
 def test_bidirectional_blocks_hide_visible_targets():
   b = builder(templates=(("tok_rgb", "caption", "tok_depth"),), probabilities=(1.0,),
               image_blocks_bidirectional=True)
-  (doc,) = b.documents(record(3), np.random.default_rng(0))
+  (doc,) = b.documents(record(3), u(0))
   block, w = doc["block"], doc["loss_weight"]
   # BOS BOI [6 codes] EOI caption(4) BOI [2 codes] EOI EOS
   assert block.tolist() == [0, 0] + [1] * 6 + [0] * 6 + [2] * 2 + [0, 0]
@@ -97,7 +104,7 @@ def test_packing_keeps_every_token_once_with_right_segments():
   b = builder(max_length=24, image_blocks_bidirectional=True,
               templates=(("caption", "tok_rgb"), ("tok_rgb", "caption"), ("det", "tok_depth")),
               probabilities=(0.4, 0.4, 0.2), documents_per_record=2)
-  docs = [d for i in range(40) for d in b.documents(record(i), np.random.default_rng(i), i)]
+  docs = [d for i in range(40) for d in b.documents(record(i), u(i, 2), i)]
   rows = packing.pack_documents(docs, 24)
   seen = []
   for row in rows:
@@ -149,7 +156,7 @@ def test_grain_pipeline_is_deterministic_by_seed_and_resumes_exactly():
     it = iter(pipeline(records, b, 3))
     for _ in range(stop):
       next(it)
-    state = it.get_state()
+    state = json.loads(json.dumps(it.get_state()))  # Grain checkpoints states as JSON
     rest = [x["tokens"] for x in it]
     resumed = iter(pipeline(records, b, 3))
     resumed.set_state(state)
@@ -157,12 +164,29 @@ def test_grain_pipeline_is_deterministic_by_seed_and_resumes_exactly():
     assert len(again) == len(rest) and all((x == y).all() for x, y in zip(rest, again))
 
 
+def test_builder_pickles_for_grain_workers():
+  b = builder(image_blocks_bidirectional=True)
+  clone = pickle.loads(pickle.dumps(b))
+  for one, two in zip(b.documents(record(4), u(4)), clone.documents(record(4), u(4))):
+    assert all((one[k] == two[k]).all() for k in one)
+
+
+def test_record_uniforms_are_a_pure_function_of_seed_and_record():
+  assert sequences.record_uniforms(3, 10, 4) == sequences.record_uniforms(3, 10, 4)
+  assert sequences.record_uniforms(3, 10, 2) != sequences.record_uniforms(4, 10, 2)
+  assert sequences.record_uniforms(3, 10, 2) != sequences.record_uniforms(3, 11, 2)
+  values = np.array([sequences.record_uniforms(0, i, 2) for i in range(4000)]).reshape(-1)
+  assert values.min() >= 0 and values.max() < 1
+  counts = np.histogram(values, bins=10, range=(0, 1))[0]  # chi-square, 9 dof: p(> 27.9) = 0.001
+  assert ((counts - 800) ** 2 / 800).sum() < 27.9
+
+
 def test_template_probabilities_are_respected():
   b = builder(templates=(("caption", "tok_rgb"), ("tok_rgb", "caption"), ("det",)),
               probabilities=(6.0, 3.0, 1.0), documents_per_record=2)
   counts = collections.Counter()
   for i in range(1500):
-    for doc in b.documents(record(i), packing.record_rng(0, i), i):
+    for doc in b.documents(record(i), u(i, 2), i):
       second = int(doc["tokens"][1])
       counts["image" if second == 87 else ("det" if len(doc["tokens"]) == 5 else "caption")] += 1
   n = sum(counts.values())
@@ -174,15 +198,15 @@ def test_missing_modalities_and_long_documents():
   b = builder(templates=(("caption", "tok_rgb"), ("det",)), probabilities=(0.99, 0.01))
   rec = record(2)
   del rec["tok_rgb"]
-  docs = [b.documents(rec, np.random.default_rng(s))[0] for s in range(20)]
+  docs = [b.documents(rec, u(s))[0] for s in range(20)]
   assert all(len(d["tokens"]) == 5 for d in docs)  # only the det template applies
   with pytest.raises(UserError, match=r"record 9: no template applies; it has \['caption'\]"):
-    b.documents(dict(index=9, caption=np.array([5])), np.random.default_rng(0))
+    b.documents(dict(index=9, caption=np.array([5])), u(0))
   long = dict(caption=np.arange(4, 40), tok_rgb=np.zeros((2, 3), np.int32))
-  (doc,) = builder(max_length=16).documents(long, np.random.default_rng(0))
+  (doc,) = builder(max_length=16).documents(long, u(0))
   assert len(doc["tokens"]) == 16 and doc["loss_weight"][-1] == 0
   with pytest.raises(UserError, match="has 46 tokens, more than the sequence length 16"):
-    builder(max_length=16, long_documents="error").documents(long, np.random.default_rng(0), 4)
+    builder(max_length=16, long_documents="error").documents(long, u(0), 4)
 
 
 def test_bad_records_name_record_and_field():
@@ -191,19 +215,19 @@ def test_bad_records_name_record_and_field():
   rec["caption"] = np.array([5, 60, 3])
   with pytest.raises(UserError, match=r"record 7, field 'caption': token 1 has id 60, outside "
                                       r"the modality's vocabulary \[0, 50\)"):
-    b.documents(rec, np.random.default_rng(0))
+    b.documents(rec, u(0))
   rec = record(8)
   rec["tok_rgb"] = np.zeros((3, 3), np.int32)
   with pytest.raises(UserError, match=r"record 8, field 'tok_rgb': 9 image tokens .* 2x3 = 6"):
-    b.documents(rec, np.random.default_rng(0))
+    b.documents(rec, u(0))
   rec = record(9)
   rec["tok_rgb"] = np.full((2, 3), -1)
   with pytest.raises(UserError, match=r"record 9, field 'tok_rgb': token 0 has id -1"):
-    b.documents(rec, np.random.default_rng(0))
+    b.documents(rec, u(0))
   rec = record(10)
   rec["caption"] = np.array([1.5])
   with pytest.raises(UserError, match="record 10, field 'caption': token ids must be integers"):
-    b.documents(rec, np.random.default_rng(0))
+    b.documents(rec, u(0))
   # without an index field, the stream position names the record
   rec = record(11)
   del rec["index"]

@@ -136,3 +136,16 @@ def test_errors(tmp_path, tokenizer):
   (tmp_path / "plain.model").write_bytes(plain.getvalue())
   with pytest.raises(UserError, match="not a model trained by mmjax"):
     text.TextTokenizer.load(str(tmp_path / "plain.model"))
+
+
+def test_decoding_random_ids_then_boxes_never_crashes(tokenizer):
+  rng = np.random.default_rng(0)
+  sp = tokenizer.special
+  for n in range(200):
+    # garbage: any ids, or ids biased towards the coordinate and class tokens
+    ids = rng.integers(0, tokenizer.vocab_size, rng.integers(0, 30))
+    if n % 2:
+      ids = rng.integers(sp.first_coord, sp.num_reserved, rng.integers(0, 30))
+    decoded = boxes.text_to_boxes(tokenizer.decode(ids), sp.coord_bins, class_names=sp.class_names)
+    assert decoded.boxes.shape == (len(decoded.classes), 4)
+    assert set(decoded.classes) <= set(shapes.SHAPES)
