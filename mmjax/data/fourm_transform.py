@@ -169,6 +169,8 @@ class FourMTransform:
           a = np.zeros(0, np.int64)
         values[b] = a
     lens = np.fromiter(map(len, values), np.int64, len(values))
+    # Work at the batch's longest sequence (+ EOS), not max_length: text is usually much shorter.
+    L = int(min(L, max(1, lens.max(initial=0) + 1)))
     flat = np.concatenate(values) if lens.sum() else np.zeros(0, np.int64)
     rows = np.repeat(np.arange(B), lens)
     cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
