@@ -20,7 +20,6 @@ EXIT_USER_ERROR = 2
 # Commands that later work items implement; they still parse and validate their config today.
 _PLANNED = {
     "prepare tokens": "the tokenizers issue (#3)",
-    "tokenizer train": "the tokenizers issue (#3)",
     "train": "the trainer issue (#7)",
     "eval": "the trainer and model issues (#5, #7)",
     "generate": "the model issues (#5, #6)",
@@ -78,7 +77,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                                parser_class=_Parser)
   tokenizer_train = tokenizer_actions.add_parser("train", help="train a tokenizer, report quality")
   _add_common(tokenizer_train, config_required=True)
-  tokenizer_train.set_defaults(run=_planned("tokenizer train"))
+  tokenizer_train.set_defaults(run=_run_tokenizer_train)
 
   for name, help_text in (
       ("train", "train (4M, decoder or tokenizer objective); resumes from DIR's checkpoint"),
@@ -156,6 +155,20 @@ def _run_bench_shapes(args: argparse.Namespace) -> int:
   _load_config(args)
   result = shapes.benchmark_generation(args.num_scenes, image_size=args.image_size)
   print(json.dumps({"bench": "shapes", "image_size": args.image_size, **result}))
+  return 0
+
+
+def _run_tokenizer_train(args: argparse.Namespace) -> int:
+  config = _load_config(args)
+  if not args.workdir:
+    raise UserError("mmjax tokenizer train: --workdir is required (the tokenizer is written there)")
+  kind = config.get("kind", "")
+  if kind == "text":
+    from mmjax.tokenizers import text
+    result = text.run_text_tokenizer_train(config, args.workdir)
+  else:
+    raise UserError(f"{args.config}: config key 'kind' must name a tokenizer ('text'), got {kind!r}")
+  print(json.dumps(result, default=str))
   return 0
 
 

@@ -91,3 +91,14 @@ def test_demo_prepares_data_and_a_preview(tmp_path, capsys):
   assert code == 0 and "shapes_preview.png" in out
   with Image.open(tmp_path / "shapes_preview.png") as image:
     assert image.size[0] > 300
+
+
+def test_tokenizer_train_text(tmp_path, capsys):
+  import json
+
+  code, out, _ = _run(capsys, "tokenizer", "train", "--config=configs/tokenizers/shapes_text.py",
+                      "--config.num_train_scenes=300", "--config.num_val_scenes=50",
+                      "--workdir", str(tmp_path))
+  assert code == 0
+  report = json.loads(out.strip().splitlines()[-1])
+  assert report["caption_round_trip"] == 1.0 and (tmp_path / "text.model").exists()
