@@ -24,7 +24,6 @@ _PLANNED = {
     "eval": "the trainer and model issues (#5, #7)",
     "generate": "the model issues (#5, #6)",
     "bench step": "the trainer issue (#7)",
-    "bench data": "the pipelines issue (#4)",
     "bench decode": "the decoder issue (#6)",
     "aot": "the trainer issue (#7)",
     "sweep": "the trainer issue (#7)",
@@ -95,7 +94,7 @@ def _build_parser() -> argparse.ArgumentParser:
                           ("decode", "decoder tokens/s with and without the KV cache")):
     command = bench_kinds.add_parser(name, help=help_text)
     _add_common(command, config_required=True)
-    command.set_defaults(run=_planned(f"bench {name}"))
+    command.set_defaults(run=_run_bench_data if name == "data" else _planned(f"bench {name}"))
   bench_shapes = bench_kinds.add_parser("shapes", help="shapes scene generation speed")
   _add_common(bench_shapes, config_required=False)
   bench_shapes.add_argument("--num-scenes", type=int, default=5000)
@@ -168,6 +167,14 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
     result = text.run_text_tokenizer_train(config, args.workdir)
   else:
     raise UserError(f"{args.config}: config key 'kind' must name a tokenizer ('text'), got {kind!r}")
+  print(json.dumps(result, default=str))
+  return 0
+
+
+def _run_bench_data(args: argparse.Namespace) -> int:
+  from mmjax.data import bench
+
+  result = bench.run_bench_data(_load_config(args), args.workdir)
   print(json.dumps(result, default=str))
   return 0
 

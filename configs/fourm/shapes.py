@@ -47,7 +47,7 @@ def get_config(arg=None):
       keep_scheme="random",     # span-masking keep probability: "random", "all" or "binary"
       rgb_modality="",          # plays "rgb" in rgb->all; "" = the image_pixels one, else tok rgb
       mixture_weights=(),       # component weights overriding the mixture's own; () = defaults
-      num_sentinels=100,        # sentinel ids [S_0].. of the text vocabulary (tokenizers/special.py)
+      num_sentinels=64,         # [S_0].. of the text vocabulary: = the text tokenizer's count
   ))
 
   config.model = ml_collections.ConfigDict(dict(SIZES[arg.variant]))

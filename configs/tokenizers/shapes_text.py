@@ -26,7 +26,7 @@ def get_config(arg=None):
   config.num_val_scenes = 1000      # validation-split scenes for the round-trip report
   config.tokenizer = ml_collections.ConfigDict(dict(
       vocab_size=1024,              # upper bound; <= the caption modality's vocab_size
-      num_sentinels=32,             # [S_0] .. [S_31] for span masking (ids 4 .. 35)
+      num_sentinels=64,             # [S_0] .. [S_63] (ids 4 .. 67) = fourm masking.num_sentinels
       coord_bins=65,                # image_size + 1: the pixel edges of 64-px boxes are exact bins
       class_names=shapes.SHAPES,    # one token each, after the coordinate tokens
       model_type="bpe",             # "bpe" learns whole words here; "unigram" splits them oddly

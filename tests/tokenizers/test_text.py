@@ -31,15 +31,15 @@ def tokenizer(tmp_path_factory, shapes_config):
 
 def test_reserved_ids_at_documented_positions(tokenizer):
   ids = tokenizer.special
-  assert (ids.num_sentinels, ids.coord_bins, ids.class_names) == (32, 65, shapes.SHAPES)
+  assert (ids.num_sentinels, ids.coord_bins, ids.class_names) == (64, 65, shapes.SHAPES)
   assert [tokenizer.piece(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]
-  # K = 32 sentinels from 4, 4 x 65 coordinate tokens from 36, 5 classes from 296.
+  # K = 64 sentinels from 4, 4 x 65 coordinate tokens from 68, 5 classes from 328.
   assert tokenizer.piece(4) == "[S_0]" and tokenizer.piece(35) == "[S_31]"
-  assert ids.first_coord == 36 and ids.coord(0, 0) == 36 and ids.coord(3, 64) == 36 + 259
-  assert tokenizer.piece(36) == "\u2581v0=0" and tokenizer.piece(36 + 65 + 7) == "\u2581v1=7"
-  assert ids.first_class == 296 and ids.num_reserved == 301
-  assert [tokenizer.piece(296 + k) for k in range(5)] == ["\u2581" + s for s in shapes.SHAPES]
-  assert tokenizer.piece(301) == "<0x00>"  # byte pieces follow, then the learned ones
+  assert ids.first_coord == 68 and ids.coord(0, 0) == 68 and ids.coord(3, 64) == 68 + 259
+  assert tokenizer.piece(68) == "\u2581v0=0" and tokenizer.piece(68 + 65 + 7) == "\u2581v1=7"
+  assert ids.first_class == 328 and ids.num_reserved == 333
+  assert [tokenizer.piece(328 + k) for k in range(5)] == ["\u2581" + s for s in shapes.SHAPES]
+  assert tokenizer.piece(333) == "<0x00>"  # byte pieces follow, then the learned ones
   assert tokenizer.vocab_size <= 1024
 
 
@@ -114,7 +114,7 @@ def test_run_text_tokenizer_train(tmp_path):
   assert (tmp_path / "text.model").is_file() and (tmp_path / "text_tokenizer.json").is_file()
   assert report["caption_round_trip"] == 1.0 and report["det_round_trip"] == 1.0
   assert report["val_captions"] == 100 and report["tokens_per_box"] == 5.0
-  assert report["num_reserved"] == 301 and 301 + 256 < report["vocab_size"] <= 1024
+  assert report["num_reserved"] == 333 and 333 + 256 < report["vocab_size"] <= 1024
   assert 5 < report["tokens_per_caption"] < 48
 
 
