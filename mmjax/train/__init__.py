@@ -1,0 +1,1 @@
+"""The trainer: objective protocol, sharded state, jitted step, checkpoints, metrics, loop, bench."""

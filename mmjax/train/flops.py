@@ -1,0 +1,83 @@
+"""Peak FLOP rates and model FLOPs utilisation (MFU).
+
+MFU = analytic model FLOPs per second / peak FLOPs per second of the devices in use. Accelerator
+peaks come from a table (dense bf16, per chip); on CPU the peak is a large matmul measured once at
+start in the run's precision, on the whole host (the fake CPU devices of tests share its cores).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per chip (vendor figures).
+PEAK_BF16 = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,   # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,   # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA H100": 989e12,
+}
+
+
+def table_peak(device_kind: str) -> float | None:
+  """Per-device peak for an accelerator kind, matching the longest table prefix."""
+  for name in sorted(PEAK_BF16, key=len, reverse=True):
+    if device_kind.startswith(name):
+      return PEAK_BF16[name]
+  return None
+
+
+def measure_matmul_rate(dtype: str = "float32", size: int = 1024, repeats: int = 4) -> float:
+  """FLOP/s of a square matmul on the default device; bf16 accumulates in fp32 (the fast path)."""
+  dt = jnp.dtype(dtype)
+  device = jax.devices()[0]
+  a = jax.device_put(jnp.ones((size, size), dt), device)
+  b = jax.device_put(jnp.ones((size, size), dt), device)
+
+  @jax.jit
+  def matmul(x, y):
+    return jnp.matmul(x, y, preferred_element_type=jnp.float32)
+
+  matmul(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size ** 3 / best
+
+
+def peak_flops(devices: list[jax.Device] | None = None, dtype: str = "float32") -> tuple[float, str]:
+  """(peak FLOP/s of `devices` together, how it was obtained)."""
+  devices = list(jax.devices() if devices is None else devices)
+  kind = devices[0].device_kind
+  if devices[0].platform == "cpu":
+    return measure_matmul_rate(dtype), f"measured {dtype} matmul on the CPU host"
+  peak = table_peak(kind)
+  if peak is None:
+    return float("nan"), f"no peak known for {kind!r}"
+  return peak * len(devices), f"table: {kind} x {len(devices)}"
+
+
+def mfu(model_flops_per_s: float, peak: float) -> float:
+  return model_flops_per_s / peak if peak and peak == peak else float("nan")
+
+
+def compiled_flops(compiled) -> float | None:
+  """XLA's FLOP count of a compiled computation (per device on a sharded program)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 -- some backends do not implement it.
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])

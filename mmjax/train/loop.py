@@ -1,0 +1,186 @@
+"""`mmjax train`: the training loop around the jitted step.
+
+Order of a step N: take batch N from the iterator, dispatch step N, then fetch step N-1's metrics
+(so the device has N queued while the host logs), check them for a non-finite loss, log. Before a
+checkpoint or an evaluation the metrics of the current step are fetched too, so a NaN is always
+seen before the state that followed it could be saved. SIGTERM (preemption) sets a flag; the
+loop saves at the next step boundary and returns normally (exit code 0).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from mmjax import config as mmconfig
+from mmjax import sharding as mmsharding
+from mmjax.errors import UserError
+from mmjax.train import flops as mmflops
+from mmjax.train import state as trainstate
+from mmjax.train import step as trainstep
+from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.metrics import MetricsWriter
+from mmjax.train.objective import get_objective
+
+NAN_POLICIES = ("stop", "skip")
+
+
+class NonFiniteLossError(UserError):
+  """The loss became NaN/inf under nan_policy="stop"; the bad state was not saved."""
+
+
+class _Preemption:
+  """Remembers a SIGTERM until the loop reaches a step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+def build(config: ml_collections.ConfigDict):
+  """(objective, setup) after checking the config against the devices."""
+  mmconfig.validate(config, num_devices=jax.device_count())
+  policy = config.train.nan_policy
+  if policy not in NAN_POLICIES:
+    raise mmconfig.ConfigError(f"config key 'train.nan_policy' must be one of {NAN_POLICIES}, "
+                               f"got {policy!r}")
+  objective = get_objective(config)
+  mesh = mmsharding.make_mesh(config.mesh)
+  mmsharding.check_batch(mesh, config.mesh, config.train.batch_size)
+  micro = config.train.microbatches
+  if micro < 1 or config.train.batch_size % micro:
+    raise mmconfig.ConfigError(f"config key 'train.microbatches' ({micro}) must be >= 1 and divide "
+                               f"train.batch_size ({config.train.batch_size})")
+  mmsharding.check_batch(mesh, config.mesh, config.train.batch_size // micro,
+                         key="train.batch_size / train.microbatches")
+  return objective, trainstate.make_setup(config, objective, mesh)
+
+
+def _evaluate(config, objective, setup, eval_fn, state) -> dict[str, float]:
+  it = objective.make_iterator("val", jax.process_index(), jax.process_count())
+  totals: dict[str, float] = {}
+  count = 0
+  for _ in range(config.train.get("eval_batches", 4)):
+    try:
+      local = next(it)
+    except StopIteration:
+      break
+    metrics = jax.device_get(eval_fn(state, mmsharding.global_batch(local, setup.batch_shardings)))
+    for k, v in metrics.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+    count += 1
+  return {f"eval/{k}": v / count for k, v in totals.items()} if count else {}
+
+
+def run_train(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -> dict[str, Any]:
+  """Trains (or resumes from `workdir`'s latest valid checkpoint); returns a summary dict."""
+  train = config.train
+  objective, setup = build(config)
+  os.makedirs(workdir, exist_ok=True)
+  it = objective.make_iterator("train", jax.process_index(), jax.process_count())
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train.keep_checkpoints)
+  restored = checkpointer.restore_latest(setup.abstract_state, it)
+  state, start = restored if restored else (trainstate.init_state(config, setup), 0)
+  writer = MetricsWriter(workdir, total_steps=train.steps, log_every=train.log_every,
+                         start_step=start, stream=stream)
+  if restored:
+    writer.message(f"mmjax: resumed from the checkpoint of step {start}")
+  summary: dict[str, Any] = dict(workdir=workdir, start_step=start, step=start, preempted=False,
+                                 params=trainstate.param_count(state))
+  try:
+    if start < train.steps:
+      _loop(config, objective, setup, state, it, checkpointer, writer, start, summary)
+  finally:
+    checkpointer.close()
+    writer.close()
+  summary["checkpoints"] = checkpointer.steps()
+  summary["plot"] = writer.plot()
+  summary["metrics_file"] = writer.path
+  return summary
+
+
+def _loop(config, objective, setup, state, it, checkpointer, writer, start, summary) -> None:
+  train = config.train
+  batch_size = train.batch_size
+  flops_per_step = objective.train_flops_per_sample() * batch_size
+  tokens_per_step = objective.tokens_per_sample() * batch_size
+  peak, _ = mmflops.peak_flops(dtype=str(config.get("model", {}).get("dtype", "float32")))
+  eval_fn = trainstep.jit_eval(setup)
+  eval_every = train.eval_every
+  pending: list[tuple[int, Any]] = []
+  clock = {"time": None, "step": start}
+
+  def fetch() -> None:
+    while pending:
+      number, device_metrics = pending.pop(0)
+      metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+      if not metrics.pop("finite"):
+        modality = {k: v for k, v in metrics.items() if k.startswith("loss")}
+        if train.nan_policy == "stop":
+          raise NonFiniteLossError(
+              f"non-finite loss at step {number} (nan_policy='stop'; no checkpoint of this state "
+              f"was saved): " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(modality.items())))
+        writer.message(f"mmjax: non-finite loss at step {number}; update skipped "
+                       f"({int(metrics['skipped'])} so far)")
+      now = time.perf_counter()
+      seconds = (now - clock["time"]) / max(number - clock["step"], 1)
+      clock.update(time=now, step=number)
+      metrics.update(step_time_s=seconds, samples_per_s=batch_size / seconds,
+                     tokens_per_s=tokens_per_step / seconds,
+                     mfu=mmflops.mfu(flops_per_step / seconds, peak))
+      writer.write(number, metrics)
+      writer.progress(number, metrics)
+      summary.update(step=number, loss=metrics["loss"], skipped=int(metrics["skipped"]))
+
+  with setup.context(), _Preemption() as preemption:
+    batch = mmsharding.global_batch(next(it), setup.batch_shardings)
+    compile_start = time.perf_counter()
+    step_fn = trainstep.jit_step(setup, train).lower(state, batch).compile()
+    summary["compile_s"] = time.perf_counter() - compile_start
+    clock["time"] = time.perf_counter()
+    for number in range(start + 1, train.steps + 1):
+      if number > start + 1:
+        batch = mmsharding.global_batch(next(it), setup.batch_shardings)
+      state, metrics = step_fn(state, batch)
+      fetch()  # step number - 1: the device is busy with `number` meanwhile
+      pending.append((number, metrics))
+      last = number == train.steps
+      do_eval = (eval_every and number % eval_every == 0) or last
+      do_save = number % train.checkpoint_every == 0 or last or preemption.requested
+      if do_eval or do_save:
+        fetch()
+      if do_eval:
+        results = _evaluate(config, objective, setup, eval_fn, state)
+        writer.write(number, results)
+        summary["eval"] = results
+      if do_save:
+        checkpointer.save(number, state, it)
+      if do_eval or do_save:
+        clock["time"] = time.perf_counter()  # step times exclude evaluation and saving
+      if preemption.requested:
+        checkpointer.wait()
+        writer.message(f"mmjax: SIGTERM: saved the checkpoint of step {number}; stopping")
+        summary["preempted"] = True
+        break
+    fetch()
