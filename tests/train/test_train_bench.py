@@ -1,0 +1,31 @@
+"""bench step: one JSON-able dict whose analytic FLOPs agree with XLA's; the MFU arithmetic."""
+
+import json
+
+import pytest
+
+from mmjax.train import bench, flops, toy
+
+
+def test_bench_step_on_the_toy_objective():
+  config = toy.toy_config(batch_size=16)
+  config.mesh.shape.update(dict(data=-1))
+  result = bench.run_bench_step(config, steps=2, warmup=1)
+  json.dumps(result)
+  assert result["bench"] == "step" and result["devices"] == 8
+  c = config.toy
+  assert result["model_flops_per_step"] == 16 * 6 * c.length * (c.embed * c.mlp + c.mlp * c.vocab)
+  # XLA counts the same matmuls plus elementwise work and the optimizer: same order, not less.
+  ratio = result["xla_flops_per_step"] / result["model_flops_per_step"]
+  assert 0.9 < ratio < 3.0, ratio
+  assert result["samples_per_s"] == pytest.approx(16 / result["step_time_s"])
+  expected = result["model_flops_per_step"] / result["step_time_s"] / result["peak_flops_per_s"]
+  assert result["mfu"] == pytest.approx(expected)
+
+
+def test_peak_table():
+  assert flops.table_peak("TPU v5p") == 459e12
+  assert flops.table_peak("TPU v5 lite") == 197e12
+  assert flops.table_peak("NVIDIA H100 80GB HBM3") == 989e12
+  assert flops.table_peak("Some GPU") is None
+  assert flops.mfu(50.0, 100.0) == 0.5
