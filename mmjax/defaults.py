@@ -28,6 +28,8 @@ def train(**overrides) -> ml_collections.ConfigDict:
       eval_every=0,           # steps between validation passes; 0: only at the end
       checkpoint_every=500,   # steps between checkpoints (always one at the end)
       keep_checkpoints=3,     # retention: the newest this many
+      eval_batches=4,         # validation batches per evaluation
+      param_dtype="float32",  # dtype of parameters and optimizer moments (compute dtype: model's)
   ))
   section.update(overrides)
   return section
