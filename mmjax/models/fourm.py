@@ -287,7 +287,12 @@ class FourM(nnx.Module):
 
   def decode(self, batch, ctx_BND: jax.Array, cross_mask: jax.Array) -> jax.Array:
     x, emb = self.embed_decoder(batch)
-    y = constrain(x + emb, ACT)
+    return self.decode_inputs(x + emb, batch, ctx_BND, cross_mask)
+
+  def decode_inputs(self, h_BMD: jax.Array, batch, ctx_BND: jax.Array,
+                    cross_mask: jax.Array) -> jax.Array:
+    """The decoder stack and final norm from the decoder's block input (content + emb)."""
+    y = constrain(h_BMD, ACT)
     self_mask = self.decoder_self_mask(batch["dec_modality"], batch["dec_valid"])
     kv_LBN2HK = self.decoder.context_kv(ctx_BND, self.dtype)
     kv_LBN2HK = constrain(kv_LBN2HK, ("layers", "batch", "length", None, "heads", "kv"))

@@ -18,6 +18,8 @@ from flax import nnx
 from flax.core import meta
 from flax.core import spmd as core_spmd
 
+from mmjax.sharding import logical_to_spec
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 Names = tuple[str | None, ...]
@@ -33,8 +35,10 @@ def param(key: jax.Array, init, shape: Sequence[int], names: Names, dtype=jnp.fl
   """A parameter with logical axis names; created sharded when a global mesh is set."""
   if len(names) != len(shape):
     raise ValueError(f"parameter of shape {tuple(shape)} needs {len(shape)} axis names, got {names}")
-  eager = meta.get_global_mesh() is not None
-  return nnx.Param(init(key, tuple(shape), dtype), sharding=tuple(names), eager_sharding=eager)
+  value = init(key, tuple(shape), dtype)
+  if meta.get_global_mesh() is None:  # no mesh: names are metadata only
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+  return nnx.Param(value, out_sharding=tuple(names))  # the context decides eager sharding
 
 
 def _stacked(layers: int, shape: Sequence[int], names: Names) -> tuple[tuple[int, ...], Names]:
@@ -57,11 +61,13 @@ def xavier(in_dims: int, out_dims: int, layers: int):
 
 
 def constrain(x: jax.Array, names: Names) -> jax.Array:
-  """`with_sharding_constraint` by logical axis names; a no-op without a mesh or rules."""
+  """`with_sharding_constraint` by logical axis names under the active mesh and `nnx.logical_axis_rules`
+  (mesh axes that do not divide a dimension are dropped, as for parameters); a no-op without them."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not core_spmd.get_logical_axis_rules():
+  rules = core_spmd.get_logical_axis_rules()
+  if mesh.empty or not rules:
     return x
-  spec = core_spmd.get_pspec(jax.sharding.PartitionSpec(*names))
+  spec = logical_to_spec(names, tuple(rules), mesh, x.shape)
   return jax.lax.with_sharding_constraint(x, spec)
 
 

@@ -1,0 +1,88 @@
+"""Shared layers: position tables, norms, attention masking, init scale, scanned stacks."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmjax.models import layers
+
+
+def test_sincos_1d_matches_hand_values():
+  table = layers.sincos_1d(5, 4)  # w = [1, 1/100]
+  p = 3
+  expected = [math.sin(p), math.sin(p / 100), math.cos(p), math.cos(p / 100)]
+  np.testing.assert_allclose(table[p], expected, rtol=1e-6)
+  np.testing.assert_allclose(table[0], [0, 0, 1, 1])
+
+
+def test_sincos_2d_matches_hand_values_row_major():
+  table = layers.sincos_2d(2, 3, 8)  # w = [1, 1/100]; cell (1, 2) is row-major index 5
+  r, c = 1, 2
+  expected = [math.sin(r), math.sin(r / 100), math.cos(r), math.cos(r / 100),
+              math.sin(c), math.sin(c / 100), math.cos(c), math.cos(c / 100)]
+  assert table.shape == (6, 8)
+  np.testing.assert_allclose(table[5], expected, rtol=1e-6)
+
+
+def test_norms_match_numpy():
+  x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32) * 3 + 1
+  ln = layers.Norm(8, kind="layernorm", eps=1e-6, use_bias=False, rngs=nnx.Rngs(0))
+  ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(ln(jnp.asarray(x)), ref, rtol=1e-4, atol=1e-5)
+  rms = layers.Norm(8, kind="rmsnorm", eps=1e-6, use_bias=False, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(rms(jnp.asarray(x)), x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_attention_masking_and_fully_masked_row():
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 3, 2, 4)), jnp.float32) for _ in range(3))
+  mask = jnp.asarray([[[True, False, True], [True, True, True], [False, False, False]]])
+  out = layers.attention(q, k, v, mask, jnp.float32)
+  # Row 0 against a hand softmax over keys 0 and 2.
+  logits = np.einsum("hk,shk->hs", np.asarray(q[0, 0]), np.asarray(k[0])) / 2.0
+  logits[:, 1] = -np.inf
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(out[0, 0], np.einsum("hs,shk->hk", p, np.asarray(v[0])), rtol=1e-5)
+  # A fully masked row is the uniform average, never NaN.
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(out[0, 2], np.asarray(v[0]).mean(0), rtol=1e-5)
+
+
+def test_stacked_xavier_bound_is_per_layer():
+  lin = layers.Linear((64,), (3, 2, 32), ("embed",), (None, "heads", "kv"), use_bias=False,
+                      dtype=jnp.float32, layers=4, rngs=nnx.Rngs(0))
+  w = np.asarray(lin.kernel[...])
+  assert w.shape == (4, 64, 3, 2, 32)
+  bound = math.sqrt(6 / (64 + 192))
+  assert w.max() <= bound and w.min() >= -bound and w.max() > 0.9 * bound
+  assert nnx.get_partition_spec(nnx.state(lin))["kernel"].get_value() == \
+      jax.sharding.PartitionSpec("layers", "embed", None, "heads", "kv")
+
+
+def test_constrain_is_noop_without_mesh():
+  x = jnp.ones((2, 3))
+  assert layers.constrain(x, ("batch", "embed")) is x
+
+
+def test_scan_layers_with_remat_matches_loop():
+  mlp = layers.Mlp(8, 16, kind="swiglu", use_bias=False, dtype=jnp.float32, layers=3,
+                   rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 8)), jnp.float32)
+
+  def run(remat, x):
+    return layers.scan_layers(mlp, x, None, lambda blk, c, _: c + blk(c), remat)
+
+  ref = x
+  for i in range(3):
+    w1, w2, w3 = (getattr(mlp, n).kernel[...][i] for n in ("fc1", "fc2", "fc3"))
+    ref = ref + (jax.nn.silu(ref @ w1) * (ref @ w3)) @ w2
+  np.testing.assert_allclose(run("none", x), ref, rtol=1e-5, atol=1e-5)
+  g0 = jax.grad(lambda x: run("none", x).sum())(x)
+  g1 = jax.grad(lambda x: run("full", x).sum())(x)
+  assert np.abs(g0).sum() > 0
+  np.testing.assert_allclose(g0, g1, rtol=1e-5, atol=1e-5)
