@@ -4,7 +4,7 @@ The train state is a plain pytree (a dict), so that jit, optax and Orbax all see
 
   step       int32 []      updates taken (the next step is step + 1)
   params     nnx.State     the model's `nnx.Param`s, in `train.param_dtype` (float32 by default)
-  rest       nnx.State     every other model variable, carried read-only
+  rest       nnx.State     every other model variable; updates made in the loss are carried out
   opt_state  optax state   moments mirror `params`, so they carry the same logical axis names
   rng        uint32 [2]    base key; step s uses fold_in(rng, s), so a resumed run draws the same
   skipped    int32 []      updates skipped for a non-finite loss (nan_policy="skip")
@@ -40,6 +40,7 @@ class Setup:
   abstract_state: TrainState          # ShapeDtypeStructs with shardings (for Orbax restore)
   state_shardings: TrainState
   batch_shardings: dict[str, NamedSharding]
+  init: Any                           # jitted () -> TrainState, with out_shardings
 
   def context(self):
     """Mesh + logical rules, active while tracing anything of this run."""
@@ -95,17 +96,17 @@ def make_setup(config: ml_collections.ConfigDict, objective: Objective, mesh: Me
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   batch_shardings = mmsharding.batch_shardings(objective.batch_axes(), mesh, rules)
+  jitted_init = jax.jit(lambda: init()[1], out_shardings=shardings)
   return Setup(objective=objective, mesh=mesh, rules=rules, graphdef=graphdef_box[0], tx=tx,
                abstract_state=abstract, state_shardings=shardings,
-               batch_shardings=batch_shardings)
+               batch_shardings=batch_shardings, init=jitted_init)
 
 
 def init_state(config: ml_collections.ConfigDict, setup: Setup) -> TrainState:
   """The initial state, created directly in its shardings by a jitted init."""
-  param_dtype = jnp.dtype(config.train.get("param_dtype", "float32"))
-  init = _init_fn(setup.objective, setup.tx, int(config.seed), param_dtype)
+  del config  # the seed and dtypes were fixed by make_setup
   with setup.context():
-    return jax.jit(lambda: init()[1], out_shardings=setup.state_shardings)()
+    return setup.init()
 
 
 def param_count(state: TrainState) -> int:
