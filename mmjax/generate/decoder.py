@@ -1,0 +1,318 @@
+"""Sampling from the mixed-modal decoder: KV cache, modality state machine, classifier-free guidance.
+
+One jitted program per (batch, prompt length, new tokens) shape: a prefill of the (left-padded)
+prompts writes the KV cache, then `lax.scan` decodes a fixed number of steps, one token per row.
+
+State machine (Chameleon inference, specs/mixed_modal.md), per row:
+  text mode:  text ids, EOS, and begin-image if at least image_tokens + 2 slots remain;
+  image mode: exactly `image_tokens` image codes after begin-image, then end-image is forced;
+  done:       after EOS only EOS is emitted.
+Guidance: the batch holds C copies of each prompt (copy-major: rows [c·B, (c+1)·B)); the logits of
+the copies are mixed with weights summing to 1 and the token sampled for the mix is fed to every
+copy. `two_way(s)` = uncond + s(cond − uncond); `three_way(a, b)` = uncond + a(img − uncond) +
+b(full − img), copies (full, image-only, unconditional).
+MoMa decodes with its auxiliary routers and MoE without capacity drops (`causal=True`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+TEXT, IMAGE, DONE = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+  """The ids the state machine needs (from `mmjax.data.sequences.SharedVocab`)."""
+  vocab_size: int
+  text_first: int            # text ids [text_first, text_end) may be sampled in text mode
+  text_end: int
+  image_first: int           # the image modality's codes [image_first, image_end)
+  image_end: int
+  begin_image: int
+  end_image: int
+  eos: int
+  image_tokens: int          # codes per image (grid rows x cols)
+  modality_table: tuple[int, ...]  # modality id of every global id
+
+  @classmethod
+  def from_vocab(cls, vocab, registry, image: str, text_first: int = 4) -> "TokenLayout":
+    """`text_first` skips the text tokenizer's PAD/UNK/BOS/EOS (documents use the global ones)."""
+    offset = vocab.offset(image)
+    return cls(vocab_size=vocab.size, text_first=text_first, text_end=vocab.text_size,
+               image_first=offset, image_end=offset + vocab.local_size(image),
+               begin_image=vocab.begin_image(image), end_image=vocab.end_image(image),
+               eos=vocab.eos, image_tokens=registry[image].num_tokens,
+               modality_table=tuple(int(m) for m in vocab.modality_table))
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  temperature: float = 1.0   # 0: greedy
+  top_k: int = 0             # 0: off
+  top_p: float = 1.0         # 1: off
+  guidance: tuple[float, ...] = (1.0,)  # weights of the prompt copies; sum to 1
+
+
+def two_way(scale: float) -> tuple[float, float]:
+  """Copies (conditional, unconditional): uncond + s·(cond − uncond)."""
+  return (scale, 1.0 - scale)
+
+
+def three_way(a: float, b: float) -> tuple[float, float, float]:
+  """Copies (full, image-only, unconditional): uncond + a(img − uncond) + b(full − img)."""
+  return (b, a - b, 1.0 - a)
+
+
+def allowed_tokens(state_B: jax.Array, count_B: jax.Array, remaining_B: jax.Array,
+                   layout: TokenLayout) -> jax.Array:
+  """Boolean [B, V]: the ids each row may emit next."""
+  ids = jnp.arange(layout.vocab_size)
+  text = (ids >= layout.text_first) & (ids < layout.text_end)
+  codes = (ids >= layout.image_first) & (ids < layout.image_end)
+  text_mode = text[None] | (ids == layout.eos)[None] | (
+      (ids == layout.begin_image)[None] & (remaining_B >= layout.image_tokens + 2)[:, None])
+  image_mode = jnp.where((count_B < layout.image_tokens)[:, None], codes[None],
+                         (ids == layout.end_image)[None])
+  done_mode = jnp.broadcast_to((ids == layout.eos)[None], text_mode.shape)
+  state = state_B[:, None]
+  return jnp.where(state == TEXT, text_mode, jnp.where(state == IMAGE, image_mode, done_mode))
+
+
+def next_state(state_B, count_B, token_B, layout: TokenLayout):
+  in_image = state_B == IMAGE
+  state = jnp.where((state_B == TEXT) & (token_B == layout.begin_image), IMAGE, state_B)
+  state = jnp.where(in_image & (token_B == layout.end_image), TEXT, state)
+  state = jnp.where(token_B == layout.eos, DONE, state)
+  count = jnp.where(state == IMAGE, jnp.where(in_image, count_B + 1, 0), 0)
+  return state, count
+
+
+def sample_logits(key: jax.Array, logits_BV: jax.Array, sample: SampleConfig) -> jax.Array:
+  """Temperature, top-k and top-p (nucleus) sampling; disallowed ids must already be -inf."""
+  if sample.temperature <= 0:
+    return jnp.argmax(logits_BV, axis=-1)
+  logits = logits_BV / sample.temperature
+  if sample.top_k > 0:
+    kth = jax.lax.top_k(logits, sample.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if sample.top_p < 1.0:
+    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely ids
+    keep = before < sample.top_p                 # the most likely id is always kept
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1)
+
+
+def prompt_state(tokens: Sequence[int], layout: TokenLayout) -> tuple[int, int]:
+  """(state, image codes so far) after a prompt, e.g. IMAGE with 0 codes after a begin-image."""
+  state, count = TEXT, 0
+  for t in tokens:
+    if t == layout.eos:
+      state, count = DONE, 0
+    elif state == TEXT and t == layout.begin_image:
+      state, count = IMAGE, 0
+    elif state == IMAGE and t == layout.end_image:
+      state, count = TEXT, 0
+    elif state == IMAGE:
+      count += 1
+  return state, count
+
+
+def build_prompts(prompts: Sequence[Sequence[int]], layout: TokenLayout) -> dict[str, np.ndarray]:
+  """Left-padded prompt fields (padding: segment 0) plus the state machine's start per row."""
+  length = max(len(p) for p in prompts)
+  table = np.asarray(layout.modality_table, np.int32)
+  out = {k: np.zeros((len(prompts), length), np.int32)
+         for k in ("tokens", "modality", "segment", "block", "position")}
+  state, count = np.zeros(len(prompts), np.int32), np.zeros(len(prompts), np.int32)
+  for i, p in enumerate(prompts):
+    p = np.asarray(p, np.int32)
+    pad = length - len(p)
+    out["tokens"][i, pad:] = p
+    out["modality"][i, pad:] = table[p]
+    out["segment"][i, pad:] = 1
+    out["position"][i, pad:] = np.arange(len(p))
+    state[i], count[i] = prompt_state(p.tolist(), layout)
+  out["state"], out["count"] = state, count
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "sample", "new_tokens",
+                                              "return_logits"))
+def _generate(graphdef, state, prompt: dict, key: jax.Array, *, layout: TokenLayout,
+              sample: SampleConfig, new_tokens: int, return_logits: bool = False):
+  model = nnx.merge(graphdef, state)
+  rows, length = prompt["tokens"].shape
+  copies = len(sample.guidance)
+  b = rows // copies
+  weights = jnp.asarray(sample.guidance, jnp.float32)
+  table = jnp.asarray(layout.modality_table, jnp.int32)
+  fields = {k: prompt[k] for k in ("tokens", "modality", "segment", "block", "position")}
+  cache = model.init_cache(rows, length + new_tokens)
+  logits, _, cache = model(fields, cache=cache, cache_index=0, causal=True)
+  last_BV = logits[:, -1]
+  max_slots = length + new_tokens
+
+  def mix(logits_RV):  # guidance: one distribution per group of copies
+    return jnp.einsum("c,cbv->bv", weights, logits_RV.reshape(copies, b, -1))
+
+  def step(carry, i):
+    cache, last, st, cnt, pos, key = carry
+    key, sub = jax.random.split(key)
+    remaining = max_slots - (length + i)
+    allowed = allowed_tokens(st, cnt, jnp.full((b,), remaining), layout)
+    mixed = jnp.where(allowed, mix(last), -jnp.inf)
+    token_B = sample_logits(sub, mixed, sample).astype(jnp.int32)
+    st, cnt = next_state(st, cnt, token_B, layout)
+    token_R = jnp.tile(token_B, copies)
+    step_fields = dict(tokens=token_R[:, None], modality=table[token_R][:, None],
+                       segment=jnp.ones((rows, 1), jnp.int32), block=jnp.zeros((rows, 1), jnp.int32),
+                       position=pos[:, None])
+    logits, _, cache = model(step_fields, cache=cache, cache_index=length + i, causal=True)
+    out = (token_B, mixed if return_logits else None)
+    return (cache, logits[:, 0], st, cnt, pos + 1, key), out
+
+  pos0 = prompt["position"][:, -1] + 1
+  carry = (cache, last_BV, prompt["state"][:b], prompt["count"][:b], pos0, key)
+  _, (tokens_TB, logits_TBV) = jax.lax.scan(step, carry, jnp.arange(new_tokens))
+  tokens = tokens_TB.T
+  return (tokens, jnp.swapaxes(logits_TBV, 0, 1)) if return_logits else tokens
+
+
+def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], layout: TokenLayout, *,
+             new_tokens: int, sample: SampleConfig = SampleConfig(), seed: int = 0,
+             return_logits: bool = False):
+  """Samples `new_tokens` ids after each prompt. With guidance of C copies, `prompts` holds C·B
+  prompts, copy-major; the result has B rows. Returns tokens [B, new_tokens] (and the mixed,
+  masked logits [B, new_tokens, V] before temperature with `return_logits`)."""
+  copies = len(sample.guidance)
+  if len(prompts) % copies:
+    raise ValueError(f"{len(prompts)} prompts do not split into {copies} guidance copies")
+  if abs(sum(sample.guidance) - 1.0) > 1e-6:
+    raise ValueError(f"guidance weights must sum to 1, got {sample.guidance}")
+  batch = build_prompts(prompts, layout)
+  graphdef, state = nnx.split(model)
+  out = _generate(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()},
+                  jax.random.key(seed), layout=layout, sample=sample, new_tokens=new_tokens,
+                  return_logits=return_logits)
+  return jax.tree.map(np.asarray, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Uncached reference decoding (benchmark baseline): every step recomputes the whole buffer.
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "sample", "new_tokens"))
+def _generate_uncached(graphdef, state, prompt: dict, key, *, layout: TokenLayout,
+                       sample: SampleConfig, new_tokens: int):
+  model = nnx.merge(graphdef, state)
+  rows, length = prompt["tokens"].shape
+  total = length + new_tokens
+  table = jnp.asarray(layout.modality_table, jnp.int32)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, new_tokens)))
+  fields = {k: pad(prompt[k]) for k in ("tokens", "modality", "segment", "block", "position")}
+  generated = prompt["position"][:, -1:] + 1 + jnp.arange(new_tokens, dtype=jnp.int32)
+  fields["position"] = jnp.concatenate([prompt["position"], generated], axis=1)
+
+  def step(carry, i):
+    fields, st, cnt, key = carry
+    key, sub = jax.random.split(key)
+    logits, _, _ = model(fields, causal=True)
+    last = jax.lax.dynamic_index_in_dim(logits, length + i - 1, axis=1, keepdims=False)
+    allowed = allowed_tokens(st, cnt, jnp.full((rows,), total - (length + i)), layout)
+    token = sample_logits(sub, jnp.where(allowed, last, -jnp.inf), sample).astype(jnp.int32)
+    st, cnt = next_state(st, cnt, token, layout)
+    at = (0, length + i)
+    fields = dict(fields,
+                  tokens=jax.lax.dynamic_update_slice(fields["tokens"], token[:, None], at),
+                  modality=jax.lax.dynamic_update_slice(fields["modality"], table[token][:, None], at),
+                  segment=jax.lax.dynamic_update_slice(fields["segment"],
+                                                       jnp.ones((rows, 1), jnp.int32), at))
+    return (fields, st, cnt, key), token
+
+  carry = (fields, prompt["state"], prompt["count"], key)
+  _, tokens = jax.lax.scan(step, carry, jnp.arange(new_tokens))
+  return tokens.T
+
+
+def generate_uncached(model: nnx.Module, prompts: Sequence[Sequence[int]], layout: TokenLayout, *,
+                      new_tokens: int, sample: SampleConfig = SampleConfig(), seed: int = 0
+                      ) -> np.ndarray:
+  """`generate` without a KV cache and without guidance (the baseline of the decode benchmark)."""
+  batch = build_prompts(prompts, layout)
+  graphdef, state = nnx.split(model)
+  return np.asarray(_generate_uncached(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()},
+                                       jax.random.key(seed), layout=layout, sample=sample,
+                                       new_tokens=new_tokens))
+
+
+def timed(fn, *args, repeats: int = 2, **kwargs) -> float:
+  """Best wall time of `fn` after one compiling call."""
+  jax.block_until_ready(fn(*args, **kwargs))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args, **kwargs))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+# ---------------------------------------------------------------------------------------------
+# `mmjax bench decode`.
+
+
+def run_bench_decode(config, *, image_grid: tuple[int, int] = (16, 16), batch: int = 1,
+                     repeats: int = 2) -> dict:
+  """Tokens/s of cached and uncached decoding of one image of `image_grid` codes.
+
+  The prompt is BOS, eight caption ids and begin-image; the sampler then emits grid codes and
+  end-image. The image modality's grid is overridden (shapes-tiny has 8×8 = 64; the benchmark
+  measures a 16×16 = 256-code image) and model.max_length is raised to fit. Random weights:
+  throughput does not depend on them. Uncached decoding recomputes the whole fixed-length buffer
+  every step (static shapes), the reference cost that the KV cache removes.
+  """
+  from mmjax import modalities as mm
+  from mmjax.data.sequences import SharedVocab
+  from mmjax.models.configs import model_config
+  from mmjax.models.decoder import Decoder
+
+  config = config.copy_and_resolve_references()
+  registry = mm.from_config(config.modalities)
+  images = [m.name for m in registry if m.kind == mm.IMAGE_TOKENS]
+  if not images:
+    raise ValueError("bench decode needs an image_tokens modality in config.modalities")
+  with config.unlocked():
+    config.modalities[images[0]].grid = tuple(image_grid)
+  registry = mm.from_config(config.modalities)
+  vocab = SharedVocab.from_registry(registry)
+  layout = TokenLayout.from_vocab(vocab, registry, images[0])
+  prompt = [vocab.bos] + list(range(layout.text_first, layout.text_first + 8)) + [layout.begin_image]
+  new_tokens = layout.image_tokens + 1
+  with config.unlocked():
+    config.model.max_length = max(int(config.model.max_length), len(prompt) + new_tokens)
+  cfg = model_config(config)
+  model = nnx.jit(lambda: Decoder(cfg, vocab_size=vocab.size, num_modalities=len(registry),
+                                  rngs=nnx.Rngs(0)))()
+  prompts = [prompt] * batch
+  sample = SampleConfig(temperature=1.0, top_k=0)
+  cached = timed(generate, model, prompts, layout, new_tokens=new_tokens, sample=sample,
+                 repeats=repeats)
+  uncached = timed(generate_uncached, model, prompts, layout, new_tokens=new_tokens,
+                   sample=sample, repeats=repeats)
+  tokens = batch * new_tokens
+  return {"bench": "decode", "sparsity": cfg.sparsity, "image_tokens": layout.image_tokens,
+          "new_tokens_per_row": new_tokens, "batch": batch, "prompt_length": len(prompt),
+          "cached_tokens_per_s": tokens / cached, "uncached_tokens_per_s": tokens / uncached,
+          "cached_s": cached, "uncached_s": uncached, "speedup": uncached / cached,
+          "backend": jax.default_backend()}
