@@ -9,7 +9,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import meta
 
 from mmjax.models.grouped import Routing
 
@@ -17,9 +16,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def param(key: jax.Array, init, shape: tuple[int, ...], names: tuple, dtype=jnp.float32) -> nnx.Param:
-  """A parameter with logical axis names; sharded at creation when a mesh is set."""
-  eager = meta.get_global_mesh() is not None
-  return nnx.Param(init(key, shape, dtype), out_sharding=names, eager_sharding=eager)
+  """A parameter with logical axis names. Not sharded at creation: the trainer maps the names to
+  shardings (mmjax.sharding.tree_shardings, which replicates axes a mesh axis does not divide)."""
+  return nnx.Param(init(key, shape, dtype), out_sharding=names, eager_sharding=False)
 
 
 def _per_token(p: jax.Array, groups: int, routing: Routing | None, lead: tuple[int, ...]) -> jax.Array:

@@ -1,1 +1,3 @@
 """Objective adapters for the trainer: one module per model family."""
+
+from mmjax.objectives import decoder  # noqa: F401,E402  (registers "decoder")

@@ -1,0 +1,120 @@
+"""The "decoder" objective: the mixed-modal decoder, its loss and its packed-sequence data.
+
+Data: pre-tokenized records (`mmjax prepare tokens`, read with `mmjax.data.tokens_tfds`) become
+documents and packed rows (`mmjax.data.sequences`, `mmjax.data.packing`) of
+`model.max_length` slots, the layout of `mmjax.data.sequence_batch`.
+"""
+
+from __future__ import annotations
+
+import grain
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mmjax import modalities as mm
+from mmjax.config import ConfigError
+from mmjax.data import sequence_batch
+from mmjax.data.sequences import SharedVocab
+from mmjax.models.configs import model_config
+from mmjax.models.decoder import Decoder
+from mmjax.models.decoder_flops import decoder_train_flops_per_token
+from mmjax.models.decoder_loss import decoder_loss
+from mmjax.train.objective import register_objective
+
+_SPLITS = ("train", "val")
+
+
+class DecoderObjective:
+  """Implements `mmjax.train.objective.Objective` for `mmjax.models.decoder.Decoder`."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.cfg = model_config(config)
+    self.registry = mm.from_config(config.modalities)
+    self.vocab = SharedVocab.from_registry(self.registry)
+
+  def create_model(self, rngs: nnx.Rngs) -> Decoder:
+    return Decoder(self.cfg, vocab_size=self.vocab.size, num_modalities=len(self.registry),
+                   rngs=rngs)
+
+  def loss(self, model: Decoder, batch, rng):
+    fields = {k: batch[k] for k in ("tokens", "modality", "segment", "block", "position")}
+    key = rng if self.cfg.residual_dropout > 0 else None
+    logits, aux, _ = model(fields, dropout_key=key)
+    return decoder_loss(logits, batch, aux, self.cfg, self.registry.names)
+
+  def batch_axes(self):
+    return {name: ("batch", "length") for name in sequence_batch.FIELDS}
+
+  def make_iterator(self, split: str, process_index: int, process_count: int):
+    from mmjax.data import packing, sequences, tokens_tfds  # late: tfds import is slow
+    if split not in _SPLITS:
+      raise ValueError(f"decoder objective: unknown split {split!r}; use 'train' or 'val'")
+    data = self.config.data
+    if not data.get("data_dir"):
+      raise ConfigError("config key 'data.data_dir' is empty: point it at the pre-tokenized data "
+                        "(`mmjax prepare tokens`)")
+    source = tokens_tfds.load_tokens(data.data_dir, data.name, split)
+    decode = tokens_tfds.RecordDecoder(tokens_tfds.modality_specs(self.registry))
+    ds = grain.MapDataset.source(source)
+    if split == "train":
+      ds = ds.shuffle(seed=int(data.shuffle_seed)).repeat(None)
+    ds = ds[process_index::process_count].map(decode).to_iter_dataset()
+    builder = sequences.builder_from_config(self.config)
+    ds = packing.PackedSequencesIterDataset(ds, builder, self.cfg.max_length,
+                                            seed=int(data.shuffle_seed) + process_index)
+    ds = ds.batch(self.config.train.batch_size // process_count, drop_remainder=True)
+    return iter(ds)
+
+  def synthetic_batch(self, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+    """Rows of packed random documents: text, then an image wrapped in its specials."""
+    rng = np.random.default_rng(seed)
+    length = self.cfg.max_length
+    out = sequence_batch.empty(batch_size, length)
+    table = self.vocab.modality_table
+    images = [self.registry.names[m] for m in self.vocab.image_modalities]
+    for b in range(batch_size):
+      tokens, segments, pos = [], [], []
+      segment = 1
+      while True:
+        doc = [self.vocab.bos] + list(rng.integers(4, max(self.vocab.text_size, 5),
+                                                   rng.integers(4, 24)))
+        if images:
+          name = images[0]
+          codes = rng.integers(0, self.vocab.local_size(name), self.registry[name].num_tokens)
+          doc += ([self.vocab.begin_image(name)] + list(self.vocab.to_global(name, codes))
+                  + [self.vocab.end_image(name)])
+        doc.append(self.vocab.eos)
+        if len(tokens) + len(doc) > length + 1:
+          break
+        tokens += doc
+        segments += [segment] * len(doc)
+        pos += list(range(len(doc)))
+        segment += 1
+      if not tokens:  # one document longer than the row: truncate it
+        tokens, segments, pos = doc[:length + 1], [1] * (length + 1), list(range(length + 1))
+      n = min(len(tokens), length)
+      t = np.asarray(tokens, np.int32)
+      out["tokens"][b, :n] = t[:n]
+      nxt = np.concatenate([t[1:], [self.vocab.eos]])[:n]
+      same = np.concatenate([np.asarray(segments[1:]) == np.asarray(segments[:-1]), [False]])[:n]
+      out["targets"][b, :n] = nxt
+      out["modality"][b, :n] = table[t[:n]]
+      out["segment"][b, :n] = segments[:n]
+      out["position"][b, :n] = pos[:n]
+      out["loss_weight"][b, :n] = same.astype(np.float32)
+    return out
+
+  def train_flops_per_sample(self) -> float:
+    per_token = decoder_train_flops_per_token(self.cfg, vocab_size=self.vocab.size,
+                                              num_modalities=len(self.registry))["total"]
+    return per_token * self.cfg.max_length
+
+  def tokens_per_sample(self) -> int:
+    return self.cfg.max_length
+
+
+@register_objective("decoder")
+def make_decoder_objective(config: ml_collections.ConfigDict) -> DecoderObjective:
+  return DecoderObjective(config)

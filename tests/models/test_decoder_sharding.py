@@ -1,0 +1,39 @@
+"""The decoder sharded over a (data, tensor, expert) mesh of fake CPU devices equals one device."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mmjax import defaults, sharding
+
+_spec = importlib.util.spec_from_file_location(
+    "decoder_test_helpers", pathlib.Path(__file__).parent / "test_decoder.py")
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+
+
+def test_sharded_moma_forward_equals_single_device():
+  model = helpers.make_model(helpers.make_cfg(sparsity="moma", num_heads=4, num_kv_heads=2))
+  batch = helpers.make_batch([[1] * 8, [1] * 5 + [2] * 3, [1] * 6 + [0] * 2, [1] * 8], seed=5)
+  graphdef, state = nnx.split(model)
+  fwd = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b, causal=False)[0])
+  single = np.asarray(fwd(state, batch))
+
+  mesh_config = defaults.mesh(data=2, fsdp=1, tensor=2, expert=2)
+  mesh = sharding.make_mesh(mesh_config)
+  rules = sharding.logical_rules(mesh_config)
+  shardings = sharding.tree_shardings(state, mesh, rules)
+  sharded_state = jax.device_put(state, shardings)
+  gate = sharded_state["blocks"]["ffn"]["experts"]["gate"]
+  assert gate.get_value().sharding.spec == PartitionSpec(None, "expert", "fsdp", "tensor")
+  batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  sharded_batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    out = fwd(sharded_state, sharded_batch)
+  assert len(out.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(out), single, rtol=2e-5, atol=2e-5)
