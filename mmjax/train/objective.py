@@ -15,8 +15,9 @@ Contract (the trainer relies on exactly this):
 - `create_model` is called under the mesh and the logical-axis rules, first abstractly
   (`nnx.eval_shape`), then inside a jitted init with output shardings. Parameters are `nnx.Param`s
   carrying logical axis names (`nnx.with_partitioning(init, ("embed", "mlp"))`); stacked layers put
-  "layers" first. Any other variable (e.g. a buffer) is carried along read-only: the model must not
-  mutate state in `loss`; randomness comes only through `loss`'s `rng`.
+  "layers" first. Any other variable (e.g. a buffer) is carried along; `loss` may update such
+  variables in the forward pass (e.g. a VQ codebook's EMA statistics): the train step carries them
+  out (not the evaluation step). Randomness comes only through `loss`'s `rng`.
 - `loss` is traced inside the jitted step (with `batch` a slice of the global batch when gradient
   accumulation is on): it returns a scalar float32 loss, the mean over the (micro)batch, and a flat
   dict of scalar metrics (e.g. `loss/tok_rgb`, `acc/caption`), averaged over micro-batches.

@@ -29,9 +29,14 @@ from mmjax.train.state import Setup, TrainState
 
 def _loss_fn(setup: Setup):
   def loss_fn(params, rest, batch, rng):
-    model = nnx.merge(setup.graphdef, params, rest)
+    # copy: Variables made in this trace, so the loss may update non-Param ones (see below).
+    model = nnx.merge(setup.graphdef, params, rest, copy=True)
     loss, metrics = setup.objective.loss(model, batch, rng)
-    return loss.astype(jnp.float32), {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    # Non-Param state the loss updated (e.g. a VQ codebook's EMA) leaves the step with the
+    # metrics; a model that mutates nothing returns `rest` unchanged.
+    new_rest = jax.lax.stop_gradient(nnx.split(model, nnx.Param, ...)[2])
+    return loss.astype(jnp.float32), (metrics, new_rest)
   return loss_fn
 
 
@@ -49,29 +54,31 @@ def _split_microbatches(setup: Setup, batch: dict[str, jax.Array], m: int) -> di
 
 def grads_and_metrics(setup: Setup, state: TrainState, batch: dict[str, jax.Array],
                       rng: jax.Array, microbatches: int):
-  """(loss, metrics, grads) averaged over the micro-batches."""
+  """(loss, metrics, grads) averaged over the micro-batches, and the model's updated non-Param
+  state (threaded through the micro-batches in order)."""
   grad_fn = jax.value_and_grad(_loss_fn(setup), has_aux=True)
   params, rest = state["params"], state["rest"]
   if microbatches == 1:
-    (loss, metrics), grads = grad_fn(params, rest, batch, rng)
-    return loss, metrics, grads
+    (loss, (metrics, rest)), grads = grad_fn(params, rest, batch, rng)
+    return loss, metrics, grads, rest
 
   slices = _split_microbatches(setup, batch, microbatches)
 
   def body(carry, xs):
     index, micro = xs
-    (loss, metrics), grads = grad_fn(params, rest, micro, jax.random.fold_in(rng, index))
-    acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), carry, (loss, metrics, grads))
-    return acc, None
+    acc, rest = carry
+    (loss, (metrics, rest)), grads = grad_fn(params, rest, micro, jax.random.fold_in(rng, index))
+    acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, (loss, metrics, grads))
+    return (acc, rest), None
 
   zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   abstract = jax.eval_shape(grad_fn, params, rest, jax.tree.map(lambda x: x[0], slices), rng)
-  zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), abstract[0][1])
+  zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), abstract[0][1][0])
   init = (jnp.zeros((), jnp.float32), zero_metrics, zero_grads)
-  total, _ = jax.lax.scan(body, init, (jnp.arange(microbatches), slices))
+  (total, rest), _ = jax.lax.scan(body, (init, rest), (jnp.arange(microbatches), slices))
   loss, metrics, grads = jax.tree.map(lambda x: x / microbatches, total)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-  return loss, metrics, grads
+  return loss, metrics, grads, rest
 
 
 def make_step_fn(setup: Setup, train_config) -> Any:
@@ -84,7 +91,7 @@ def make_step_fn(setup: Setup, train_config) -> Any:
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, Any]]:
     number = state["step"] + 1
     rng = jax.random.fold_in(state["rng"], number)
-    loss, metrics, grads = grads_and_metrics(setup, state, batch, rng, microbatches)
+    loss, metrics, grads, rest = grads_and_metrics(setup, state, batch, rng, microbatches)
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)
@@ -92,6 +99,7 @@ def make_step_fn(setup: Setup, train_config) -> Any:
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = dict(state, step=number, params=keep(params, state["params"]),
                      opt_state=keep(opt_state, state["opt_state"]),
+                     rest=keep(rest, state["rest"]),
                      skipped=state["skipped"] + (~finite).astype(jnp.int32))
     out = dict(metrics)
     out.update(loss=loss, lr=lr_fn(number - state["skipped"]), grad_norm=grad_norm,
@@ -117,7 +125,7 @@ def jit_eval(setup: Setup):
 
   def evaluate(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     rng = jax.random.fold_in(state["rng"], 2**31 - 1)  # not a train step number
-    loss, metrics = loss_fn(state["params"], state["rest"], batch, rng)
+    loss, (metrics, _) = loss_fn(state["params"], state["rest"], batch, rng)
     return dict(metrics, loss=loss)
 
   replicated = NamedSharding(setup.mesh, PartitionSpec())

@@ -1,0 +1,215 @@
+"""The image-tokenizer objective: trains an `ImageTokenizer` with the shared trainer.
+
+Registered as "tokenizer" (configs name it `mmjax.objectives.tokenizer:tokenizer`, which imports this
+module first). The model updates its VQ codebook (EMA statistics, dead-code restarts) inside `loss`;
+the train step carries that non-Param state out of the jitted step.
+
+Data: shapes scenes generated on demand (scene i of a split is a pure function of (data.seed, split,
+i), the same scenes `mmjax prepare shapes` writes), read through a Grain MapDataset: random access,
+deterministic order, and an iterator state that checkpoints record, so a resumed run sees the same
+batches. Generating is faster than decoding the tfds records (about 3k scenes/s per core).
+
+`run_image_tokenizer_train(config, workdir)` trains (resuming if the workdir has a checkpoint), then
+evaluates the final model on `data.num_val` validation scenes and writes `tokenizer_eval.json` and
+`reconstructions.png` (originals above reconstructions) into the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mmjax import config as mmconfig
+from mmjax import defaults
+from mmjax.data import shapes
+from mmjax.tokenizers import image_metrics
+from mmjax.tokenizers.image import LOGICAL_RULES, ImageTokenizer, ImageTokenizerConfig
+from mmjax.train.objective import register_objective
+
+OBJECTIVE = "mmjax.objectives.tokenizer:tokenizer"
+_SPLITS = {"train": "train", "val": "validation"}
+
+
+def image_tokenizer_config(modality: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The config of configs/tokenizers/shapes_<modality>.py; `arg`: `vq`|`fsq`, `runlocal`."""
+  arg = mmconfig.parse_arg(arg, quantizer="vq", runlocal=False)
+  config = ml_collections.ConfigDict()
+  config.objective = OBJECTIVE
+  config.seed = 0  # parameter init, codebook restarts
+  config.data = defaults.shapes_data()  # scenes are generated on demand; data_dir is not read
+  model = dict(modality=modality, quantizer=arg.quantizer)
+  # Vocabularies match the modality registry of configs/fourm/shapes.py (rgb/depth 1024,
+  # semseg 256); FSQ levels with about as many codes.
+  if modality == "semseg":
+    model.update(codebook_size=256, fsq_levels=(8, 6, 5), width=192, num_heads=4)
+  else:
+    model.update(codebook_size=1024, fsq_levels=(8, 5, 5, 5))
+  config.model = ml_collections.ConfigDict(
+      {f.name: getattr(ImageTokenizerConfig(**model), f.name)
+       for f in ImageTokenizerConfig.__dataclass_fields__.values()})
+  config.train = defaults.train(steps=2000, batch_size=32, lr=1e-3, warmup_steps=100,
+                                weight_decay=0.0, b2=0.99, log_every=50, checkpoint_every=1000,
+                                keep_checkpoints=1)
+  config.eval = ml_collections.ConfigDict(dict(
+      batch_size=100,   # images per evaluation batch
+      grid_images=8,    # columns of the originals-vs-reconstructions PNG
+  ))
+  config.mesh = defaults.mesh()
+  config.mesh.rules = tuple(config.mesh.rules) + LOGICAL_RULES
+  if arg.runlocal:
+    config.data.update(num_train=256, num_val=32)
+    config.model.update(width=64, encoder_layers=1, decoder_layers=1)
+    config.train.update(steps=20, batch_size=8, warmup_steps=2, log_every=5, checkpoint_every=10)
+    config.eval.batch_size = 16
+  return config
+
+
+class TokenizerObjective:
+  """`Objective` of an image-like tokenizer on the shapes scenes."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.cfg: ImageTokenizerConfig = mmconfig.to_dataclass(ImageTokenizerConfig, config.model)
+    self.data = config.data
+    self.batch_size = int(config.train.batch_size)
+    if self.data.image_size != self.cfg.image_size:
+      raise mmconfig.ConfigError(f"config keys data.image_size ({self.data.image_size}) and "
+                                 f"model.image_size ({self.cfg.image_size}) must agree")
+
+  def create_model(self, rngs: nnx.Rngs) -> ImageTokenizer:
+    return ImageTokenizer(self.cfg, rngs=rngs)
+
+  def loss(self, model: ImageTokenizer, batch: dict[str, jax.Array],
+           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return model.loss(batch["image"], train=True, rng=rng)
+
+  def batch_axes(self) -> dict[str, tuple[str | None, ...]]:
+    spatial = (None, None, None) if self.cfg.modality == "rgb" else (None, None)
+    return {"image": ("batch",) + spatial}
+
+  def source(self, split: str) -> shapes.SceneSource:
+    if split not in _SPLITS:
+      raise ValueError(f"tokenizer objective: unknown split {split!r}; use 'train' or 'val'")
+    size = self.data.num_train if split == "train" else self.data.num_val
+    return shapes.SceneSource(size, seed=self.data.seed, split=_SPLITS[split],
+                              image_size=self.cfg.image_size)
+
+  def make_iterator(self, split: str, process_index: int, process_count: int):
+    modality = self.cfg.modality
+    ds = grain.MapDataset.source(self.source(split))
+    if split == "train":
+      ds = ds.shuffle(seed=self.data.shuffle_seed).repeat(None)
+    ds = ds[process_index::process_count].map(lambda scene: {"image": scene[modality]})
+    ds = ds.batch(self.batch_size // process_count, drop_remainder=True)
+    return iter(ds.to_iter_dataset())
+
+  def synthetic_batch(self, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    s = self.cfg.image_size
+    if self.cfg.modality == "rgb":
+      image = rng.integers(0, 256, (batch_size, s, s, 3), dtype=np.uint8)
+    elif self.cfg.modality == "depth":
+      image = rng.uniform(1.0, 10.0, (batch_size, s, s)).astype(np.float32)
+    else:
+      image = rng.integers(0, self.cfg.num_classes, (batch_size, s, s), dtype=np.uint8)
+    return {"image": image}
+
+  def train_flops_per_sample(self) -> float:
+    """Forward matmul FLOPs x 3: patch embeddings, blocks, code projections, the VQ lookup."""
+    c = self.cfg
+    tokens = c.grid[0] * c.grid[1]
+    d, patch = c.width, c.patch_size ** 2
+    block = 12 * d * d + 2 * tokens * d  # qkv, proj, 4x MLP; scores and weighted values
+    per_token = ((c.encoder_layers + c.decoder_layers) * block
+                 + patch * (c.in_channels + c.out_channels) * d + 2 * d * c.code_dim)
+    if c.quantizer == "vq":
+      per_token += c.code_dim * c.codebook_size
+    return 3.0 * 2.0 * tokens * per_token
+
+  def tokens_per_sample(self) -> int:
+    return self.cfg.grid[0] * self.cfg.grid[1]
+
+
+@register_objective("tokenizer")
+def make_tokenizer_objective(config: ml_collections.ConfigDict) -> TokenizerObjective:
+  return TokenizerObjective(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train, then evaluate and draw.
+
+
+def load_trained(config: ml_collections.ConfigDict, workdir: str) -> ImageTokenizer:
+  """The tokenizer of the latest checkpoint in `workdir`, on the host's default device."""
+  from mmjax.train.checkpoint import Checkpointer
+  from mmjax.train.loop import build
+
+  objective, setup = build(config)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                              keep=config.train.keep_checkpoints)
+  try:
+    restored = checkpointer.restore_latest(
+        setup.abstract_state, objective.make_iterator("train", jax.process_index(),
+                                                      jax.process_count()))
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise mmconfig.ConfigError(f"no checkpoint to evaluate in {workdir}/checkpoints")
+  state = jax.device_get(restored[0])
+  return nnx.merge(setup.graphdef, state["params"], state["rest"])
+
+
+def validation_images(config: ml_collections.ConfigDict, modality: str) -> np.ndarray:
+  source = shapes.SceneSource(config.data.num_val, seed=config.data.seed, split="validation",
+                              image_size=config.model.image_size)
+  return np.stack([source[i][modality] for i in range(len(source))])
+
+
+def save_reconstruction_grid(path: str, model: ImageTokenizer, images: np.ndarray) -> str:
+  from mmjax.eval import grids
+
+  recon = image_metrics.reconstructions(model, images)
+  kind = {"rgb": "rgb", "depth": "depth", "semseg": "classes"}[model.cfg.modality]
+  if kind == "depth":  # one depth scale for an original and its reconstruction
+    rows = [[], []]
+    for true, pred in zip(images, recon):
+      both = grids.to_rgb(np.concatenate([true, pred], axis=1), "depth")
+      rows[0].append(both[:, :true.shape[1]])
+      rows[1].append(both[:, true.shape[1]:])
+  else:
+    rows = [[grids.to_rgb(x, kind) for x in images], [grids.to_rgb(x, kind) for x in recon]]
+  return grids.save_grid(path, rows, row_titles=("original", "reconstruction"))
+
+
+def run_image_tokenizer_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains through the shared trainer, then evaluates on the validation split.
+
+  Writes `tokenizer_eval.json` (metrics, training time, steps/s) and `reconstructions.png` into
+  `workdir`; returns the trainer's summary with the evaluation under "tokenizer_eval".
+  """
+  from mmjax.train.loop import run_train
+
+  summary = run_train(config, workdir)
+  model = load_trained(config, workdir)
+  modality = model.cfg.modality
+  images = validation_images(config, modality)
+  metrics = image_metrics.evaluate_image_tokenizer(model, images,
+                                                   batch_size=config.eval.batch_size)
+  metrics_path = os.path.join(workdir, "tokenizer_eval.json")
+  report = {"modality": modality, "quantizer": model.cfg.quantizer,
+            "codebook_size": model.codebook_size, "steps": summary.get("step"),
+            **{k: v for k, v in metrics.items()}}
+  if jax.process_index() == 0:
+    with open(metrics_path, "w") as f:
+      json.dump(report, f, indent=2)
+    grid_path = save_reconstruction_grid(os.path.join(workdir, "reconstructions.png"), model,
+                                         images[:config.eval.grid_images])
+  else:
+    grid_path = None
+  return {**summary, "tokenizer_eval": report, "eval_file": metrics_path, "grid": grid_path}
