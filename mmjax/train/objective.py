@@ -8,8 +8,8 @@ register a factory under the name their configs use in `config.objective`:
     return FourMObjective(config)
 
 `get_objective(config)` finds it. The trainer imports no model code: on an unknown name it imports
-the package `mmjax.objectives` once (if it exists), whose `__init__` imports each objective module
-so that they register; a name of the form `"some.module:name"` imports `some.module` first.
+the package `mmjax.objectives` (if it exists), whose `__init__` imports each objective module so
+that they register; a name of the form `"some.module:name"` imports `some.module` first.
 
 Contract (the trainer relies on exactly this):
 - `create_model` is called under the mesh and the logical-axis rules, first abstractly
@@ -79,7 +79,8 @@ class Objective(Protocol):
 
 ObjectiveFactory = Callable[[ml_collections.ConfigDict], Objective]
 _REGISTRY: dict[str, ObjectiveFactory] = {}
-_COLLECTION_PACKAGE = "mmjax.objectives"
+# Imported on a registry miss: the collection of model objectives, then the trainer's toy one.
+_COLLECTION_PACKAGES = ("mmjax.objectives", "mmjax.train.toy")
 
 
 def register_objective(name: str) -> Callable[[ObjectiveFactory], ObjectiveFactory]:
@@ -110,11 +111,13 @@ def get_objective(config: ml_collections.ConfigDict) -> Objective:
       importlib.import_module(module)
     except ModuleNotFoundError as e:
       raise ConfigError(f"config key 'objective': cannot import module {module!r}: {e}") from None
-  if name not in _REGISTRY:
+  for package in _COLLECTION_PACKAGES:
+    if name in _REGISTRY:
+      break
     try:
-      importlib.import_module(_COLLECTION_PACKAGE)
+      importlib.import_module(package)
     except ModuleNotFoundError as e:
-      if e.name != _COLLECTION_PACKAGE:
+      if e.name != package:
         raise
   if name not in _REGISTRY:
     raise ConfigError(f"config key 'objective': unknown objective {name!r}; registered: "

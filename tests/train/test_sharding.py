@@ -60,3 +60,15 @@ def test_global_batch_is_assembled_sharded():
   np.testing.assert_array_equal(np.asarray(batch["x"]), local["x"])
   with pytest.raises(ValueError, match="missing"):
     mmsharding.global_batch({}, shardings)
+
+
+def test_objective_registry():
+  from mmjax.train import objective as mmobjective
+
+  config = toy.toy_config()
+  assert isinstance(mmobjective.get_objective(config), mmobjective.Objective)
+  config.objective = "nonesuch"
+  with pytest.raises(ConfigError, match=r"unknown objective 'nonesuch'; registered: .*'toy'"):
+    mmobjective.get_objective(config)
+  config.objective = "mmjax.train.toy:toy"
+  assert isinstance(mmobjective.get_objective(config), toy.ToyObjective)
