@@ -1,3 +1,4 @@
 """Objective adapters for the trainer: one module per model family."""
 
 from mmjax.objectives import decoder  # noqa: F401,E402  (registers "decoder")
+from mmjax.objectives import fourm  # noqa: F401,E402  (registers "fourm")

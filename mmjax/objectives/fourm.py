@@ -1,0 +1,80 @@
+"""The 4M objective for the trainer (registered as "fourm"): model, loss, data, synthetic batches.
+
+Data: the pre-tokenized records of `config.data` (`mmjax prepare tokens`) through the 4M masking
+pipeline (mmjax/data/pipeline.py). FLOPs per sample assume the decoder's M slots split evenly over
+the target modalities (the heads are a small share of the total; see models/flops.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mmjax import modalities
+from mmjax.config import ConfigError
+from mmjax.data import fourm_batch
+from mmjax.models.configs import model_config
+from mmjax.models.flops import fourm_flops
+from mmjax.models.fourm import FourM
+from mmjax.models.fourm_loss import fourm_loss
+from mmjax.objectives.fourm_synthetic import synthetic_batch
+from mmjax.train.objective import register_objective
+
+_SPLITS = ("train", "val")
+
+
+class FourMObjective:
+  """4M masked modeling: any subset of modalities' tokens predicts any other subset."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.cfg = model_config(config)
+    self.registry = modalities.from_config(config.modalities)
+
+  def create_model(self, rngs: nnx.Rngs) -> FourM:
+    return FourM(self.cfg, self.registry, rngs=rngs)
+
+  def loss(self, model: FourM, batch, rng: jax.Array):
+    del rng  # no dropout in 4M
+    return fourm_loss(model, batch)
+
+  def batch_axes(self) -> dict[str, tuple[str | None, ...]]:
+    return {name: ("batch", None, None) if name == "enc_pixels" else ("batch", "length")
+            for name in fourm_batch.FIELDS}
+
+  def make_iterator(self, split: str, process_index: int, process_count: int):
+    from mmjax.data import pipeline, tokens_tfds  # late: tfds import is slow
+    if split not in _SPLITS:
+      raise ValueError(f"fourm objective: unknown split {split!r}; use 'train' or 'val'")
+    data = self.config.data
+    if not data.get("data_dir"):
+      raise ConfigError("config key 'data.data_dir' is empty: point it at the pre-tokenized data "
+                        "(`mmjax prepare tokens`)")
+    source = tokens_tfds.load_tokens(data.data_dir, data.name, split)
+    decode = tokens_tfds.RecordDecoder(tokens_tfds.modality_specs(self.registry))
+    spec = pipeline.DatasetSpec(data.name, source, decode=decode)
+    return pipeline.make_iterator(self.config, [spec], process_index=process_index,
+                                  process_count=process_count, registry=self.registry,
+                                  num_epochs=None if split == "train" else 1)
+
+  def synthetic_batch(self, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+    return synthetic_batch(self.registry, batch_size, self.cfg.num_input_tokens,
+                           self.cfg.num_target_tokens, seed)
+
+  def flops(self) -> dict[str, float]:
+    targets = self.registry.targets()
+    counts = {t.name: self.cfg.num_target_tokens / len(targets) for t in targets}
+    return fourm_flops(self.cfg, self.registry, counts)
+
+  def train_flops_per_sample(self) -> float:
+    return self.flops()["train"]
+
+  def tokens_per_sample(self) -> int:
+    return self.cfg.num_input_tokens + self.cfg.num_target_tokens
+
+
+@register_objective("fourm")
+def make_fourm(config: ml_collections.ConfigDict) -> FourMObjective:
+  return FourMObjective(config)
