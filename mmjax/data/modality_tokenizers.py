@@ -261,19 +261,29 @@ def _load_text(modality: mod.Modality, tokenizer_dir: str):
   return TextTokenizer.load(path)
 
 
+def resolve_config_path(spec: str) -> str:
+  """A tokenizer config spec `path[:arg]` with path relative to the working directory or, failing
+  that, to the repository (configs/ beside the mmjax package)."""
+  path, sep, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.isfile(os.path.join(repo, path)):
+      path = os.path.join(repo, path)
+  return path + sep + arg
+
+
 def _load_image(modality: mod.Modality, tokenizer_dir: str):
-  # Adapter point: restoring a trained image tokenizer is the image tokenizer module's job.
-  from mmjax.tokenizers import image
-  restore = getattr(image, "load_tokenizer", None)
-  if restore is None:
-    raise UserError(f"modality {modality.name}: cannot restore the image tokenizer in "
-                    f"{tokenizer_dir}: mmjax.tokenizers.image has no load_tokenizer(workdir) yet; "
-                    f"pass a built tokenizer through run_prepare_tokens(tokenizers=...)")
-  if not os.path.isdir(tokenizer_dir):
+  """The trained image tokenizer in `tokenizer_dir`: the latest checkpoint of `mmjax tokenizer
+  train --config <modality.tokenizer> --workdir <tokenizer_dir>`, restored by the tokenizer
+  objective (which needs the same config: its model section fixes the architecture)."""
+  from mmjax import config as mmconfig
+  from mmjax.objectives import tokenizer as tokenizer_objective
+  if not os.path.isdir(os.path.join(tokenizer_dir, "checkpoints")):
     raise UserError(f"modality {modality.name}: no trained tokenizer in {tokenizer_dir} (train "
                     f"it with `mmjax tokenizer train --config {modality.tokenizer} --workdir "
                     f"{tokenizer_dir}`)")
-  return restore(tokenizer_dir)
+  config = mmconfig.load(resolve_config_path(modality.tokenizer))
+  return tokenizer_objective.load_trained(config, tokenizer_dir)
 
 
 def load_modality_tokenizer(modality: mod.Modality, tokenizer_dir: str, *,

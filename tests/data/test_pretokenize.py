@@ -4,6 +4,7 @@ and randomly initialised (untrained, but real and deterministic) image tokenizer
 
 import os
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -13,17 +14,29 @@ from mmjax import modalities as mod
 from mmjax.data import pipeline, pretokenize, shapes, shapes_tfds, tokens_tfds
 from mmjax.errors import UserError
 from mmjax.tokenizers import image, text
+from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.loop import build
+from mmjax.train.state import init_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SEMSEG_CONFIG = "configs/tokenizers/shapes_semseg.py:runlocal"
 
 
 @pytest.fixture(scope="module")
 def tokenizers_dir(tmp_path_factory):
+  """<dir>/shapes_text/text.model, and <dir>/shapes_semseg: the initial (untrained) checkpoint of
+  the semseg tokenizer written by the shared trainer's Checkpointer, restored the real way."""
   root = str(tmp_path_factory.mktemp("tokenizers"))
   cfg = mmconfig.load(os.path.join(ROOT, "configs/tokenizers/shapes_text.py"))
   sentences = [s for pair in text.shapes_sentences(300, split="train", seed=0, image_size=64,
                                                    coord_bins=65) for s in pair]
   text.train_text_tokenizer(sentences, os.path.join(root, "shapes_text", "text"), cfg.tokenizer)
+  semseg = mmconfig.load(os.path.join(ROOT, SEMSEG_CONFIG))
+  objective, setup = build(semseg)
+  checkpointer = Checkpointer(os.path.join(root, "shapes_semseg", "checkpoints"), keep=1)
+  state = jax.device_get(init_state(semseg, setup))  # host arrays: a quick synchronous save
+  checkpointer.save(0, state, objective.make_iterator("train", 0, 1))
+  checkpointer.close()
   return root
 
 
@@ -34,8 +47,8 @@ def make_config(tokenizers_dir: str, **tokens) -> ml_collections.ConfigDict:
       rgb=dict(kind="image_pixels", source="rgb", image_size=64, patch_size=8),
       tok_rgb=dict(kind="image_tokens", source="rgb", vocab_size=64, grid=(8, 8),
                    tokenizer="configs/tokenizers/shapes_rgb.py"),
-      tok_semseg=dict(kind="image_tokens", source="semseg", vocab_size=32, grid=(8, 8),
-                      tokenizer="configs/tokenizers/shapes_semseg.py"),
+      tok_semseg=dict(kind="image_tokens", source="semseg", vocab_size=256, grid=(8, 8),
+                      tokenizer=SEMSEG_CONFIG),
       caption=dict(kind="sequence", source="caption", vocab_size=1024, max_length=48,
                    tokenizer="configs/tokenizers/shapes_text.py"),
       det=dict(kind="sequence", source="det", vocab_size=1024, max_length=64,
@@ -47,16 +60,17 @@ def make_config(tokenizers_dir: str, **tokens) -> ml_collections.ConfigDict:
 
 
 @pytest.fixture(scope="module")
-def image_tokenizers():
+def image_tokenizers(tokenizers_dir):
+  """tok_rgb: randomly initialised (untrained but real and deterministic); tok_semseg: restored
+  from its checkpoint through load_modality_tokenizer."""
   registry = mod.from_config(make_config("").modalities)
-  small = dict(width=32, num_heads=2, encoder_layers=1, decoder_layers=1)
   rgb = image.create_tokenizer(image.ImageTokenizerConfig(
-      modality="rgb", codebook_size=64, code_dim=8, **small), seed=1)
-  semseg = image.create_tokenizer(image.ImageTokenizerConfig(
-      modality="semseg", quantizer="fsq", fsq_levels=(4, 4, 2), **small), seed=2)
+      modality="rgb", codebook_size=64, code_dim=8, width=32, num_heads=2, encoder_layers=1,
+      decoder_layers=1), seed=1)
+  semseg = pretokenize.load_modality_tokenizer(
+      registry["tok_semseg"], os.path.join(tokenizers_dir, "shapes_semseg"), batch_size=8)
   return {"tok_rgb": pretokenize.ImageModalityTokenizer(registry["tok_rgb"], rgb, batch_size=8),
-          "tok_semseg": pretokenize.ImageModalityTokenizer(registry["tok_semseg"], semseg,
-                                                           batch_size=8)}
+          "tok_semseg": semseg}
 
 
 def scenes(n, split="train"):
@@ -120,8 +134,11 @@ def test_shapes_round_trip_through_tfds_shards(tmp_path, tokenizers_dir, image_t
   shapes_tfds.prepare_shapes(os.path.join(workdir, "data"), num_train=12, num_val=4,
                              progress=False)
   config = make_config(tokenizers_dir)
-  summary = pretokenize.run_prepare_tokens(config, workdir, tokenizers=image_tokenizers,
+  # tok_semseg comes from <tokenizers_dir>/shapes_semseg, restored by the job itself.
+  summary = pretokenize.run_prepare_tokens(config, workdir,
+                                           tokenizers={"tok_rgb": image_tokenizers["tok_rgb"]},
                                            progress=False)
+  assert summary["fingerprints"]["tok_semseg"] == image_tokenizers["tok_semseg"].fingerprint
   assert summary["splits"]["train"]["records"] == 12
   assert summary["splits"]["validation"]["records"] == 4
   assert summary["shards_written"] == 2 + 1 and not summary["reused"]
