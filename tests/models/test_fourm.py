@@ -144,11 +144,13 @@ def test_embeddings_teacher_forcing_and_pixels():
 def test_bfloat16_compute_is_close_to_float32():
   cfg, reg = fx.config(), fx.registry()
   b = fx.batch(cfg, reg, size=2)
-  l32, _ = _loss(fx.model(cfg, reg), b)
-  l16, _ = _loss(fx.model(fx.replace(cfg, dtype="bfloat16", tie_heads=True), reg), b)
-  l32t, _ = _loss(fx.model(fx.replace(cfg, tie_heads=True), reg), b)
-  assert np.isfinite(l16) and abs(float(l16) - float(l32t)) < 0.05 * float(l32t)
-  assert np.isfinite(l32)
+  # Tied heads: the bf16 backward also contracts the [V, D] table in its stored layout.
+  graphdef, state = nnx.split(fx.model(fx.replace(cfg, dtype="bfloat16", tie_heads=True), reg))
+  l16, grads = jax.jit(jax.value_and_grad(
+      lambda s: fourm_loss(nnx.merge(graphdef, s), b)[0]))(state)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  l32, _ = _loss(fx.model(fx.replace(cfg, tie_heads=True), reg), b)
+  assert np.isfinite(l16) and abs(float(l16) - float(l32)) < 0.05 * float(l32)
 
 
 def test_tiny_model_overfits_one_batch():
