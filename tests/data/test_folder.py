@@ -160,3 +160,59 @@ def test_missing_caption_file_and_corrupt_image(photos, tmp_path, tokenizers_dir
   assert summary["bad_samples"]["by_field"] == {"caption": 1, "<read>": 1}
   assert any("e_broken.png: cannot be read" in m for m in summary["bad_samples"]["messages"])
   assert summary["splits"]["train"]["records"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe script data/coco_captions.py (its tfds download needs the network; the mapping from
+# coco records, the export to a folder and the offline folder mode are tested here).
+
+_RECIPE_CONFIG = '''
+import ml_collections
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.data = ml_collections.ConfigDict(dict(name="folder", folder="", image_size=32, missing=""))
+  c.modalities = ml_collections.ConfigDict(sort_keys=False, initial_dictionary=dict(
+      rgb=dict(kind="image_pixels", source="rgb", image_size=32, patch_size=8),
+      caption=dict(kind="sequence", source="caption", vocab_size=1024, max_length=48,
+                   tokenizer="configs/tokenizers/shapes_text.py")))
+  c.tokens = ml_collections.ConfigDict(dict(tokenizers_dir="", shard_size=2, bad_samples="error"))
+  return c
+'''
+
+
+def load_recipe():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("coco_recipe",
+                                                os.path.join(ROOT, "data", "coco_captions.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_recipe_maps_coco_records_exports_and_runs_offline(tmp_path, tokenizers_dir):
+  recipe = load_recipe()
+  rng = np.random.default_rng(0)
+  records = [{"image": rng.integers(0, 256, (48, 80, 3), dtype=np.uint8), "image/id": 139 + i,
+              "captions": {"text": [f"photo number {i}", "another caption"]}} for i in range(3)]
+  source = recipe.CocoSource(records, S)
+  sample = source[1]
+  assert sample["id"] == "140" and sample["caption"] == "photo number 1"
+  assert sample["rgb"].shape == (S, S, 3)
+  out = str(tmp_path / "photos" / "train")
+  assert recipe.export_folder(source, out) == 3
+  exported = folder.FolderSource(out, S)
+  assert exported.paths == ["139.png", "140.png", "141.png"]
+  np.testing.assert_array_equal(exported[1]["rgb"], sample["rgb"])  # png: lossless, same size
+  assert exported[1]["caption"] == b"photo number 1"
+
+  config_path = tmp_path / "recipe_config.py"
+  config_path.write_text(_RECIPE_CONFIG)
+  summary = recipe.main(["folder", "--folder", str(tmp_path / "photos"), "--workdir",
+                         str(tmp_path / "tokens"), "--config", str(config_path),
+                         "--tokenizers-dir", tokenizers_dir])
+  assert summary["splits"]["train"]["records"] == 3 and summary["shards_written"] == 2
+  records = tokens_tfds.load_tokens(str(tmp_path / "tokens"), "folder", "train")
+  assert records[2]["gt_caption"] == b"photo number 2"
+  with pytest.raises(SystemExit):
+    recipe.main(["folder", "--workdir", str(tmp_path / "x")])  # no --folder: a one-line error
