@@ -127,3 +127,58 @@ def test_tiny_tokenizer_overfits_two_images():
     state, recon = step(state, jax.random.key(i))
     losses.append(float(recon))
   assert losses[-1] < losses[0] / 8, losses[::10]
+
+
+def _tiny_objective_config(**train):
+  from mmjax.objectives.tokenizer import image_tokenizer_config
+
+  config = image_tokenizer_config("rgb", "runlocal")
+  config.data.image_size = 16
+  config.model.update(image_size=16, **{k: v for k, v in TINY.items() if k != "image_size"})
+  config.train.update({"batch_size": 8, **train})
+  return config
+
+
+@pytest.mark.parametrize("microbatches", [2])  # threads the state through a scan; 1 is the runs' path
+def test_trainer_step_carries_the_codebook_state(microbatches):
+  from mmjax import sharding as mmsharding
+  from mmjax.train import loop, step as trainstep, state as trainstate
+
+  config = _tiny_objective_config(microbatches=microbatches, batch_size=8 * microbatches)
+  config.model.dead_threshold = 0.0  # no restarts: the EMA alone, checkable by hand
+  objective, setup = loop.build(config)
+  state = trainstate.init_state(config, setup)
+  np.testing.assert_array_equal(state["rest"]["quantizer"]["ema_count"][...], 0.0)
+  step = trainstep.jit_step(setup, config.train)
+  it = objective.make_iterator("train", 0, 1)
+  counts = []
+  with setup.context():
+    for _ in range(2):
+      state, metrics = step(state, mmsharding.global_batch(next(it), setup.batch_shardings))
+      counts.append(np.asarray(state["rest"]["quantizer"]["ema_count"][...]))
+  # Each micro-batch (8 images x 16 tokens) is one EMA update, in order: the sum of the counts
+  # goes 0 -> 0.99 s + 0.01 * 128 per micro-batch.
+  expected, sums = 0.0, []
+  for _ in range(2):
+    for _ in range(microbatches):
+      expected = 0.99 * expected + 0.01 * 128
+    sums.append(expected)
+  np.testing.assert_allclose([c.sum() for c in counts], sums, rtol=1e-5)
+  if microbatches == 1:  # after one update: 0.01 x the uses of each code
+    np.testing.assert_allclose(counts[0] * 100, np.round(counts[0] * 100), atol=1e-4)
+  codes = np.asarray(state["rest"]["quantizer"]["codebook"][...])
+  np.testing.assert_allclose(np.linalg.norm(codes, axis=1), 1.0, rtol=1e-5)
+
+
+def test_tokenizer_iterator_is_deterministic_and_resumable():
+  from mmjax.objectives.tokenizer import TokenizerObjective
+
+  objective = TokenizerObjective(_tiny_objective_config())
+  it = objective.make_iterator("train", 0, 1)
+  next(it)
+  saved = it.get_state()
+  expected = next(it)["image"]
+  again = objective.make_iterator("train", 0, 1)
+  again.set_state(saved)
+  np.testing.assert_array_equal(next(again)["image"], expected)
+  assert expected.shape == (8, 16, 16, 3) and expected.dtype == np.uint8
