@@ -174,8 +174,9 @@ class _Progress:
     self.last = now
     rate = self.processed / max(now - self.start, 1e-9)
     eta = (self.total - self.done) / rate if rate > 0 else 0.0
-    line = (f"{self.label}: {self.done}/{self.total} samples ({rate:,.1f}/s, ETA "
-            f"{int(eta) // 60}m{int(eta) % 60:02d}s)")
+    line = f"{self.label}: {self.done}/{self.total} samples"
+    line += (f" ({rate:,.1f}/s, ETA {int(eta) // 60}m{int(eta) % 60:02d}s)" if self.processed
+             else " (finished shards skipped)")
     end = "\n" if (not self.tty or self.done >= self.total) else ""
     print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
 
