@@ -2,7 +2,8 @@
 
 Run:
   mmjax tokenizer train --config=configs/tokenizers/shapes_semseg.py --workdir=runs/tok_semseg
-  mmjax tokenizer train --config=configs/tokenizers/shapes_semseg.py:fsq --workdir=runs/tok_semseg_fsq
+  mmjax tokenizer train --config=configs/tokenizers/shapes_semseg.py:fsq \
+      --workdir=runs/tok_semseg_fsq
   mmjax tokenizer train --config=configs/tokenizers/shapes_semseg.py:runlocal --workdir=/tmp/smoke
 Arguments: `vq` (default) or `fsq` quantizer; `runlocal` shrinks model, steps and data.
 Every key is commented in mmjax/objectives/tokenizer.py (image_tokenizer_config),

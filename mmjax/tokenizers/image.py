@@ -3,14 +3,15 @@
 A 64x64 image becomes an 8x8 grid of code ids (downsampling 8, configurable). The modality fixes the
 input/output handling and the reconstruction loss:
 
-  rgb     uint8 [B, S, S, 3] -> x / 127.5 - 1; 3 output channels; MSE.
-  depth   float [B, S, S]    -> log-depth mapped affinely from [depth_min, depth_max] to [-1, 1]; 1 output
-                                channel; smooth-L1. Log space makes an error a relative error, which is
-                                what abs-rel measures, and treats near and far objects alike.
-  semseg  uint8 [B, S, S]    -> one-hot of num_classes classes (as +-1); num_classes logits; cross-entropy.
+  rgb     uint8 [B, S, S, 3]  x / 127.5 - 1; 3 output channels; MSE.
+  depth   float [B, S, S]     log-depth mapped affinely from [depth_min, depth_max] to [-1, 1];
+                              1 output channel; smooth-L1. In log space an error is a relative error
+                              (what abs-rel measures), alike for near and far objects.
+  semseg  uint8 [B, S, S]     one-hot of num_classes classes (as +-1); num_classes logits;
+                              cross-entropy.
 
-`tokenize(images) -> ids [B, h*w]` (row-major grid) and `detokenize(ids) -> images` in the raw format
-(uint8 rgb, float32 depth, uint8 class map) are jit-compiled (one compile per batch shape).
+`tokenize(images) -> ids [B, h*w]` (row-major grid) and `detokenize(ids) -> images` in the raw
+format (uint8 rgb, float32 depth, uint8 class map) are jit-compiled (one compile per batch shape).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _layernorm(dim: int, *, rngs: nnx.Rngs, dtype) -> nnx.LayerNorm:
 
 
 def sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
-  """Fixed 2D sin-cos positions [h*w, dim]: [sin(r w), cos(r w), sin(c w), cos(c w)] (4M's layout)."""
+  """Fixed 2D sin-cos positions [h*w, dim]: [sin(rw), cos(rw), sin(cw), cos(cw)] (4M's layout)."""
   omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))
   r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
   r, c = r.reshape(-1, 1) * omega, c.reshape(-1, 1) * omega
@@ -156,7 +157,7 @@ def unpatchify(x_BLP: Array, h: int, w: int, p: int) -> Array:
 
 
 class Encoder(nnx.Module):
-  """ViT: patches of side `downsample` -> linear + 2D sin-cos -> blocks -> norm -> linear to code_dim."""
+  """ViT: patches -> linear + 2D sin-cos -> blocks -> norm -> linear to code_dim."""
 
   def __init__(self, cfg: ImageTokenizerConfig, *, rngs: nnx.Rngs, dtype):
     p, d = cfg.downsample, cfg.width
@@ -236,9 +237,9 @@ class ImageTokenizer(nnx.Module):
     s = cfg.image_size
     want = (s, s, 3) if cfg.modality == "rgb" else (s, s)
     if len(shape) != len(want) + 1 or shape[1:] != want:
-      raise UserError(f"{where}: {cfg.modality} images must have shape [batch, {', '.join(map(str, want))}]"
-                      f", got {list(shape)}")
-    dtype = np.dtype(images.dtype)
+      raise UserError(f"{where}: {cfg.modality} images must have shape "
+                      f"[batch, {', '.join(map(str, want))}], got {list(shape)}")
+    dtype = np.dtype(getattr(images, "dtype", None) or np.asarray(images).dtype)
     if cfg.modality in ("rgb", "semseg") and not np.issubdtype(dtype, np.integer):
       raise UserError(f"{where}: {cfg.modality} images must be integers (uint8), got {dtype}")
     if cfg.modality == "depth" and not np.issubdtype(dtype, np.floating):
@@ -304,7 +305,7 @@ class ImageTokenizer(nnx.Module):
         metrics[key] = aux[key].astype(jnp.float32)
     return total, metrics
 
-  # -- tokens ----------------------------------------------------------------------------------------
+  # -- tokens --------------------------------------------------------------------------------------
 
   def encode_ids(self, images: Array) -> Array:
     """ids [B, h*w] (int32, row-major grid) of raw images."""
@@ -319,12 +320,13 @@ class ImageTokenizer(nnx.Module):
 
   def tokenize(self, images) -> Array:
     """ids [B, h*w] int32 of a batch of raw images; jit-compiled."""
+    images = images if isinstance(images, jax.Array) else np.asarray(images)
     self.check_images(images)
     graphdef, state = nnx.split(self)
     return _apply(graphdef, state, "encode_ids", jnp.asarray(images))
 
   def detokenize(self, ids) -> Array:
-    """Raw images (uint8 rgb [B,S,S,3], float32 depth [B,S,S], uint8 semseg [B,S,S]); jit-compiled."""
+    """Raw images (uint8 rgb [B,S,S,3], float32 depth [B,S,S], uint8 semseg [B,S,S]); jitted."""
     n = self.grid[0] * self.grid[1]
     ids = np.asarray(ids) if not isinstance(ids, jax.Array) else ids
     if ids.ndim != 2 or ids.shape[1] != n or not jnp.issubdtype(ids.dtype, jnp.integer):
@@ -338,6 +340,7 @@ class ImageTokenizer(nnx.Module):
 
   def reconstruct(self, images) -> tuple[Array, Array]:
     """(ids [B, h*w], reconstructed raw images): tokenize then detokenize, one jitted call."""
+    images = images if isinstance(images, jax.Array) else np.asarray(images)
     self.check_images(images)
     graphdef, state = nnx.split(self)
     return _apply(graphdef, state, "_roundtrip", jnp.asarray(images))

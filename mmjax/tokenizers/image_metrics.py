@@ -1,10 +1,11 @@
 """Reconstruction quality and codebook usage of image-like tokenizers (numpy, on the host).
 
-  psnr            mean over images of 10 log10(255^2 / MSE) of uint8 rgb (an image's MSE is floored at
-                  1e-3, so a perfect image counts as 78 dB rather than infinity)
+  psnr            mean over images of 10 log10(255^2 / MSE) of uint8 rgb (an image's MSE is
+                  floored at 1e-3, so a perfect image counts as 78 dB rather than infinity)
   depth_abs_rel   mean over pixels of |pred - true| / true
   semseg          pixel accuracy and mIoU (mean over the classes present in truth or prediction)
-  codebook usage  fraction of the codes used at least once, and perplexity exp(H) of the code histogram
+  codebook usage  fraction of the codes used at least once, and perplexity exp(H) of the code
+                  histogram
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def codebook_usage(ids: np.ndarray, codebook_size: int) -> dict[str, float]:
           "perplexity": float(np.exp(-np.sum(p * np.log(p))))}
 
 
-def evaluate_image_tokenizer(model, images: np.ndarray, *, batch_size: int = 64) -> dict[str, float]:
+def evaluate_image_tokenizer(model, images: np.ndarray, *,
+                             batch_size: int = 64) -> dict[str, float]:
   """Reconstruction metrics of the tokenizer's modality and codebook usage over `images`.
 
   `model` is an `ImageTokenizer`; `images` a batch in its raw format (all of them are encoded and

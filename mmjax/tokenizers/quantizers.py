@@ -2,22 +2,23 @@
 
 Both map continuous vectors `z_...D` to discrete ids and back, with the same interface:
 
-  quantizer(z, train=..., rng=...) -> (z_q, ids, aux)   z_q has z's shape; straight-through gradients
+  quantizer(z, train=..., rng=...) -> (z_q, ids, aux)   z_q: z's shape, straight-through gradients
   quantizer.encode(z) -> ids                            ints in [0, codebook_size)
   quantizer.decode_ids(ids) -> codes                    the vectors z_q is made of
 
 `aux` holds `loss` (the quantizer's term of the training loss, already weighted) and scalar stats.
 
-VQ (as 4M's tokenizers, specs/fourm.md): encoder outputs and codes are l2-normalised, so the lookup is
-an argmax of cosine similarity. The codebook is not trained by gradients: it follows an exponential
-moving average of the (normalised) encoder outputs assigned to each code, updated in the forward pass
-in training mode. Its statistics are `CodebookStat` variables (not `nnx.Param`), so optimizers never
-touch them and a train step must carry them out of `jit` (split/merge of the whole model state).
+VQ (as 4M's tokenizers, specs/fourm.md): encoder outputs and codes are l2-normalised, so the
+lookup is an argmax of cosine similarity. The codebook is not trained by gradients: it follows an
+exponential moving average of the (normalised) encoder outputs assigned to each code, updated in
+the forward pass in training mode. Its statistics are `CodebookStat` variables (not `nnx.Param`),
+so optimizers never touch them and a train step must carry them out of `jit` (split/merge of the
+whole model state).
 Codes whose EMA usage falls below `dead_threshold` times the mean usage are restarted from encoder
 outputs of the current batch.
 
-FSQ (Mentzer et al. 2023): each of the d channels is bounded to a range with L_i levels by a tanh and
-rounded (straight-through); the code of a vector is its mixed-radix number in the levels.
+FSQ (Mentzer et al. 2023): each of the d channels is bounded to a range with L_i levels by a tanh
+and rounded (straight-through); the code of a vector is its mixed-radix number in the levels.
 """
 
 from __future__ import annotations
@@ -196,7 +197,8 @@ class FSQ(nnx.Module):
                rng: Array | None = None) -> tuple[Array, Array, dict[str, Array]]:
     del train, rng  # FSQ has no state and no auxiliary loss
     if z.shape[-1] != self.dim:
-      raise ValueError(f"FSQ input has {z.shape[-1]} channels, levels {self.levels} need {self.dim}")
+      raise ValueError(f"FSQ input has {z.shape[-1]} channels; levels {self.levels} need "
+                       f"{self.dim}")
     _, half_D, _ = self._consts()
     bounded = self.bound(z.astype(jnp.float32))
     rounded = straight_through(bounded, jnp.round(bounded))

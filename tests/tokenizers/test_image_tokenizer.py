@@ -88,8 +88,8 @@ def test_metrics_against_hand_computed_values():
   pred[0, 0, 0, 0] = 12  # image 0: MSE 144 / 12 = 12; image 1 exact (floored)
   expected = (10 * np.log10(255 ** 2 / 12) + 10 * np.log10(255 ** 2 / image_metrics.MIN_MSE)) / 2
   np.testing.assert_allclose(image_metrics.psnr(pred, true), expected)
-  np.testing.assert_allclose(image_metrics.depth_abs_rel(np.array([1.1, 4.0]), np.array([1.0, 2.0])),
-                             (0.1 + 1.0) / 2)
+  abs_rel = image_metrics.depth_abs_rel(np.array([1.1, 4.0]), np.array([1.0, 2.0]))
+  np.testing.assert_allclose(abs_rel, (0.1 + 1.0) / 2)
   conf = image_metrics.confusion_matrix(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), 4)
   scores = image_metrics.semseg_scores(conf)
   assert scores["pixel_acc"] == 0.75
@@ -139,7 +139,8 @@ def _tiny_objective_config(**train):
   return config
 
 
-@pytest.mark.parametrize("microbatches", [2])  # threads the state through a scan; 1 is the runs' path
+# 2 micro-batches thread the state through a scan; 1 is the path the training runs exercise.
+@pytest.mark.parametrize("microbatches", [2])
 def test_trainer_step_carries_the_codebook_state(microbatches):
   from mmjax import sharding as mmsharding
   from mmjax.train import loop, step as trainstep, state as trainstate
