@@ -23,6 +23,7 @@ from mmjax.models.configs import DecoderConfig
 from mmjax.models.decoder_attention import Attention, attention_mask
 from mmjax.models.decoder_layers import DTYPES, RMSNorm, dropout, param
 from mmjax.models.experts import MoMaFFN, SwiGLU, TokenChoiceMoE
+from mmjax.models.layers import constrain
 
 REMAT_POLICIES = {
     "none": None,
@@ -97,6 +98,7 @@ class Block(nnx.Module):
       h = x_BLD + dropout(self.attn_norm(a, routing), rate, keys[0])
       f, aux = self._ffn(h, modality_BL, valid_BL, routing, causal)
       out = h + dropout(self.ffn_norm(f, routing), rate, keys[1])
+    out = constrain(out, ("batch", "length", "embed"))
     # Chameleon: growth of output norms predicts divergence; log the mean over valid tokens.
     norms = jnp.sqrt(jnp.sum(jnp.square(out), axis=-1))
     aux = dict(aux, layer_out_norm=jnp.sum(norms * valid_BL) / jnp.maximum(jnp.sum(valid_BL), 1))
@@ -161,6 +163,7 @@ class Decoder(nnx.Module):
       mask_BLS = attention_mask(segment, block, q_index, cache["segment"], cache["block"], k_index)
     routing = grouped.make_routing(modality, self.groups) if self.groups > 1 else None
     x_BLD = self.embed[...][tokens].astype(jnp.float32) if embeddings is None else embeddings
+    x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
 
     graphdef, state = nnx.split(self.blocks)
     keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
@@ -183,6 +186,7 @@ class Decoder(nnx.Module):
       logits = grouped.dot("bld,vd->blv", x_BLD, self.embed[...], DTYPES[cfg.dtype])
     else:
       logits = grouped.dot("bld,dv->blv", x_BLD, self.head[...], DTYPES[cfg.dtype])
+    logits = constrain(logits, ("batch", "length", "vocab"))
     aux = {name: (v if name == "layer_out_norm" else jnp.mean(v)) for name, v in aux_layers.items()}
     if cache is not None:
       cache = dict(cache, k=new_caches[0], v=new_caches[1])

@@ -54,7 +54,10 @@ def decoder_loss(logits_BLV: jax.Array, batch: dict, aux: dict, cfg: DecoderConf
   if "moma_aux_router_bce" in aux:
     loss = loss + cfg.aux_router_loss * aux["moma_aux_router_bce"]
   for name, value in aux.items():
-    metrics[name] = value if value.ndim == 0 else jnp.max(value)
+    if value.ndim == 0:
+      metrics[name] = value
+    else:  # per-layer values (output norms): one scalar per layer
+      metrics.update({f"{name}/{i}": value[i] for i in range(value.shape[0])})
   for m, name in enumerate(names):
     sel = lw_BL * (tmod_BL == m)
     count = jnp.sum(sel)

@@ -7,7 +7,7 @@ Two implementations with static shapes and dynamic group sizes:
   CPU XLA expands it to G dense matmuls over masked copies (G× the FLOPs), so it is not used there.
 - "chunked" (default on CPU): each group's rows are laid out from a chunk-aligned offset in a buffer
   of P = ceil(N/c)·c + G·c rows; every chunk of c rows then belongs to exactly one group and is
-  multiplied by that group's weight (batched einsum over chunks with a gathered weight per chunk).
+  multiplied by that group's weight (a scan over chunks, one [c, K] @ [K, F] matmul each).
   FLOPs 2·P·K·F = 2·(N + ≤G·c)·K·F: the dense cost plus at most one padded chunk per group.
 """
 
@@ -75,7 +75,16 @@ def grouped_matmul(x_NK: jax.Array, w_GKF: jax.Array, sizes_G: jax.Array, *, imp
   dest = jnp.where(inside, pstarts[group] + row - starts[group], num_chunks * c)  # out of range
   buf = jnp.zeros((num_chunks * c, k), x_NK.dtype).at[dest].set(x_NK, mode="drop")
   chunk_group = jnp.minimum(jnp.searchsorted(pends, jnp.arange(num_chunks) * c, side="right"), g - 1)
-  out = dot("cnk,ckf->cnf", buf.reshape(num_chunks, c, k), w_GKF[chunk_group], dtype)
+
+  # A loop over chunks, each [c, K] @ w[its group]: measured on XLA:CPU (K=256, F=704, N=4096,
+  # G=8) 1.3x a plain matmul forward+backward, where one batched einsum over per-chunk gathered
+  # weights was 2.7x (the weight gather and its scatter-add backward dominate).
+  def one_chunk(_, inputs):
+    x_CK, group_id = inputs
+    return None, dot("ck,kf->cf", x_CK, jax.lax.dynamic_index_in_dim(w_GKF, group_id, keepdims=False),
+                     dtype)
+
+  _, out = jax.lax.scan(one_chunk, None, (buf.reshape(num_chunks, c, k), chunk_group))
   out = out.reshape(num_chunks * c, f)
   return jnp.where(inside[:, None], out[jnp.minimum(dest, num_chunks * c - 1)], 0.0)
 

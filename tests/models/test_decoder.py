@@ -144,23 +144,24 @@ def test_kv_cache_decode_reproduces_full_recomputation(sparsity):
   np.testing.assert_allclose(got[1, :7], full[1, :7], rtol=1e-4, atol=1e-4)
 
 
-def test_fully_padded_rows_give_finite_logits_and_gradients():
-  model = make_model(make_cfg(qk_norm=True))
+def test_fully_padded_rows_give_finite_gradients_and_remat_changes_nothing():
   batch = make_batch([[1] * 6, [0] * 6])
-  cfg = model.cfg
+  results = []
+  for remat in ("none", "full"):
+    model = make_model(make_cfg(remat=remat))
+    graphdef, params = nnx.split(model)
 
-  @jax.jit
-  def loss_and_grad(params):
-    def f(p):
-      m = nnx.merge(graphdef, p)
-      logits, aux, _ = m(batch)
+    def f(p, graphdef=graphdef, cfg=model.cfg):
+      logits, aux, _ = nnx.merge(graphdef, p)(batch)
       return decoder_loss(logits, batch, aux, cfg, ("text", "image"))[0]
-    return jax.value_and_grad(f)(params)
 
-  graphdef, params = nnx.split(model)
-  loss, grads = loss_and_grad(params)
+    results.append(jax.jit(jax.value_and_grad(f))(params))
+  (loss, grads), (loss_remat, grads_remat) = results
   assert np.isfinite(float(loss))
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_remat), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_loss_matches_hand_computed_values():
@@ -210,3 +211,18 @@ def test_variants_post_norm_tied_dropout_bf16():
   fp32 = make_model(make_cfg())
   bf16 = make_model(make_cfg(dtype="bfloat16"))
   np.testing.assert_allclose(forward(bf16, batch), forward(fp32, batch), atol=0.1)
+
+
+def test_train_flops_per_token_by_hand():
+  from mmjax.models.decoder_flops import decoder_train_flops_per_token
+  kw = dict(d_model=64, num_heads=4, num_kv_heads=2, mlp_hidden=128, num_layers=2,
+            experts_per_modality=2, moma_aux_router_hidden=8)
+  flops = lambda sp: decoder_train_flops_per_token(DecoderConfig(sparsity=sp, **kw), vocab_size=100,
+                                                   num_modalities=2, seq_len=10)["total"]
+  # Per layer: projections 2·64·(4+2·2)·16 + 2·4·16·64, causal scores 2·2·10·4·16/2, FFN 3·2·64·128;
+  # head 2·64·100; training = 3 × forward.
+  dense = 3 * (2 * (16384 + 8192 + 1280 + 49152) + 12800)
+  assert flops("dense") == dense == 488448
+  assert flops("mot") == dense  # untied weights, same FLOPs per token
+  # MoMa: one expert per token on average, + router 2·64·4 and aux router 2·64·8 + 2·8·4 per layer.
+  assert flops("moma") == dense + 3 * 2 * (512 + 1024 + 64)

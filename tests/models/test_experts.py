@@ -94,7 +94,8 @@ def test_moma_output_is_sigmoid_weighted_sum_over_taking_experts():
   x = jax.random.normal(jax.random.key(2), (2, 6, d))
   modality = jnp.asarray([[0, 0, 1, 1, 1, 0], [1, 0, 0, 1, 1, 1]])
   valid = jnp.ones((2, 6), bool).at[1, 5].set(False)
-  y, aux = moma(x, modality, valid, causal=False)
+  run = jax.jit(lambda m, causal: m(x, modality, valid, causal=causal), static_argnums=1)
+  y, aux = run(moma, False)
   x_N = x.reshape(-1, d)
   scores = x_N @ moma.router[...]
   selected, _ = experts.expert_choice(scores, modality.reshape(-1), valid.reshape(-1), per_group)
@@ -107,7 +108,7 @@ def test_moma_output_is_sigmoid_weighted_sum_over_taking_experts():
   assert 0.0 <= float(aux["moma_aux_router_acc"]) <= 1.0 and float(aux["moma_aux_router_bce"]) > 0
 
   # Causal mode: the auxiliary router's decision, restricted to the token's group.
-  y_c, _ = moma(x, modality, valid, causal=True)
+  y_c, _ = run(moma, True)
   pred = (moma.aux_logits(x_N) > 0).T
   group = jnp.arange(2 * per_group) // per_group
   pred = pred & (group[:, None] == modality.reshape(-1)[None]) & valid.reshape(-1)[None]
@@ -125,7 +126,8 @@ def test_token_choice_moe_top1_capacity_and_balance_loss():
                                rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(3), (1, 12, d))
   valid = jnp.ones((1, 12), bool)
-  y, aux = moe(x, valid, causal=True)  # no drops
+  run = jax.jit(lambda m, causal: m(x, valid, causal=causal), static_argnums=1)
+  y, aux = run(moe, True)  # no drops
   x_N = x[0]
   probs = jax.nn.softmax(x_N @ moe.router[...])
   top = jnp.argmax(probs, axis=-1)
@@ -137,7 +139,7 @@ def test_token_choice_moe_top1_capacity_and_balance_loss():
   np.testing.assert_allclose(aux["moe_balance_loss"], num * np.sum(fraction * np.mean(probs, 0)),
                              rtol=1e-5)
   # Training mode: capacity 3 per expert; assignments past it (in token order) are dropped.
-  y_t, aux_t = moe(x, valid, causal=False)
+  y_t, aux_t = run(moe, False)
   kept = np.zeros(12, bool)
   seen = np.zeros(num, int)
   for i, e in enumerate(np.asarray(top)):
