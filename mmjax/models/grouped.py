@@ -9,6 +9,8 @@ Two implementations with static shapes and dynamic group sizes:
   of P = ceil(N/c)·c + G·c rows; every chunk of c rows then belongs to exactly one group and is
   multiplied by that group's weight (a scan over chunks, one [c, K] @ [K, F] matmul each).
   FLOPs 2·P·K·F = 2·(N + ≤G·c)·K·F: the dense cost plus at most one padded chunk per group.
+  With fewer rows than one chunk (a decoding step) each row is multiplied by its own gathered
+  weight instead: dense FLOPs, N·K·F weight reads.
 """
 
 from __future__ import annotations
@@ -61,17 +63,21 @@ def grouped_matmul(x_NK: jax.Array, w_GKF: jax.Array, sizes_G: jax.Array, *, imp
                               preferred_element_type=jnp.float32)
   n, k = x_NK.shape
   g, _, f = w_GKF.shape
-  c = max(1, min(chunk, n))
-  num_chunks = -(-n // c) + g
   ends = jnp.cumsum(sizes_G)
   starts = ends - sizes_G
-  padded = -(-sizes_G // c) * c
-  pends = jnp.cumsum(padded)
-  pstarts = pends - padded
   row = jnp.arange(n)
   group = jnp.searchsorted(ends, row, side="right")
   inside = group < g
   group = jnp.minimum(group, g - 1)
+  if n < chunk:
+    # Fewer rows than a chunk (decoding steps): each row reads its own weight, n·K·F memory.
+    out = dot("nk,nkf->nf", x_NK, w_GKF[group], dtype)
+    return jnp.where(inside[:, None], out, 0.0)
+  c = chunk
+  num_chunks = -(-n // c) + g
+  padded = -(-sizes_G // c) * c
+  pends = jnp.cumsum(padded)
+  pstarts = pends - padded
   dest = jnp.where(inside, pstarts[group] + row - starts[group], num_chunks * c)  # out of range
   buf = jnp.zeros((num_chunks * c, k), x_NK.dtype).at[dest].set(x_NK, mode="drop")
   chunk_group = jnp.minimum(jnp.searchsorted(pends, jnp.arange(num_chunks) * c, side="right"), g - 1)

@@ -16,20 +16,22 @@ def _reference_grouped(x, w, sizes):
   return out
 
 
-@pytest.mark.parametrize("impl", ["chunked", "ragged"])
-def test_grouped_matmul_matches_reference_and_zeroes_unused_rows(impl):
+# chunk 4: the chunked layout; chunk 64 > 23 rows: the per-row path of decoding steps.
+@pytest.mark.parametrize("impl,chunk", [("chunked", 4), ("chunked", 64), ("ragged", 4)])
+def test_grouped_matmul_matches_reference_and_zeroes_unused_rows(impl, chunk):
   rng = np.random.RandomState(0)
   x = rng.randn(23, 5).astype(np.float32)
   w = rng.randn(3, 5, 7).astype(np.float32)
   sizes = np.array([9, 0, 11], np.int32)  # 20 of 23 rows used; an empty group
   out = grouped.grouped_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes), impl=impl,
-                               chunk=4)
+                               chunk=chunk)
   np.testing.assert_allclose(out, _reference_grouped(x, w, sizes), rtol=1e-5, atol=1e-5)
   assert np.all(np.asarray(out[20:]) == 0)
 
   # Gradients agree with the reference too.
   def f(xx, ww):
-    return jnp.sum(jnp.sin(grouped.grouped_matmul(xx, ww, jnp.asarray(sizes), impl=impl, chunk=4)))
+    return jnp.sum(jnp.sin(grouped.grouped_matmul(xx, ww, jnp.asarray(sizes), impl=impl,
+                                                  chunk=chunk)))
 
   def g(xx, ww):
     group = jnp.asarray(np.repeat(np.arange(3), sizes))
