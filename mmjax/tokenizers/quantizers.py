@@ -15,7 +15,7 @@ the forward pass in training mode. Its statistics are `CodebookStat` variables (
 so optimizers never touch them and a train step must carry them out of `jit` (split/merge of the
 whole model state).
 Codes whose EMA usage falls below `dead_threshold` times the mean usage are restarted from encoder
-outputs of the current batch.
+outputs of the current batch, every training step.
 
 FSQ (Mentzer et al. 2023): each of the d channels is bounded to a range with L_i levels by a tanh
 and rounded (straight-through); the code of a vector is its mixed-radix number in the levels.
@@ -110,16 +110,16 @@ class VectorQuantizer(nnx.Module):
   def restart_dead_codes(self, z_ND: Array, rng: Array) -> Array:
     """Re-initialises dead codes from random rows of z_ND (unit vectors); returns the dead mask.
 
-    A restarted code gets the mean usage as its EMA count, so it has time to attract vectors
-    before it can be declared dead again.
+    A restarted code gets the threshold as its EMA count: unless the next batch uses it, it is
+    dead again and re-drawn, so unused codes keep sampling the data until they catch some.
     """
     n = z_ND.shape[0]
     dead_K = self.dead_codes(n)
     pick_K = jax.random.randint(rng, (self.codebook_size,), 0, n)
     fresh_KD = jnp.take(z_ND, pick_K, axis=0)
-    mean_usage = n / self.codebook_size
-    self.ema_sum[...] = jnp.where(dead_K[:, None], fresh_KD * mean_usage, self.ema_sum[...])
-    self.ema_count[...] = jnp.where(dead_K, mean_usage, self.ema_count[...])
+    reset = self.dead_threshold * n / self.codebook_size
+    self.ema_sum[...] = jnp.where(dead_K[:, None], fresh_KD * reset, self.ema_sum[...])
+    self.ema_count[...] = jnp.where(dead_K, reset, self.ema_count[...])
     self.codebook[...] = jnp.where(dead_K[:, None], fresh_KD, self.codebook[...])
     return dead_K
 

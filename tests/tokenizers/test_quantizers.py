@@ -76,7 +76,9 @@ def test_dead_code_restart_replaces_exactly_the_dead_codes():
   np.testing.assert_array_equal(new_codes[~dead], old_codes[~dead])
   for k in np.flatnonzero(dead):  # each restarted code is one of the batch's vectors
     assert np.min(np.abs(z_ND - new_codes[k]).max(axis=1)) < 1e-6
-  np.testing.assert_allclose(vq.ema_count[...], np.where(dead, 8 / 6, counts), rtol=1e-6)
+  # Restarted codes sit at the threshold (0.5 x 8 / 6): dead again unless the next batch uses them.
+  np.testing.assert_allclose(vq.ema_count[...], np.where(dead, 0.5 * 8 / 6, counts), rtol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(vq.ema_sum[...], axis=1)[dead], 0.5 * 8 / 6, rtol=1e-5)
 
 
 def test_commitment_loss_value():
