@@ -19,12 +19,8 @@ EXIT_USER_ERROR = 2
 
 # Commands that later work items implement; they still parse and validate their config today.
 _PLANNED = {
-    "prepare tokens": "the tokenizers issue (#3)",
-    "train": "the trainer issue (#7)",
     "eval": "the trainer and model issues (#5, #7)",
     "generate": "the model issues (#5, #6)",
-    "bench step": "the trainer issue (#7)",
-    "bench decode": "the decoder issue (#6)",
     "aot": "the trainer issue (#7)",
     "sweep": "the trainer issue (#7)",
 }
@@ -69,7 +65,9 @@ def _build_parser() -> argparse.ArgumentParser:
   shapes.set_defaults(run=_run_prepare_shapes)
   tokens = prepare_kinds.add_parser("tokens", help="pre-tokenize a raw dataset into ArrayRecords")
   _add_common(tokens, config_required=True)
-  tokens.set_defaults(run=_planned("prepare tokens"))
+  tokens.add_argument("--overwrite", action="store_true",
+                      help="re-encode every shard instead of skipping finished ones")
+  tokens.set_defaults(run=_run_prepare_tokens)
 
   tokenizer = commands.add_parser("tokenizer", help="train a text or image-like tokenizer")
   tokenizer_actions = tokenizer.add_subparsers(dest="action", metavar="ACTION",
@@ -85,7 +83,7 @@ def _build_parser() -> argparse.ArgumentParser:
   ):
     command = commands.add_parser(name, help=help_text)
     _add_common(command, config_required=True)
-    command.set_defaults(run=_planned(name))
+    command.set_defaults(run=_run_train if name == "train" else _planned(name))
 
   bench = commands.add_parser("bench", help="throughput figures as one JSON line on stdout")
   bench_kinds = bench.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
@@ -94,7 +92,11 @@ def _build_parser() -> argparse.ArgumentParser:
                           ("decode", "decoder tokens/s with and without the KV cache")):
     command = bench_kinds.add_parser(name, help=help_text)
     _add_common(command, config_required=True)
-    command.set_defaults(run=_run_bench_data if name == "data" else _planned(f"bench {name}"))
+    command.set_defaults(run={"step": _run_bench_step, "data": _run_bench_data,
+                              "decode": _run_bench_decode}[name])
+  bench_kinds.choices["step"].add_argument("--steps", type=int, default=10, help="timed steps")
+  bench_kinds.choices["step"].add_argument("--warmup", type=int, default=2,
+                                           help="untimed steps after compilation")
   bench_shapes = bench_kinds.add_parser("shapes", help="shapes scene generation speed")
   _add_common(bench_shapes, config_required=False)
   bench_shapes.add_argument("--num-scenes", type=int, default=5000)
@@ -161,13 +163,57 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
   config = _load_config(args)
   if not args.workdir:
     raise UserError("mmjax tokenizer train: --workdir is required (the tokenizer is written there)")
-  kind = config.get("kind", "")
-  if kind == "text":
+  if config.get("kind", "") == "text":
     from mmjax.tokenizers import text
     result = text.run_text_tokenizer_train(config, args.workdir)
+  elif config.get("objective", "") == "tokenizer":
+    from mmjax.objectives import tokenizer
+    result = tokenizer.run_image_tokenizer_train(config, args.workdir)
   else:
-    raise UserError(f"{args.config}: config key 'kind' must name a tokenizer ('text'), got {kind!r}")
+    raise UserError(f"{args.config}: not a tokenizer config (needs kind='text' or "
+                    "objective='tokenizer')")
   print(json.dumps(result, default=str))
+  return 0
+
+
+def _require_workdir(args: argparse.Namespace, what: str) -> str:
+  if not args.workdir:
+    raise UserError(f"mmjax {args.command}: --workdir is required ({what})")
+  return args.workdir
+
+
+def _run_train(args: argparse.Namespace) -> int:
+  from mmjax.train import loop
+
+  config = _load_config(args)
+  workdir = _require_workdir(args, "checkpoints and metrics are written there")
+  print(json.dumps(loop.run_train(config, workdir), default=str))
+  return 0
+
+
+def _run_prepare_tokens(args: argparse.Namespace) -> int:
+  from mmjax.data import pretokenize
+
+  config = _load_config(args)
+  workdir = _require_workdir(args, "tokenizers are read from <workdir>/tokenizers and the shards "
+                                   "written under it unless the config says otherwise")
+  summary = pretokenize.run_prepare_tokens(config, workdir, overwrite=args.overwrite)
+  print(json.dumps(summary, default=str))
+  return 0
+
+
+def _run_bench_step(args: argparse.Namespace) -> int:
+  from mmjax.train import bench
+
+  result = bench.run_bench_step(_load_config(args), steps=args.steps, warmup=args.warmup)
+  print(json.dumps(result, default=str))
+  return 0
+
+
+def _run_bench_decode(args: argparse.Namespace) -> int:
+  from mmjax.generate import decoder
+
+  print(json.dumps(decoder.run_bench_decode(_load_config(args)), default=str))
   return 0
 
 

@@ -1,8 +1,7 @@
 """The image-tokenizer objective: trains an `ImageTokenizer` with the shared trainer.
 
-Registered as "tokenizer" (configs name it `mmjax.objectives.tokenizer:tokenizer`, which imports
-this module first). The model updates its VQ codebook (EMA statistics, dead-code restarts) inside
-`loss`; the train step carries that non-Param state out of the jitted step.
+Registered as "tokenizer". The model updates its VQ codebook (EMA statistics, dead-code
+restarts) inside `loss`; the train step carries that non-Param state out of the jitted step.
 
 Data: shapes scenes generated on demand (scene i of a split is a pure function of (data.seed, split,
 i), the same scenes `mmjax prepare shapes` writes), read through a Grain MapDataset: random access,
@@ -33,7 +32,7 @@ from mmjax.tokenizers import image_metrics
 from mmjax.tokenizers.image import LOGICAL_RULES, ImageTokenizer, ImageTokenizerConfig
 from mmjax.train.objective import register_objective
 
-OBJECTIVE = "mmjax.objectives.tokenizer:tokenizer"
+OBJECTIVE = "tokenizer"
 _SPLITS = {"train": "train", "val": "validation"}
 
 
