@@ -20,7 +20,6 @@ EXIT_USER_ERROR = 2
 # Commands that later work items implement; they still parse and validate their config today.
 _PLANNED = {
     "eval": "the trainer and model issues (#5, #7)",
-    "generate": "the model issues (#5, #6)",
     "aot": "the trainer issue (#7)",
     "sweep": "the trainer issue (#7)",
 }
@@ -79,11 +78,24 @@ def _build_parser() -> argparse.ArgumentParser:
   for name, help_text in (
       ("train", "train (4M, decoder or tokenizer objective); resumes from DIR's checkpoint"),
       ("eval", "metrics and PNG grids from the latest checkpoint"),
-      ("generate", "any-to-any generation from given inputs"),
   ):
     command = commands.add_parser(name, help=help_text)
     _add_common(command, config_required=True)
     command.set_defaults(run=_run_train if name == "train" else _planned(name))
+
+  generate = commands.add_parser("generate", help="any-to-any generation from given inputs")
+  _add_common(generate, config_required=True)
+  generate.add_argument("--input", action="append", default=[], metavar="MODALITY=VALUE",
+                        help="a conditioning input: text for a sequence modality, an image file "
+                             "for an image modality (repeatable)")
+  generate.add_argument("--target", action="append", default=[], metavar="MODALITY",
+                        help="a modality to generate, in order (repeatable)")
+  generate.add_argument("--out", metavar="DIR", help="where outputs go; default <workdir>/generate")
+  generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+  generate.add_argument("--num-samples", type=int, default=1, help="samples per input")
+  generate.add_argument("--allow-random-init", action="store_true",
+                        help="without a checkpoint in the workdir, sample from a random model")
+  generate.set_defaults(run=_run_generate)
 
   bench = commands.add_parser("bench", help="throughput figures as one JSON line on stdout")
   bench_kinds = bench.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
@@ -188,6 +200,27 @@ def _run_train(args: argparse.Namespace) -> int:
   config = _load_config(args)
   workdir = _require_workdir(args, "checkpoints and metrics are written there")
   print(json.dumps(loop.run_train(config, workdir), default=str))
+  return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+  from mmjax.generate import run
+
+  config = _load_config(args)
+  workdir = _require_workdir(args, "the checkpoint is read from there")
+  inputs = {}
+  for item in args.input:
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+      raise UserError(f"--input {item!r}: expected MODALITY=VALUE, e.g. caption=\"a red circle\"")
+    inputs[name] = value
+  if not args.target:
+    raise UserError("mmjax generate: give at least one --target MODALITY")
+  summary = run.run_generate(config, workdir, inputs, args.target,
+                             out_dir=args.out or os.path.join(workdir, "generate"),
+                             seed=args.seed, num_samples=args.num_samples,
+                             allow_random_init=args.allow_random_init)
+  print(json.dumps(summary, default=str))
   return 0
 
 

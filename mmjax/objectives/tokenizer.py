@@ -146,22 +146,9 @@ def make_tokenizer_objective(config: ml_collections.ConfigDict) -> TokenizerObje
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str) -> ImageTokenizer:
   """The tokenizer of the latest checkpoint in `workdir`, on the host's default device."""
-  from mmjax.train.checkpoint import Checkpointer
-  from mmjax.train.loop import build
+  from mmjax.train.checkpoint import load_model
 
-  objective, setup = build(config)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                              keep=config.train.keep_checkpoints)
-  try:
-    restored = checkpointer.restore_latest(
-        setup.abstract_state, objective.make_iterator("train", jax.process_index(),
-                                                      jax.process_count()))
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise mmconfig.ConfigError(f"no checkpoint to evaluate in {workdir}/checkpoints")
-  state = jax.device_get(restored[0])
-  return nnx.merge(setup.graphdef, state["params"], state["rest"])
+  return load_model(config, workdir)[0]
 
 
 def validation_images(config: ml_collections.ConfigDict, modality: str) -> np.ndarray:

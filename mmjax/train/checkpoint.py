@@ -102,3 +102,43 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def load_model(config: Any, workdir: str, *, allow_random_init: bool = False) -> tuple[Any, int]:
+  """(model, step) of the latest valid checkpoint in `<workdir>/checkpoints`, on the host.
+
+  For evaluation and generation: only the train state is read, not the data iterator. Without a
+  checkpoint it is an error, unless `allow_random_init` (then a freshly initialised model, step 0).
+  """
+  from flax import nnx  # late: nnx is heavy and this module is imported by the trainer's CLI path
+
+  from mmjax.errors import UserError
+  from mmjax.train.loop import build
+
+  _, setup = build(config)
+  directory = os.path.join(workdir, "checkpoints")
+  manager = ocp.CheckpointManager(os.path.abspath(directory)) if os.path.isdir(directory) else None
+  state, step = None, 0
+  try:
+    for candidate in reversed(sorted(manager.all_steps()) if manager else []):
+      try:
+        restored = manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(setup.abstract_state)))
+      except Exception as e:  # noqa: BLE001 -- report and fall back to the previous checkpoint.
+        _report(f"checkpoint step {candidate} in {directory} cannot be restored "
+                f"({type(e).__name__}); trying the previous one")
+        continue
+      state, step = restored["state"], candidate
+      break
+  finally:
+    if manager:
+      manager.close()
+  if state is None:
+    if not allow_random_init:
+      raise UserError(f"no checkpoint to load in {directory} (train first: mmjax train --config "
+                      f"... --workdir {workdir})")
+    _report(f"no checkpoint in {directory}; using a randomly initialised model")
+    with setup.context():
+      state = setup.init()
+  state = jax.device_get(state)
+  return nnx.merge(setup.graphdef, state["params"], state["rest"]), step
