@@ -62,6 +62,8 @@ def shapes_data(**overrides) -> ml_collections.ConfigDict:
   section = ml_collections.ConfigDict(dict(
       name="shapes",          # tfds builder name
       data_dir="",            # where the prepared data lives; "" means <workdir>/data
+      tokenizers_dir="",      # trained tokenizers, <dir>/<tokenizer config stem>, used to decode
+                              # generated tokens; "" means <data_dir>/tokenizers
       image_size=64,          # side of the square scenes
       num_train=20000,        # scenes in the train split
       num_val=1000,           # scenes in the validation split
