@@ -19,7 +19,6 @@ EXIT_USER_ERROR = 2
 
 # Commands that later work items implement; they still parse and validate their config today.
 _PLANNED = {
-    "eval": "the trainer and model issues (#5, #7)",
     "aot": "the trainer issue (#7)",
     "sweep": "the trainer issue (#7)",
 }
@@ -75,13 +74,19 @@ def _build_parser() -> argparse.ArgumentParser:
   _add_common(tokenizer_train, config_required=True)
   tokenizer_train.set_defaults(run=_run_tokenizer_train)
 
-  for name, help_text in (
-      ("train", "train (4M, decoder or tokenizer objective); resumes from DIR's checkpoint"),
-      ("eval", "metrics and PNG grids from the latest checkpoint"),
-  ):
-    command = commands.add_parser(name, help=help_text)
-    _add_common(command, config_required=True)
-    command.set_defaults(run=_run_train if name == "train" else _planned(name))
+  train = commands.add_parser(
+      "train", help="train (4M, decoder or tokenizer objective); resumes from DIR's checkpoint")
+  _add_common(train, config_required=True)
+  train.set_defaults(run=_run_train)
+
+  evaluate = commands.add_parser("eval", help="metrics and PNG grids from the latest checkpoint")
+  _add_common(evaluate, config_required=True)
+  evaluate.add_argument("--num-scenes", type=int, default=32,
+                        help="validation scenes for the generation-based (any-to-any) metrics")
+  evaluate.add_argument("--seed", type=int, default=0, help="sampling seed")
+  evaluate.add_argument("--out", metavar="DIR", help="where metrics and grids go; default "
+                        "<workdir>/eval")
+  evaluate.set_defaults(run=_run_eval)
 
   generate = commands.add_parser("generate", help="any-to-any generation from given inputs")
   _add_common(generate, config_required=True)
@@ -200,6 +205,19 @@ def _run_train(args: argparse.Namespace) -> int:
   config = _load_config(args)
   workdir = _require_workdir(args, "checkpoints and metrics are written there")
   print(json.dumps(loop.run_train(config, workdir), default=str))
+  return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+  from mmjax.eval import run
+
+  config = _load_config(args)
+  workdir = _require_workdir(args, "the checkpoint is read from there")
+  if args.num_scenes < 0:
+    raise UserError(f"--num-scenes must be >= 0, got {args.num_scenes}")
+  summary = run.run_eval(config, workdir, out_dir=args.out or os.path.join(workdir, "eval"),
+                         num_scenes=args.num_scenes, seed=args.seed)
+  print(json.dumps(summary, default=str))
   return 0
 
 
