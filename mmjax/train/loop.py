@@ -58,15 +58,17 @@ class _Preemption:
     return False
 
 
-def build(config: ml_collections.ConfigDict):
-  """(objective, setup) after checking the config against the devices."""
-  mmconfig.validate(config, num_devices=jax.device_count())
+def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None):
+  """(objective, setup) after checking the config against the devices (default: all devices;
+  `mmjax aot` passes the devices of a TPU topology description)."""
+  devices = list(jax.devices() if devices is None else devices)
+  mmconfig.validate(config, num_devices=len(devices))
   policy = config.train.nan_policy
   if policy not in NAN_POLICIES:
     raise mmconfig.ConfigError(f"config key 'train.nan_policy' must be one of {NAN_POLICIES}, "
                                f"got {policy!r}")
   objective = get_objective(config)
-  mesh = mmsharding.make_mesh(config.mesh)
+  mesh = mmsharding.make_mesh(config.mesh, devices)
   mmsharding.check_batch(mesh, config.mesh, config.train.batch_size)
   micro = config.train.microbatches
   if micro < 1 or config.train.batch_size % micro:
