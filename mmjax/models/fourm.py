@@ -59,13 +59,29 @@ class SelfAttention(nnx.Module):
     self.proj = Linear((h, k), (d,), ("heads", "kv"), ("embed",), **_linear_kw(cfg, layers, rngs))
     self.qk_norm = QKNorm(cfg, layers, rngs) if cfg.qk_norm else None
 
-  def __call__(self, x_BLD: jax.Array, mask_BQS: jax.Array) -> jax.Array:
+  def _qkv(self, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     qkv = self.qkv(x_BLD)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.qk_norm is not None:
       q, k = self.qk_norm.q(q), self.qk_norm.k(k)
+    return q, k, v
+
+  def __call__(self, x_BLD: jax.Array, mask_BQS: jax.Array) -> jax.Array:
+    q, k, v = self._qkv(x_BLD)
     out_BLHK = attention(q, k, v, mask_BQS, self.dtype)
     return self.proj(constrain(out_BLHK, ("batch", "length", "heads", "kv")))
+
+  def cached(self, x_BTD: jax.Array, cache_k_BSHK: jax.Array, cache_v_BSHK: jax.Array,
+             index: jax.Array, mask_BTS: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Self-attention of T new slots starting at slot `index`: their k, v are written into the
+    caches [B, S, H, K] first, then the queries attend to the cached keys under `mask_BTS`."""
+    q, k, v = self._qkv(x_BTD)
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k_BSHK, k.astype(cache_k_BSHK.dtype),
+                                                  index, axis=1)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v_BSHK, v.astype(cache_v_BSHK.dtype),
+                                                  index, axis=1)
+    out_BTHK = attention(q, cache_k, cache_v, mask_BTS, self.dtype)
+    return self.proj(out_BTHK), cache_k, cache_v
 
 
 class CrossAttention(nnx.Module):
@@ -140,6 +156,15 @@ class DecoderBlocks(nnx.Module):
     x_BLD = x_BLD + self.cross_attn(self.query_norm(x_BLD), kv_BN2HK, cross_mask_BQS)
     x_BLD = x_BLD + self.mlp(self.norm2(x_BLD))
     return constrain(x_BLD, ACT)
+
+  def block_cached(self, x_BTD, kv_BN2HK, cache_k, cache_v, index, self_mask_BTS, cross_mask_BQS):
+    """`block` for T new slots at `index`, reading and extending the self-attention K/V cache."""
+    attn, cache_k, cache_v = self.self_attn.cached(self.norm1(x_BTD), cache_k, cache_v, index,
+                                                   self_mask_BTS)
+    x_BTD = x_BTD + attn
+    x_BTD = x_BTD + self.cross_attn(self.query_norm(x_BTD), kv_BN2HK, cross_mask_BQS)
+    x_BTD = x_BTD + self.mlp(self.norm2(x_BTD))
+    return x_BTD, cache_k, cache_v
 
 
 def _position_table(modality, d: int) -> np.ndarray:
@@ -304,3 +329,36 @@ class FourM(nnx.Module):
     """Normalised decoder output y [B, M, D] (fp32), ready for the heads."""
     ctx, mask = self.encode(batch)
     return self.decode(batch, ctx, mask)
+
+  # ---- cached decoding (generation of sequences) -------------------------------------------------
+
+  def context_kv(self, ctx_BND: jax.Array) -> jax.Array:
+    """Cross-attention k, v of every decoder block [L, B, N, 2, H, K]: computed once per context,
+    then reused by every `decode_cached` step."""
+    return self.decoder.context_kv(ctx_BND, self.dtype)
+
+  def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """Empty self-attention K and V caches [L, B, length, H, K] for `decode_cached`."""
+    shape = (self.cfg.decoder_layers, batch, length, self.cfg.num_heads, self.cfg.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+  def decode_cached(self, h_BTD: jax.Array, kv_LBN2HK: jax.Array, cross_mask: jax.Array,
+                    cache: tuple[jax.Array, jax.Array], index: jax.Array
+                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The decoder for T new slots of one sequence target at slots [index, index + T) (block
+    input h = content + emb), causal over the cache: the slots before `index` are read from the
+    cache, not recomputed. Returns the normalised output [B, T, D] and the extended cache. Equals
+    `decode_inputs` over the whole sequence at those slots (one sequence modality, no padding)."""
+    t, s = h_BTD.shape[1], cache[0].shape[2]
+    query_slot = index + jnp.arange(t)
+    mask_BTS = (jnp.arange(s)[None, :] <= query_slot[:, None])[None]
+    graphdef, state = nnx.split(self.decoder)
+
+    def step(x, inputs):
+      layer_state, kv, cache_k, cache_v = inputs
+      blk = nnx.merge(graphdef, layer_state)
+      x, cache_k, cache_v = blk.block_cached(x, kv, cache_k, cache_v, index, mask_BTS, cross_mask)
+      return x, (cache_k, cache_v)
+
+    y, cache = jax.lax.scan(step, h_BTD.astype(jnp.float32), (state, kv_LBN2HK, *cache))
+    return self.decoder_norm(y), cache
