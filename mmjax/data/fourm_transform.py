@@ -20,6 +20,8 @@ t_j (`dec_tokens`) and the label t_{j+1} (`dec_targets`), position j; the last s
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,15 +55,30 @@ def patchify(images_BHWC: np.ndarray, patch: int) -> np.ndarray:
   return x
 
 
+_TYPE, _DTYPE_KIND = type, operator.attrgetter("dtype.kind")
+_NDIM, _SIZE = operator.attrgetter("ndim"), operator.attrgetter("size")
+
+
 def _all_int_arrays(values: Sequence[Any], size: int | None) -> bool:
   """True if every value is an integer numpy array (1-D for sequences, `size` elements for
-  images): the common case, checked in one pass before taking the fast path."""
-  for v in values:
-    if type(v) is not np.ndarray or v.dtype.kind not in "iu":
-      return False
-    if (v.ndim != 1) if size is None else (v.size != size):
-      return False
-  return True
+  images): the common case, checked before taking the fast path (each check one C-level pass)."""
+  if not values:
+    return True
+  if set(map(_TYPE, values)) != {np.ndarray} or not set(map(_DTYPE_KIND, values)) <= {"i", "u"}:
+    return False
+  return set(map(_NDIM, values)) == {1} if size is None else set(map(_SIZE, values)) == {size}
+
+
+def _field(records: Sequence[Mapping[str, Any]], name: str) -> list[Any]:
+  """Every record's value of `name` (None where absent)."""
+  return list(map(operator.methodcaller("get", name), records))
+
+
+def _out_of_vocab(ids: np.ndarray, vocab_size: int) -> bool:
+  """Whether any id lies outside [0, vocab_size): a max (and a min for signed ids), no mask."""
+  if not ids.size:
+    return False
+  return bool(ids.max() >= vocab_size or (ids.dtype.kind == "i" and ids.min() < 0))
 
 
 class FourMTransform:
@@ -100,6 +117,8 @@ class FourMTransform:
     self.num_tokens = np.array([m.num_tokens for m in registry], np.int64)
     self.is_image = np.array([m.is_image for m in registry])
     self.can_target = np.array([m.can_be_target for m in registry])
+    self.cum_weights = np.cumsum(mixture.weights)  # rng.choice's law and draw, without its checks
+    self.cum_weights /= self.cum_weights[-1]
 
   # -------------------------------------------------------------------------------------------
   # Gathering and validation.
@@ -120,7 +139,7 @@ class FourMTransform:
 
   def _gather_image(self, m: Modality, records, dataset_B, where, bad_B, present_B):
     B, G = len(records), m.num_tokens
-    values = [r.get(m.name) for r in records]
+    values = _field(records, m.name)
     out = None
     if _all_int_arrays(values, G):  # fast path: every record well formed
       out = np.concatenate(values, axis=None)
@@ -139,7 +158,8 @@ class FourMTransform:
         else:
           out[b] = a.reshape(-1)
     out = out.reshape(B, G)
-    self._check_vocab(m, out, np.arange(B), where, bad_B, present_B)
+    if _out_of_vocab(out, m.vocab_size):
+      self._check_vocab(m, out, np.arange(B), where, bad_B, present_B)
     return out.astype(np.int32)
 
   def _check_vocab(self, m, ids, rows, where, bad_B, present_B):
@@ -155,7 +175,7 @@ class FourMTransform:
 
   def _gather_sequence(self, m, records, dataset_B, where, bad_B, present_B):
     B, L = len(records), m.max_length
-    values = [r.get(m.name) for r in records]
+    values = _field(records, m.name)
     if not _all_int_arrays(values, None):  # slow path: say what is wrong with which record
       for b, v in enumerate(values):
         if self._absent(v, m, b, dataset_B, where, bad_B):
@@ -172,15 +192,17 @@ class FourMTransform:
     # Work at the batch's longest sequence (+ EOS), not max_length: text is usually much shorter.
     L = int(min(L, max(1, lens.max(initial=0) + 1)))
     flat = np.concatenate(values) if lens.sum() else np.zeros(0, np.int64)
-    rows = np.repeat(np.arange(B), lens)
-    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
-    if len(flat):
+    if _out_of_vocab(flat, m.vocab_size):
+      rows = np.repeat(np.arange(B), lens)
       wrong = (flat >= m.vocab_size) | (flat < 0)
-      if wrong.any():
-        self._check_vocab(m, flat[wrong], rows[wrong], where, bad_B, present_B)
+      self._check_vocab(m, flat[wrong], rows[wrong], where, bad_B, present_B)
+    # Token t of row b goes to flat slot b * L + t: one scatter (truncated rows: their first L).
+    dest = np.arange(len(flat)) + np.repeat(np.arange(B) * L - (np.cumsum(lens) - lens), lens)
     out = np.zeros((B, L), np.int32)
-    fits = cols < L
-    out[rows[fits], cols[fits]] = flat[fits]
+    if lens.max(initial=0) >= L:
+      fits = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens) < L
+      dest, flat = dest[fits], flat[fits]
+    out.reshape(-1)[dest] = flat
     with_eos = present_B & (lens < L)
     out[np.flatnonzero(with_eos), lens[with_eos]] = self.special.eos
     length = np.where(present_B, np.minimum(lens + 1, L), 0)
@@ -220,7 +242,8 @@ class FourMTransform:
     present_BK &= ~bad_B[:, None]  # a skipped record becomes an all-padding row
 
     mix = self.mixture
-    comp_B = rng.choice(len(mix.weights), size=B, p=mix.weights)
+    comp_B = np.minimum(np.searchsorted(self.cum_weights, rng.random(B), side="right"),
+                        len(mix.weights) - 1)  # a component per sample, by weight
     cap_in = self.num_tokens[None, :] * present_BK
     in_BK = masking.dirichlet_budgets(rng, mix.input_alpha[comp_B] * present_BK, self.num_input,
                                       cap_in)
@@ -228,64 +251,100 @@ class FourMTransform:
     tgt_BK = masking.dirichlet_budgets(rng, mix.target_alpha[comp_B] * present_BK,
                                        self.num_target, cap_tgt)
 
-    enc, dec = [], []  # per modality: (id, tokens, valid) / (id, tokens, targets, loss, valid)
+    enc, dec = [], []
     for k, m in enumerate(self.registry):
       if m.is_image:
         is_in, is_tgt = masking.image_selection(rng, in_BK[:, k], tgt_BK[:, k], m.num_tokens)
-        ids = (np.broadcast_to(np.arange(m.num_tokens, dtype=np.int32), is_in.shape)
-               if m.kind == IMAGE_PIXELS else data[k])  # a pixel slot's id is its patch index
-        enc.append((k, ids, is_in))
-        if m.can_be_target:
-          dec.append((k, np.zeros_like(ids), ids, is_tgt, is_tgt))  # loss = valid
+        pixel = m.kind == IMAGE_PIXELS  # a pixel slot's id is its patch index = its position
+        enc.append(_Part(k, is_in, {"tokens": None if pixel else data[k]}))
+        if m.can_be_target:  # decoder input unused for images (the mask token); loss = valid
+          dec.append(_Part(k, is_tgt, {"targets": data[k], "loss_mask": True}))
       else:
         tokens, length = data[k]
         keep_prob = masking.keep_probabilities(rng, mix.keep[comp_B, k])
         spans = masking.span_mask(rng, tokens, length, in_BK[:, k], tgt_BK[:, k], keep_prob,
                                   self.sentinel0)
-        I, T = spans.input_BI.shape[1], spans.target_BT.shape[1]
-        enc.append((k, spans.input_BI, np.arange(I)[None, :] < spans.input_len_B[:, None]))
-        labels = np.zeros_like(spans.target_BT)
-        labels[:, :-1] = spans.target_BT[:, 1:]
-        j = np.arange(T)[None, :]
-        dec.append((k, spans.target_BT, labels, j + 1 < spans.target_len_B[:, None],
-                    j < spans.target_len_B[:, None]))
+        enc.append(_Part(k, spans.input_len_B, {"tokens": spans.input_BI}))
+        dec.append(_Part(k, spans.target_len_B, {"tokens": spans.target_BT,
+                                                 "targets": _NEXT, "loss_mask": _NEXT}))
 
     P, C = (self.pixel.num_tokens, self.pixel.patch_dim) if self.pixel else (0, 0)
     batch = fourm_batch.empty(B, self.num_input, self.num_target, P, C)
     if self.pixel is not None:
       batch["enc_pixels"] = data[self.registry.index(self.pixel.name)]
-    _pack(batch, "enc", ("tokens",), enc, self.num_input)
-    _pack(batch, "dec", ("tokens", "targets", "loss_mask"), dec, self.num_target)
+    _pack(batch, "enc", enc, self.num_input)
+    _pack(batch, "dec", dec, self.num_target)
     return batch, int(bad_B.sum())
 
 
-def _pack(batch: dict[str, np.ndarray], prefix: str, names: Sequence[str], parts: list,
-          width: int) -> None:
-  """Concatenates the modalities' candidate slots and moves the valid ones to the front (stable),
-  filling `batch[prefix_*]` [B, width] in place. A part is (modality id, *fields in the order of
-  `names`, valid); a candidate's position is its column within its part.
+_NEXT = "next"  # a sequence's decoder label: the next target token (teacher forcing)
 
-  One `flatnonzero` over the valid mask lists the valid candidates in row-major order (= the stable
-  partition); each gets slot rank-within-row. Every field is then one gather and one scatter.
+
+@dataclasses.dataclass
+class _Part:
+  """One modality's candidate slots [B, W]: `valid` is a mask, or lengths [B] for a left-aligned
+  prefix (sequences); `fields` maps an output field to a [B, W] array of values, True (constant),
+  None (the position itself) or _NEXT (the `tokens` value one slot later, within the length; for
+  `loss_mask`: True where that slot exists)."""
+  modality: int
+  valid: np.ndarray
+  fields: dict[str, Any]
+
+
+def _pack(batch: dict[str, np.ndarray], prefix: str, parts: Sequence[_Part], width: int) -> None:
+  """Writes the modalities' valid candidates into `batch[prefix_*]` [B, width] in place: modality
+  by modality in part order, each in column order, from slot 0 on (the rest stays padding).
+
+  Per part, its valid entries are listed once as (row, column) pairs; a candidate's slot is the
+  row's count of valid slots of earlier parts plus its rank within the part (its column for a
+  prefix). Every field is then one gather and one scatter, with no concatenation of parts.
   """
   if not parts:
     return
-  valid = np.concatenate([p[-1] for p in parts], axis=1)
-  B, W = valid.shape
-  part_width = [p[-1].shape[1] for p in parts]
-  col_mod = np.repeat(np.array([p[0] for p in parts], np.int32), part_width)
-  col_pos = np.concatenate([np.arange(w, dtype=np.int32) for w in part_width])
-  src = np.flatnonzero(valid)
-  count_B = np.count_nonzero(valid, axis=1)
-  row = np.repeat(np.arange(B), count_B)
-  rank = np.arange(len(src)) - np.repeat(np.cumsum(count_B) - count_B, count_B)
-  if count_B.max(initial=0) > width:  # budgets make this impossible; cut like the reference
-    src, row, rank = src[rank < width], row[rank < width], rank[rank < width]
-  dest = row * width + rank
-  col = src - row * W
-  batch[f"{prefix}_valid"].reshape(-1)[dest] = True
-  batch[f"{prefix}_modality"].reshape(-1)[dest] = col_mod[col]
-  batch[f"{prefix}_positions"].reshape(-1)[dest] = col_pos[col]
-  for i, name in enumerate(names):
-    field = np.concatenate([p[1 + i] for p in parts], axis=1).reshape(-1)
-    batch[f"{prefix}_{name}"].reshape(-1)[dest] = field[src]
+  B = len(parts[0].valid)
+  counts = np.stack([p.valid if p.valid.ndim == 1 else np.count_nonzero(p.valid, axis=1)
+                     for p in parts], axis=1).astype(np.int64)
+  offsets = np.cumsum(counts, axis=1) - counts
+  out = {name: batch[f"{prefix}_{name}"].reshape(-1)
+         for name in ("valid", "modality", "positions", "tokens", "targets", "loss_mask")
+         if f"{prefix}_{name}" in batch}
+  for j, part in enumerate(parts):
+    count = counts[:, j]
+    total = int(count.sum())
+    if not total:
+      continue
+    row = np.repeat(np.arange(B), count)
+    rank = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+    if part.valid.ndim == 1:
+      src = None  # a prefix: the column is the rank
+      col = rank
+    else:
+      src = np.flatnonzero(part.valid)
+      col = src - row * part.valid.shape[1]
+    slot = rank + offsets[row, j]
+    if (offsets[:, j] + count > width).any():  # budgets make this impossible; cut if it happens
+      fit = slot < width
+      row, col, slot = row[fit], col[fit], slot[fit]
+      src = None if src is None else src[fit]
+    dest = row * width + slot
+    out["valid"][dest] = True
+    out["modality"][dest] = part.modality
+    out["positions"][dest] = col
+    for name, value in part.fields.items():
+      if value is None:
+        out[name][dest] = col
+      elif value is True:
+        out[name][dest] = True
+      elif value is _NEXT:
+        has_next = col + 1 < part.valid[row]
+        if name == "loss_mask":
+          out[name][dest] = has_next
+        else:
+          tokens = np.ascontiguousarray(part.fields["tokens"])
+          at = row * tokens.shape[1] + np.minimum(col + 1, tokens.shape[1] - 1)
+          out[name][dest] = np.where(has_next, tokens.reshape(-1)[at], 0)
+      else:
+        value = np.ascontiguousarray(value)
+        at = src if src is not None and value.shape == part.valid.shape else (
+            row * value.shape[1] + col)
+        out[name][dest] = value.reshape(-1)[at]

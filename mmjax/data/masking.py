@@ -14,6 +14,7 @@ gets id 5.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -24,21 +25,63 @@ _RETRIES_PER_DRAW = 8  # over-budget rows draw this many retries at once (same l
 
 
 # ---------------------------------------------------------------------------------------------
+# Random bits in bulk.
+
+
+def _raw_u32(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+  """Uniform 32-bit words of the given shape, two per 64-bit output of `rng`'s bit generator:
+  about 3x cheaper than `rng.random` for masks that only compare against a probability."""
+  n = math.prod(shape)
+  return rng.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n].reshape(shape)
+
+
+def _thresholds(p: np.ndarray) -> np.ndarray:
+  """uint32 t with P(u < t) = floor(p * 2^32) / 2^32 for a uniform 32-bit word u: p to within
+  2^-32, except p >= 1, which the caller handles (t saturates at 2^32 - 1)."""
+  return np.minimum(np.floor(np.asarray(p, np.float64) * 2.0**32), 2.0**32 - 1).astype(np.uint32)
+
+
+def _bernoulli_rows(rng: np.random.Generator, p_B: np.ndarray, width: int) -> np.ndarray:
+  """[B, width] bools, each True with its row's probability p_B[b]."""
+  out = _raw_u32(rng, (len(p_B), width)) < _thresholds(p_B)[:, None]
+  full = p_B >= 1
+  if full.any():
+    out |= full[:, None]
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Dirichlet budgets.
+
+_MAX_ALPHA_GROUPS = 32  # more distinct alphas than this: one array-shaped gamma call instead
 
 
 def _log_gamma(rng: np.random.Generator, alpha: np.ndarray) -> np.ndarray:
   """log of Gamma(alpha, 1) draws, exact for tiny alpha; -inf where alpha == 0.
 
-  Gamma(a) = Gamma(a + 1) * U^(1/a): the log form never underflows, so alpha = 0.01 behaves.
+  alpha < 1 uses Gamma(a) = Gamma(a + 1) * U^(1/a) in log form, which never underflows (a 0 would
+  tie in an argmax), so alpha = 0.01 behaves. Mixture alphas take few distinct values: each gets one
+  scalar-shape call over its entries (about half the cost per draw of an array of shapes), and
+  alpha = 0 entries draw nothing.
   """
-  positive = alpha > 0
-  safe = np.where(positive, alpha, 1.0)
-  g = rng.standard_gamma(safe + 1.0)
-  u = rng.random(alpha.shape)
-  with np.errstate(divide="ignore"):
-    out = np.log(g) + np.log(u) / safe
-  return np.where(positive, out, -np.inf)
+  alpha = np.asarray(alpha, np.float64)
+  out = np.full(alpha.shape, -np.inf)
+  flat_out, flat_alpha = out.reshape(-1), alpha.reshape(-1)
+  values = np.unique(flat_alpha)
+  if len(values) > _MAX_ALPHA_GROUPS:
+    at = np.flatnonzero(flat_alpha > 0)
+    a = flat_alpha[at]
+    flat_out[at] = np.log(rng.standard_gamma(a + 1.0)) + np.log(rng.random(len(at))) / a
+    return out
+  for a in values.tolist():
+    if a <= 0:
+      continue
+    at = np.flatnonzero(flat_alpha == a)
+    if a >= 1:
+      flat_out[at] = np.log(rng.standard_gamma(a, len(at)))
+    else:
+      flat_out[at] = np.log(rng.standard_gamma(a + 1.0, len(at))) + np.log(rng.random(len(at))) / a
+  return out
 
 
 def dirichlet_budgets(rng: np.random.Generator, alpha_BK: np.ndarray, total: int,
@@ -47,7 +90,8 @@ def dirichlet_budgets(rng: np.random.Generator, alpha_BK: np.ndarray, total: int
 
   floor(Dir(alpha) * total), then each remaining token goes to the argmax of a further Dirichlet
   draw (so alpha = 0 modalities get nothing), then a clamp to `cap_BK` (excess not redistributed).
-  Rows whose alphas are all 0 get nothing.
+  Rows whose alphas are all 0 get nothing. Only the further draws a row needs are made (a row with
+  one non-zero alpha needs none).
   """
   alpha_BK = np.asarray(alpha_BK, np.float64)
   B, K = alpha_BK.shape
@@ -58,12 +102,11 @@ def dirichlet_budgets(rng: np.random.Generator, alpha_BK: np.ndarray, total: int
   p = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
   budget = np.floor(p * total).astype(np.int64)
   diff = np.where(alive[:, 0], total - budget.sum(axis=1), 0).clip(0, K)
-  # Remainder: up to K further draws per row; only the first diff[b] of them count.
-  extra = _log_gamma(rng, np.broadcast_to(alpha_BK[:, None, :], (B, K, K)))
-  winner_BK = extra.argmax(axis=2)
-  counts = (np.arange(K)[None, :] < diff[:, None])
-  onehot = (winner_BK[:, :, None] == np.arange(K)[None, None, :]) & counts[:, :, None]
-  budget += onehot.sum(axis=1)
+  # Remainder: diff[b] further draws for row b; each one's argmax gets a token.
+  draw_row = np.repeat(np.arange(B), diff)
+  if len(draw_row):
+    winner = _log_gamma(rng, alpha_BK[draw_row]).argmax(axis=1)
+    budget += np.bincount(draw_row * K + winner, minlength=B * K).reshape(B, K)
   return np.minimum(budget, np.asarray(cap_BK, np.int64))
 
 
@@ -73,14 +116,22 @@ def dirichlet_budgets(rng: np.random.Generator, alpha_BK: np.ndarray, total: int
 
 def image_selection(rng: np.random.Generator, input_B: np.ndarray, target_B: np.ndarray,
                     num_cells: int) -> tuple[np.ndarray, np.ndarray]:
-  """Disjoint input / target cells [B, G]: a random permutation per row; its first input_B[b]
-  cells are inputs, the next target_B[b] targets."""
+  """Disjoint input / target cells [B, G]: a random permutation per row; the cells it ranks first
+  (input_B[b] of them) are inputs, the next target_B[b] targets.
+
+  The permutation sorts random 64-bit keys whose low bits hold the cell index (one sort of integers,
+  no argsort; ties of the random high bits have probability ~G^2 / 2^(64 - bits)). The inverse of a
+  uniform permutation is uniform, so the sorted cell indices serve directly as the cells' ranks.
+  """
   B = len(input_B)
-  perm = np.argsort(rng.random((B, num_cells)), axis=1)
-  rank = np.empty_like(perm)
-  np.put_along_axis(rank, perm, np.arange(num_cells)[None, :].repeat(B, 0), axis=1)
-  is_input = rank < input_B[:, None]
-  is_target = ~is_input & (rank < (input_B + target_B)[:, None])
+  bits = max(1, (num_cells - 1).bit_length())
+  low = np.uint64((1 << bits) - 1)
+  keys = rng.bit_generator.random_raw((B, num_cells)) & ~low
+  keys |= np.arange(num_cells, dtype=np.uint64)
+  keys.sort(axis=1)
+  rank = (keys & low).astype(np.int32)
+  is_input = rank < np.asarray(input_B, np.int32)[:, None]
+  is_target = ~is_input & (rank < np.asarray(input_B + target_B, np.int32)[:, None])
   return is_input, is_target
 
 
@@ -99,17 +150,22 @@ class SpanResult:
 
 def keep_probabilities(rng: np.random.Generator, scheme_B: np.ndarray) -> np.ndarray:
   """Initial keep probability per row: `random` U(0,1), `all` 1, `binary` 0 or 1."""
-  u = rng.random(len(scheme_B))
-  coin = rng.integers(0, 2, len(scheme_B)).astype(np.float64)
+  u = rng.random(len(scheme_B))  # a row uses u or the coin, never both: one draw serves
+  coin = (u < 0.5).astype(np.float64)
   return np.where(scheme_B == KEEP_RANDOM, u, np.where(scheme_B == KEEP_ALL, 1.0, coin))
 
 
 def _input_lengths(keep: np.ndarray, valid: np.ndarray) -> np.ndarray:
-  """Input length (kept tokens + one sentinel per dropped run) over the last axis."""
-  dropped = valid & ~keep
-  starts = dropped.copy()
-  starts[..., 1:] &= ~dropped[..., :-1]
-  return (keep & valid).sum(-1) + starts.sum(-1)
+  """Input length (kept tokens + one sentinel per dropped run) over the last axis.
+
+  Valid is a prefix, so a valid position i emits (a token or a run's sentinel) iff i = 0, it is
+  kept, or i - 1 is kept.
+  """
+  emits = keep.copy()
+  emits[..., 1:] |= keep[..., :-1]
+  emits[..., 0] = True
+  emits &= valid
+  return emits.view(np.uint8).sum(-1, dtype=np.int64)
 
 
 def span_keep_masks(rng: np.random.Generator, valid_BL: np.ndarray, input_budget_B: np.ndarray,
@@ -117,16 +173,16 @@ def span_keep_masks(rng: np.random.Generator, valid_BL: np.ndarray, input_budget
   """Which tokens stay in the input [B, L]: each kept with its row's keep probability; while a
   row's input (tokens + sentinels) exceeds its budget, the probability is multiplied by 0.9 and the
   mask redrawn. A row with input budget 0 drops everything (the whole sequence is the target)."""
-  B, L = valid_BL.shape
-  keep = rng.random((B, L)) <= keep_prob_B[:, None]
-  keep &= (input_budget_B > 0)[:, None]
-  over = np.flatnonzero((_input_lengths(keep, valid_BL) > input_budget_B) & (input_budget_B > 0))
+  L = valid_BL.shape[1]
+  has_input = input_budget_B > 0
+  keep = _bernoulli_rows(rng, np.where(has_input, keep_prob_B, 0.0), L)
+  over = np.flatnonzero((_input_lengths(keep, valid_BL) > input_budget_B) & has_input)
   prob = keep_prob_B[over].astype(np.float64)
   while len(over):
     R = _RETRIES_PER_DRAW
     factors = KEEP_DECAY ** np.arange(1, R + 1)
-    probs_RO = factors[:, None] * prob[None, :]
-    trial = rng.random((R, len(over), L)) <= probs_RO[:, :, None]
+    probs_RO = factors[:, None] * prob[None, :]  # < 1: no saturated threshold
+    trial = _raw_u32(rng, (R, len(over), L)) < _thresholds(probs_RO)[:, :, None]
     lengths = _input_lengths(trial, valid_BL[over][None])
     fits = lengths <= input_budget_B[over][None, :]
     done = fits.any(axis=0)
@@ -159,65 +215,70 @@ def spans_from_keep(tokens_BL: np.ndarray, length_B: np.ndarray, keep_BL: np.nda
                     input_budget_B: np.ndarray, target_budget_B: np.ndarray, cut_u_B: np.ndarray,
                     sentinel0: int) -> SpanResult:
   """The input and target of `span_mask` for a given keep mask; `cut_u_B` ~ U(0,1) picks the
-  sentinel an over-budget target is cut at."""
+  sentinel an over-budget target is cut at.
+
+  Slots come from running counts: an emitting position i's input slot is (emits up to i) - 1; a
+  dropped token's target slot (dropped + run starts up to i) - 1, its run's sentinel just before.
+  Every position is scattered at once, those that emit nothing into a spare last column.
+  """
   B, L = tokens_BL.shape
   valid = np.arange(L)[None, :] < length_B[:, None]
-  keep = keep_BL & valid & (input_budget_B > 0)[:, None]
+  has_input = input_budget_B > 0
+  keep = keep_BL & valid & has_input[:, None]
   dropped = valid & ~keep
   starts = dropped.copy()
   starts[:, 1:] &= ~dropped[:, :-1]
-  run_id = np.cumsum(starts, axis=1, dtype=np.int32)  # k of [S_k] for a dropped token
-  num_runs = run_id[:, -1].astype(np.int64) if L else np.zeros(B, np.int64)
-  sentinel_BL = sentinel0 + run_id
-
-  # Input: a kept token emits itself, a run start its sentinel; row-major order = output order.
   emits = keep | starts
-  input_BI = np.zeros((B, L), np.int32)
-  idx, dest, _ = _left_align(emits, L)
-  input_BI.reshape(-1)[dest] = np.where(keep, tokens_BL, sentinel_BL).reshape(-1)[idx]
-  input_len = np.where(input_budget_B > 0, emits.sum(axis=1), 0)  # budget 0: no input at all
-  input_BI[input_budget_B <= 0] = 0
+  c_in = np.cumsum(emits.view(np.uint8), axis=1, dtype=np.int32)
+  c_tg = np.cumsum(dropped.view(np.uint8) + starts.view(np.uint8), axis=1, dtype=np.int32)
+  # In the valid prefix kept + dropped up to i = i + 1, so c_in + c_tg = i + 1 + 2 * (runs up to i).
+  run_BL = (c_in + c_tg - np.arange(1, L + 1, dtype=np.int32)) >> 1
+  sentinel_BL = sentinel0 + run_BL
+  num_runs = np.where(length_B > 0, run_BL[np.arange(B), np.maximum(length_B, 1) - 1], 0)
 
-  # Target: slot 2i holds position i's sentinel (if a run starts there), 2i+1 its dropped token.
+  # Input: a kept token emits itself, a run start its sentinel (budget 0: no input at all).
+  input_BI = np.zeros((B, L + 1), np.int32)
+  dest = np.where(emits & has_input[:, None], c_in - 1, L)
+  dest += (np.arange(B, dtype=np.int32) * (L + 1))[:, None]
+  input_BI.reshape(-1)[dest.reshape(-1)] = np.where(keep, tokens_BL, sentinel_BL).reshape(-1)
+  input_len = np.where(has_input, c_in[:, -1], 0).astype(np.int64)
+
+  # Target: each run's sentinel, then its tokens, then the closing sentinel [S_{runs+1}].
   T = L + (L + 1) // 2 + 1
   S = (L + 1) // 2 + 1
-  emits2 = np.stack([starts, dropped], axis=2).reshape(B, 2 * L)
-  values2 = np.stack([sentinel_BL, tokens_BL.astype(np.int32)], axis=2).reshape(-1)
-  target_BT = np.zeros((B, T), np.int32)
-  idx2, dest2, rank2 = _left_align(emits2, T)
-  target_BT.reshape(-1)[dest2] = values2[idx2]
-  target_len = np.where(length_B > 0, emits2.sum(axis=1) + 1, 0).astype(np.int64)
+  target = np.zeros((B, T + 1), np.int32)
+  row_t = (np.arange(B, dtype=np.int32) * (T + 1))[:, None]
+  flat_t = target.reshape(-1)
+  flat_t[(np.where(dropped, c_tg - 1, T) + row_t).reshape(-1)] = tokens_BL.reshape(-1)
+  flat_t[(np.where(starts, c_tg - 2, T) + row_t).reshape(-1)] = sentinel_BL.reshape(-1)
+  target_len = np.where(length_B > 0, c_tg[:, -1] + 1, 0).astype(np.int64)
   last = np.maximum(target_len - 1, 0)  # an empty sequence has no target at all
-  target_BT[np.arange(B), last] = np.where(target_len > 0, sentinel0 + num_runs + 1, 0)
-  # Sentinel positions in the target, by sentinel order: [B, S].
-  spos = np.zeros((B, S), np.int64)
-  is_sent = idx2 % 2 == 0
-  spos.reshape(-1)[(idx2 // (2 * L) * S + values2[idx2] - sentinel0 - 1)[is_sent]] = rank2[is_sent]
-  spos[np.arange(B), num_runs] = last
-  num_sent = num_runs + 1
+  target[np.arange(B), last] = np.where(target_len > 0, sentinel0 + num_runs + 1, 0)
+  target_BT = target[:, :T]
 
-  # The cut (drawn for every row, used where the target is over budget).
-  chosen = np.floor(cut_u_B * np.maximum(1, num_sent - 1)).astype(np.int64)
-  start_c = spos[np.arange(B), chosen]
-  fits = (target_len[:, None] - spos <= target_budget_B[:, None]) & (np.arange(S)[None, :] <
-                                                                   num_sent[:, None])
-  start_f = spos[np.arange(B), fits.argmax(axis=1)]
-  long_rest = target_len - start_c >= target_budget_B
-  cut = target_len > target_budget_B
-  start = np.where(cut, np.where(long_rest, start_c, start_f), 0)
-  new_len = np.where(cut, np.where(long_rest, target_budget_B, target_len - start_f), target_len)
-  cols = np.minimum(start[:, None] + np.arange(T)[None, :], T - 1)
-  window = np.take_along_axis(target_BT, cols, axis=1)
-  window[np.arange(T)[None, :] >= new_len[:, None]] = 0
-  return SpanResult(input_BI, input_len.astype(np.int64), window, new_len.astype(np.int64))
-
-
-def _left_align(mask_BW: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """For the True entries of `mask_BW` in row-major order: their flat index, the flat index of
-  their left-aligned slot in a [B, width] array, and their rank within the row."""
-  B = mask_BW.shape[0]
-  idx = np.flatnonzero(mask_BW)
-  count = np.count_nonzero(mask_BW, axis=1)
-  rank = np.arange(len(idx)) - np.repeat(np.cumsum(count) - count, count)
-  dest = np.repeat(np.arange(B) * width, count) + rank
-  return idx, dest, rank
+  # The cut, for rows whose target is over budget (the draw was made for every row).
+  new_len = target_len.copy()
+  rows = np.flatnonzero(target_len > target_budget_B)
+  if len(rows):
+    # Sentinel positions in the target by sentinel order [R, S]; the closing one last.
+    R = len(rows)
+    spos = np.zeros((R, S + 1), np.int64)
+    at = np.where(starts[rows], run_BL[rows] - 1, S) + (np.arange(R) * (S + 1))[:, None]
+    spos.reshape(-1)[at.reshape(-1)] = (c_tg[rows] - 2).reshape(-1)
+    spos[np.arange(R), num_runs[rows]] = last[rows]
+    num_sent = num_runs[rows] + 1
+    length, budget = target_len[rows], target_budget_B[rows]
+    chosen = np.floor(cut_u_B[rows] * np.maximum(1, num_sent - 1)).astype(np.int64)
+    start_c = spos[np.arange(R), chosen]
+    fits = (length[:, None] - spos[:, :S] <= budget[:, None]) & (np.arange(S)[None, :] <
+                                                                 num_sent[:, None])
+    start_f = spos[np.arange(R), fits.argmax(axis=1)]
+    long_rest = length - start_c >= budget
+    start = np.where(long_rest, start_c, start_f)
+    new_len[rows] = np.where(long_rest, budget, length - start_f)
+    cols = np.minimum(start[:, None] + np.arange(T)[None, :], T - 1)
+    window = np.take_along_axis(target_BT[rows], cols, axis=1)
+    window[np.arange(T)[None, :] >= new_len[rows][:, None]] = 0
+    target_BT[rows] = window
+  return SpanResult(np.ascontiguousarray(input_BI[:, :L]), input_len,
+                    np.ascontiguousarray(target_BT), new_len)

@@ -69,10 +69,14 @@ def test_hosts_see_disjoint_complete_data(records):
 
 def test_hosts_mask_differently_and_split_the_batch(records):
   config = _config()
-  h0 = next(_iterator(config, records, process_index=0, process_count=2))
-  h1 = next(_iterator(config, records, process_index=1, process_count=2))
-  assert h0["enc_tokens"].shape[0] == 4  # train.batch_size 8 over 2 hosts
-  assert not np.array_equal(h0["enc_positions"], h1["enc_positions"])
+  it0 = _iterator(config, records, process_index=0, process_count=2)
+  it1 = _iterator(config, records, process_index=1, process_count=2)
+  h0, h1 = [next(it0) for _ in range(3)], [next(it1) for _ in range(3)]
+  assert h0[0]["enc_tokens"].shape[0] == 4  # train.batch_size 8 over 2 hosts
+  # Over 12 samples each (an rgb->all sample of a full grid has positions 0..15 on any host).
+  positions = [np.concatenate([b[f"{s}_positions"] for b in h for s in ("enc", "dec")])
+               for h in (h0, h1)]
+  assert not np.array_equal(*positions)
 
 
 @pytest.mark.parametrize("steps_before", [2, 6])
