@@ -55,6 +55,17 @@ def get_config(arg=None):
                                 weight_decay=0.1, eps=1e-5, grad_clip=1.0)
   config.mesh = defaults.mesh()
 
+  # `mmjax generate` (mmjax/generate/decoder_run.py): caption -> tok_rgb and image file -> caption.
+  config.generate = ml_collections.ConfigDict(dict(
+      temperature=1.0,  # softmax temperature; 0 = greedy
+      top_k=0,          # keep the k most likely allowed ids; 0 = off
+      top_p=0.9,        # nucleus: the most likely ids holding this much mass; 1 = off
+      # Two-way classifier-free guidance on the input, uncond + s(cond - uncond); 1 = off.
+      image_cfg_scale=3.0,  # caption -> image (Chameleon guides images with 3.0)
+      text_cfg_scale=1.0,   # image -> caption
+      text_first=4,     # lowest text id that may be sampled: skips the text tokenizer's PAD..EOS
+  ))
+
   if arg.runlocal:
     config.data.num_train, config.data.num_val = 256, 32
     config.train.update(steps=20, batch_size=4, warmup_steps=2, log_every=5, checkpoint_every=10)
