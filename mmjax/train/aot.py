@@ -1,0 +1,289 @@
+"""`mmjax aot`: the train step compiled ahead of time for a TPU topology, on a machine without TPUs.
+
+libtpu (the `tpu` extra: `pip install -e .[tpu]`) describes a topology such as `v5p:2x2x2` as
+devices the TPU compiler can target from any host. The step of `mmjax train` (the same `build()` and
+`jit_step`) is lowered with abstract arguments carrying the run's shardings and compiled; the
+result is one dict: memory per chip (XLA's memory analysis), FLOPs (XLA's cost analysis next to the
+analytic model FLOPs), the mesh, and whether the program fits the chip's HBM.
+
+Without libtpu (or with `lower_only`), the step is lowered for the TPU platform over as many CPU
+devices as the topology has chips, so the mesh, the shardings and the program are those of the
+topology; reported are the per-chip bytes of the sharded state and batch (exact, from the
+shardings) and the FLOPs of the HLO before XLA's optimisations. Temporaries, and so whether the step
+fits, need the TPU compiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from mmjax.errors import UserError
+from mmjax.train import flops as mmflops
+from mmjax.train import state as trainstate
+from mmjax.train import step as trainstep
+from mmjax.train.loop import build
+from mmjax.train.objective import get_objective
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuKind:
+  """A TPU generation as libtpu names it, with its per-chip HBM (vendor figures)."""
+  name: str            # prefix of libtpu's topology names, e.g. "v5p"
+  device_kind: str     # jax Device.device_kind
+  hbm_bytes: int       # HBM per chip
+  dims: int            # dimensions of its topology names (2x2 or 2x2x2)
+
+
+TPU_KINDS = {
+    "v4": TpuKind("v4", "TPU v4", 32 * GIB, 3),
+    "v5e": TpuKind("v5e", "TPU v5 lite", 16 * GIB, 2),
+    "v5p": TpuKind("v5p", "TPU v5", 95 * GIB, 3),
+    "v6e": TpuKind("v6e", "TPU v6 lite", 32 * GIB, 2),
+}
+ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
+# Model variables whose "auto" choice follows jax.default_backend(), which is the CPU here: a TPU
+# program must take the TPU choice (grouped matmuls as ragged_dot), so aot sets them explicitly.
+_TPU_MODEL_CHOICES = {"heads_impl": "ragged", "grouped_impl": "ragged"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  kind: TpuKind
+  shape: tuple[int, ...]
+
+  @property
+  def name(self) -> str:
+    return f"{self.kind.name}:{'x'.join(map(str, self.shape))}"
+
+  @property
+  def chips(self) -> int:
+    return math.prod(self.shape)
+
+
+def parse_topology(text: str) -> Topology:
+  """`v5p:2x2x2`, `v6e:4x4`, `v5litepod:2x4`, ... (chips along each axis of the slice)."""
+  match = re.fullmatch(r"\s*([A-Za-z0-9]+)[:=]([0-9x]+)\s*", text)
+  examples = "e.g. v5p:2x2x2, v4:2x2x1, v5e:2x4, v6e:4x4"
+  if not match:
+    raise UserError(f"--topology {text!r}: expected KIND:AxB[xC], {examples} (not v5p-16)")
+  name = ALIASES.get(match.group(1).lower(), match.group(1).lower())
+  if name not in TPU_KINDS:
+    raise UserError(f"--topology {text!r}: unknown TPU kind {match.group(1)!r}; known: "
+                    f"{sorted(TPU_KINDS) + sorted(ALIASES)}")
+  kind = TPU_KINDS[name]
+  parts = match.group(2).split("x")
+  if len(parts) != kind.dims or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise UserError(f"--topology {text!r}: {name} topologies have {kind.dims} positive sizes, "
+                    f"{examples}")
+  return Topology(kind, tuple(int(p) for p in parts))
+
+
+def tpu_compiler_available() -> bool:
+  """Whether libtpu (the TPU compiler) can be loaded in this environment."""
+  return bool(os.environ.get("TPU_LIBRARY_PATH")) or importlib.util.find_spec("libtpu") is not None
+
+
+def topology_devices(topology: Topology) -> list[jax.Device]:
+  """One device per chip of the topology, as libtpu describes it."""
+  from jax.experimental import topologies
+
+  try:
+    desc = topologies.get_topology_desc(topology_name=topology.name, platform="tpu")
+  except Exception as e:  # noqa: BLE001 -- libtpu reports a bad name as a runtime error.
+    raise UserError(f"--topology {topology.name}: libtpu cannot describe it: "
+                    f"{str(e).splitlines()[0]}") from None
+  # v4 descriptions list both TensorCores of a chip; jobs run one device per chip (megacore).
+  devices = [d for d in desc.devices if getattr(d, "core_on_chip", 0) == 0]
+  if len(devices) != topology.chips:
+    raise UserError(f"--topology {topology.name}: libtpu describes {len(devices)} chips, expected "
+                    f"{topology.chips}")
+  return devices
+
+
+def cpu_devices(count: int) -> list[jax.Device]:
+  """`count` CPU devices, created as fake host devices if the backend has not started yet."""
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:
+    pass  # backends already running (e.g. under the tests' 8 fake devices): use what exists
+  devices = jax.devices("cpu")
+  if len(devices) < count:
+    raise UserError(f"lowering for {count} chips needs {count} CPU devices; this process has "
+                    f"{len(devices)} (run it in a fresh process, or with XLA_FLAGS="
+                    f"--xla_force_host_platform_device_count={count})")
+  return devices[:count]
+
+
+def _target_tpu(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """Sets the model's backend-dependent "auto" choices to their TPU values; returns what it set."""
+  cfg = getattr(get_objective(config), "cfg", None)
+  if cfg is None or not dataclasses.is_dataclass(cfg):
+    return {}
+  fields = {f.name for f in dataclasses.fields(cfg)}
+  changed = {}
+  for key, value in _TPU_MODEL_CHOICES.items():
+    if key in fields and getattr(cfg, key) == "auto":
+      with config.unlocked():
+        config.model[key] = value
+      changed[f"model.{key}"] = value
+  return changed
+
+
+def _abstract_batch(objective, setup: trainstate.Setup, batch_size: int) -> dict[str, Any]:
+  """The global batch as ShapeDtypeStructs with its shardings (one synthetic row sets the layout)."""
+  row = objective.synthetic_batch(1, seed=0)
+  out = {}
+  for name, sharding in setup.batch_shardings.items():
+    x = np.asarray(row[name])
+    out[name] = jax.ShapeDtypeStruct((batch_size,) + x.shape[1:], x.dtype, sharding=sharding)
+  return out
+
+
+def bytes_per_chip(tree: Any) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return int(total)
+
+
+def _memory(compiled) -> dict[str, int]:
+  stats = compiled.memory_analysis()
+  memory = dict(argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
+                alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
+                generated_code_bytes=stats.generated_code_size_in_bytes)
+  memory = {k: int(v) for k, v in memory.items()}
+  # Donated state: outputs alias arguments, so they count once.
+  memory["total_bytes"] = (memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]
+                           + memory["temp_bytes"] + memory["generated_code_bytes"])
+  return memory
+
+
+def _lowered_flops(lowered) -> float | None:
+  try:
+    cost = lowered.cost_analysis()
+  except Exception:  # noqa: BLE001 -- not every lowering has a cost model here.
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def run_aot(config: ml_collections.ConfigDict, topology: str, *, out_dir: str | None = None,
+            lower_only: bool = False) -> dict[str, Any]:
+  """Compiles (or, without libtpu, lowers) the train step for `topology`; a JSON-able dict."""
+  topo = parse_topology(topology)
+  compile_step = not lower_only and tpu_compiler_available()
+  devices = topology_devices(topo) if compile_step else cpu_devices(topo.chips)
+  overrides = _target_tpu(config)
+  objective, setup = build(config, devices)
+  batch_size = int(config.train.batch_size)
+  batch = _abstract_batch(objective, setup, batch_size)
+  jitted = trainstep.jit_step(setup, config.train)
+  with setup.context():
+    start = time.perf_counter()
+    traced = jitted.trace(setup.abstract_state, batch)
+    lowered = traced.lower() if compile_step else traced.lower(lowering_platforms=("tpu",))
+    lower_s = time.perf_counter() - start
+    compiled, compile_s = None, None
+    if compile_step:
+      start = time.perf_counter()
+      compiled = lowered.compile()
+      compile_s = time.perf_counter() - start
+
+  chips = topo.chips
+  state_bytes = bytes_per_chip(setup.abstract_state)
+  batch_bytes = bytes_per_chip(batch)
+  model_flops = objective.train_flops_per_sample() * batch_size
+  peak = mmflops.table_peak(topo.kind.device_kind)
+  hbm = topo.kind.hbm_bytes
+  result: dict[str, Any] = {
+      "aot": topo.name,
+      "device_kind": topo.kind.device_kind,
+      "chips": chips,
+      "compiled": compiled is not None,
+      "objective": config.objective,
+      "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
+      "batch_size": batch_size,
+      "microbatches": int(config.train.microbatches),
+      "dtype": str(config.get("model", {}).get("dtype", "float32")),
+      "param_dtype": str(config.train.get("param_dtype", "float32")),
+      "params": int(sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))),
+      "overrides": overrides,
+      "state_bytes_per_chip": state_bytes,
+      "batch_bytes_per_chip": batch_bytes,
+      "hbm_bytes_per_chip": hbm,
+      "model_flops_per_step": model_flops,
+      "model_flops_per_chip": model_flops / chips,
+      "peak_flops_per_chip": peak,
+      # The step cannot run faster than its model FLOPs at the chip's peak (MFU = 1).
+      "step_time_lower_bound_s": model_flops / chips / peak if peak else None,
+      "lower_s": round(lower_s, 3),
+  }
+  if compiled is not None:
+    memory = _memory(compiled)
+    xla_flops = mmflops.compiled_flops(compiled)
+    result.update(
+        compile_s=round(compile_s, 3),
+        memory_per_chip=memory,
+        total_gib_per_chip=round(memory["total_bytes"] / GIB, 3),
+        fits=memory["total_bytes"] <= hbm,
+        hbm_fraction=round(memory["total_bytes"] / hbm, 4),
+        xla_flops_per_chip=xla_flops,
+        xla_flops_per_step=None if xla_flops is None else xla_flops * chips,
+    )
+  else:
+    hlo_flops = _lowered_flops(lowered)
+    result.update(
+        memory_per_chip=None,
+        fits=None,
+        state_fits=state_bytes + batch_bytes <= hbm,
+        hlo_flops_per_step=hlo_flops,
+        hlo_flops_per_chip=None if hlo_flops is None else hlo_flops / chips,
+        note=("lowered only, over CPU devices standing in for the chips: memory per chip "
+              "(temporaries) and XLA's optimised FLOPs need the TPU compiler, libtpu "
+              "(pip install -e .[tpu]); hlo_flops are those of the unoptimised program"
+              + ("" if not lower_only else "; --lower-only was given")),
+    )
+  if out_dir:
+    result["files"] = _write(out_dir, lowered, compiled, result)
+  return result
+
+
+def _write(out_dir: str, lowered, compiled, result: dict[str, Any]) -> dict[str, Any]:
+  """The program (StableHLO; the optimised HLO and the serialized executable when compiled)."""
+  os.makedirs(out_dir, exist_ok=True)
+  files: dict[str, Any] = {}
+
+  def write(name: str, data: str | bytes) -> None:
+    path = os.path.join(out_dir, name)
+    with open(path, "wb" if isinstance(data, bytes) else "w") as f:
+      f.write(data)
+    files[name] = path
+
+  write("step.stablehlo.mlir", lowered.as_text())
+  if compiled is not None:
+    write("step.hlo.txt", compiled.as_text())
+    try:
+      from jax.experimental import serialize_executable
+      payload, _, _ = serialize_executable.serialize(compiled)
+      write("step.executable", payload)
+    except Exception as e:  # noqa: BLE001 -- compile-only clients may not serialize.
+      files["executable_error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+  summary = dict(result, files=files)
+  write("aot.json", json.dumps(summary, indent=2, default=str) + "\n")
+  return files
