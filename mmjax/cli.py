@@ -10,19 +10,12 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from mmjax import __version__
 from mmjax.errors import UserError
 
 EXIT_USER_ERROR = 2
-
-# Commands that later work items implement; they still parse and validate their config today.
-_PLANNED = {
-    "aot": "the trainer issue (#7)",
-    "sweep": "the trainer issue (#7)",
-}
-
 
 class _Parser(argparse.ArgumentParser):
   """An ArgumentParser whose errors are UserErrors, so that main() reports them in one line."""
@@ -122,14 +115,25 @@ def _build_parser() -> argparse.ArgumentParser:
 
   aot = commands.add_parser("aot", help="compile the train step for a TPU topology without TPUs")
   _add_common(aot, config_required=True)
-  aot.add_argument("--topology", required=True, help="e.g. v5p:2x2x2")
-  aot.set_defaults(run=_planned("aot"))
+  aot.add_argument("--topology", required=True,
+                   help="TPU kind and chips per axis: v5p:2x2x2, v4:2x2x1, v5e:2x4, v6e:4x4")
+  aot.add_argument("--out", metavar="DIR", help="write the program there (StableHLO; when "
+                   "compiled also the optimised HLO and the serialized executable); default: "
+                   "--workdir if given")
+  aot.add_argument("--lower-only", action="store_true",
+                   help="lower on stand-in CPU devices without the TPU compiler (what runs "
+                        "without libtpu): shardings, state bytes and HLO FLOPs, no memory analysis")
+  aot.set_defaults(run=_run_aot)
 
   sweep = commands.add_parser("sweep", help="run or emit a grid of runs; collect results")
   _add_common(sweep, config_required=False)
   sweep.add_argument("--sweep", required=True, metavar="PATH", help="sweep file, e.g. "
                      "configs/sweeps/scaling.py")
-  sweep.set_defaults(run=_planned("sweep"))
+  sweep.add_argument("--emit", action="store_true",
+                     help="print one `mmjax train` command per point instead of running them")
+  sweep.add_argument("--collect", action="store_true",
+                     help="only collect the results already in the points' workdirs")
+  sweep.set_defaults(run=_run_sweep)
   return parser
 
 
@@ -144,13 +148,32 @@ def _load_config(args: argparse.Namespace):
   return mmconfig.load(args.config, args.overrides)
 
 
-def _planned(name: str) -> Callable[[argparse.Namespace], int]:
-  def run(args: argparse.Namespace) -> int:
-    _load_config(args)  # configs are validated even before the command exists
-    print(f"mmjax {name}: not implemented yet; it arrives with {_PLANNED[name]}. "
-          "The config is valid.", file=sys.stderr)
-    return EXIT_USER_ERROR
-  return run
+def _run_aot(args: argparse.Namespace) -> int:
+  from mmjax.train import aot
+
+  config = _load_config(args)
+  result = aot.run_aot(config, args.topology, out_dir=args.out or args.workdir,
+                       lower_only=args.lower_only)
+  print(json.dumps(result, default=str))
+  return 0
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+  from mmjax.train import sweep
+
+  if args.config or args.overrides:
+    raise UserError("mmjax sweep: the sweep file names the base config; put overrides in its "
+                    "points, not in --config")
+  if args.emit and args.collect:
+    raise UserError("mmjax sweep: --emit and --collect exclude each other")
+  workdir = _require_workdir(args, "each point trains in a directory under it")
+  result = sweep.run_sweep(args.sweep, workdir, emit=args.emit, collect_only=args.collect)
+  if args.emit:
+    print("\n".join(result["commands"]))
+    return 0
+  print(result.pop("table_text"))
+  print(json.dumps(result, default=str))
+  return 0
 
 
 def _run_prepare_shapes(args: argparse.Namespace) -> int:

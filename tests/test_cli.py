@@ -51,9 +51,29 @@ def test_user_errors_are_one_line_and_exit_2(capsys, argv, message):
   assert re.search(message, lines[0]), lines[0]
 
 
-def test_planned_command_validates_config_then_says_so(capsys):
-  code, _, err = _run(capsys, "aot", "--config=configs/fourm/4m.py:B", "--topology=v5p:2x2x2")
-  assert code == 2 and "not implemented yet" in err and "config is valid" in err
+def test_aot_lower_only_prints_one_json_line(tmp_path, capsys):
+  import json
+
+  code, out, _ = _run(capsys, "aot", "--config=configs/fourm/shapes.py:tiny,runlocal",
+                      "--topology=v5e:2x2", "--lower-only", "--out", str(tmp_path))
+  assert code == 0
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["aot"] == "v5e:2x2" and result["mesh"]["data"] == 4 and not result["compiled"]
+  assert result["overrides"] == {"model.heads_impl": "ragged"}  # the TPU choice, not the CPU's
+  assert (tmp_path / "step.stablehlo.mlir").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["aot", "--config=configs/fourm/4m.py:B", "--topology=v5p-16"], "expected KIND:AxB"),
+    (["aot", "--config=configs/fourm/4m.py:B", "--topology=v9:2x2"], "unknown TPU kind 'v9'"),
+    (["sweep", "--sweep=configs/sweeps/scaling.py"], "--workdir is required"),
+    (["sweep", "--sweep=configs/sweeps/nope.py", "--workdir=x"], "'configs/sweeps/nope.py' does"),
+    (["sweep", "--sweep=configs/sweeps/scaling.py", "--workdir=x", "--config=a.py"],
+     "the sweep file names the base config"),
+])
+def test_aot_and_sweep_user_errors(capsys, argv, message):
+  code, _, err = _run(capsys, *argv)
+  assert code == 2 and re.search(message, err) and "Traceback" not in err, err
 
 
 def test_console_script_error_has_no_traceback(tmp_path):
