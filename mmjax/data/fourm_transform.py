@@ -55,8 +55,7 @@ def patchify(images_BHWC: np.ndarray, patch: int) -> np.ndarray:
   return x
 
 
-_TYPE, _DTYPE_KIND = type, operator.attrgetter("dtype.kind")
-_NDIM, _SIZE = operator.attrgetter("ndim"), operator.attrgetter("size")
+_DTYPE, _NDIM, _SIZE = (operator.attrgetter(a) for a in ("dtype", "ndim", "size"))
 
 
 def _all_int_arrays(values: Sequence[Any], size: int | None) -> bool:
@@ -64,7 +63,9 @@ def _all_int_arrays(values: Sequence[Any], size: int | None) -> bool:
   images): the common case, checked before taking the fast path (each check one C-level pass)."""
   if not values:
     return True
-  if set(map(_TYPE, values)) != {np.ndarray} or not set(map(_DTYPE_KIND, values)) <= {"i", "u"}:
+  if set(map(type, values)) != {np.ndarray}:
+    return False
+  if not all(d.kind in "iu" for d in set(map(_DTYPE, values))):
     return False
   return set(map(_NDIM, values)) == {1} if size is None else set(map(_SIZE, values)) == {size}
 
@@ -79,6 +80,13 @@ def _out_of_vocab(ids: np.ndarray, vocab_size: int) -> bool:
   if not ids.size:
     return False
   return bool(ids.max() >= vocab_size or (ids.dtype.kind == "i" and ids.min() < 0))
+
+
+class _InBatch:
+  """Labels of records by their place in the batch, made when an error message needs one."""
+
+  def __getitem__(self, b: int) -> str:
+    return f"{b} of the batch"
 
 
 class FourMTransform:
@@ -231,7 +239,7 @@ class FourMTransform:
                where_B: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], int]:
     B, K = len(records), len(self.registry)
     dataset_B = np.zeros(B, np.int64) if dataset_B is None else np.asarray(dataset_B)
-    where = [f"{b} of the batch" for b in range(B)] if where_B is None else list(where_B)
+    where = _InBatch() if where_B is None else where_B  # read only for error messages
     bad_B = np.zeros(B, bool)
     present_BK = np.ones((B, K), bool)
     data = []

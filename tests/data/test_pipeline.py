@@ -67,6 +67,57 @@ def test_hosts_see_disjoint_complete_data(records):
   assert sorted(epochs[40:]) == list(range(40)) and epochs[40:] != epochs[:40]
 
 
+def _ids_transform(records, rng, **kwargs):
+  """A stand-in for the 4M transform: the batch is the records' ids."""
+  del rng, kwargs
+  return [int(r["id"]) for r in records], 0
+
+
+def test_batches_of_all_hosts_cover_a_dataset_mixture_once_per_epoch(records):
+  texts = [{"id": 1000 + i} for i in range(10)]
+  specs = [pipeline.DatasetSpec("a", records[:30], weight=3.0),
+           pipeline.DatasetSpec("b", texts, weight=1.0)]
+  seen = []
+  for host in range(2):
+    ds = pipeline.build_dataset(specs, _ids_transform, batch_size=5, seed=2, process_index=host,
+                                process_count=2, num_epochs=1)
+    assert len(ds) == 4  # 40 records (30 + 10 at 3:1) over 2 hosts in batches of 5
+    seen.append([i for k in range(len(ds)) for i in ds[k][0]])
+  flat = seen[0] + seen[1]
+  assert sorted(flat) == list(range(30)) + list(range(1000, 1010))
+  # Every run of 4 stream positions holds 3 records of "a" and 1 of "b".
+  stream = pipeline.record_dataset(specs, seed=2, num_epochs=1)
+  owners = np.array([stream[i][0] for i in range(len(stream))]).reshape(-1, 4)
+  assert (owners.sum(1) == 1).all()
+
+
+def test_batches_read_the_record_stream_in_bulk(records):
+  class Source(list):
+    calls = 0
+
+    def __getitems__(self, keys):
+      Source.calls += 1
+      return [self[i] for i in keys]
+
+  spec = [pipeline.DatasetSpec("syn", Source(records))]
+  ds = pipeline.build_dataset(spec, _ids_transform, batch_size=8, seed=5, process_index=1,
+                              process_count=2)
+  stream = pipeline.record_dataset(spec, seed=5, process_index=1, process_count=2)
+  for k in (0, 3, 7):  # 7 crosses into the second epoch (20 records per host)
+    want = [int(stream[i][2]["id"]) for i in range(8 * k, 8 * k + 8)]
+    Source.calls = 0
+    assert ds[k][0] == want
+    assert Source.calls == 1  # one batched read per dataset
+
+
+def test_mixture_proportions():
+  np.testing.assert_array_equal(pipeline._proportions([0.6, 0.2, 0.2]), [3, 1, 1])
+  np.testing.assert_array_equal(pipeline._proportions([2.0]), [1])
+  stream = pipeline.IndexStream([5, 5, 5], [0.5, 0.25, 0.25], seed=0)
+  dataset, _ = stream(np.arange(400))
+  np.testing.assert_array_equal(np.bincount(dataset), [200, 100, 100])
+
+
 def test_hosts_mask_differently_and_split_the_batch(records):
   config = _config()
   it0 = _iterator(config, records, process_index=0, process_count=2)
