@@ -100,6 +100,9 @@ def topology_devices(topology: Topology) -> list[jax.Device]:
   """One device per chip of the topology, as libtpu describes it."""
   from jax.experimental import topologies
 
+  # libtpu takes a machine-wide lock file for the chips it drives; a compile-only topology drives
+  # none, and other processes (any JAX process here with libtpu installed) may hold the lock.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     desc = topologies.get_topology_desc(topology_name=topology.name, platform="tpu")
   except Exception as e:  # noqa: BLE001 -- libtpu reports a bad name as a runtime error.
@@ -113,12 +116,22 @@ def topology_devices(topology: Topology) -> list[jax.Device]:
   return devices
 
 
+def _configured_cpu_devices() -> int:
+  """CPU devices this process has or will have (jax_num_cpu_devices, else XLA_FLAGS, else 1)."""
+  if jax.config.jax_num_cpu_devices > 0:
+    return int(jax.config.jax_num_cpu_devices)
+  match = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+  return int(match.group(1)) if match else 1
+
+
 def cpu_devices(count: int) -> list[jax.Device]:
-  """`count` CPU devices, created as fake host devices if the backend has not started yet."""
-  try:
-    jax.config.update("jax_num_cpu_devices", count)
-  except RuntimeError:
-    pass  # backends already running (e.g. under the tests' 8 fake devices): use what exists
+  """`count` CPU devices; more fake host devices are made if the backend has not started yet
+  (never fewer: other code in the process may rely on the count)."""
+  if _configured_cpu_devices() < count:
+    try:
+      jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+      pass  # the backend is already running: use what exists
   devices = jax.devices("cpu")
   if len(devices) < count:
     raise UserError(f"lowering for {count} chips needs {count} CPU devices; this process has "
@@ -163,10 +176,11 @@ def bytes_per_chip(tree: Any) -> int:
 
 def _memory(compiled) -> dict[str, int]:
   stats = compiled.memory_analysis()
-  memory = dict(argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
-                alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
-                generated_code_bytes=stats.generated_code_size_in_bytes)
-  memory = {k: int(v) for k, v in memory.items()}
+  memory = {"argument_bytes": int(stats.argument_size_in_bytes),
+            "output_bytes": int(stats.output_size_in_bytes),
+            "alias_bytes": int(stats.alias_size_in_bytes),
+            "temp_bytes": int(stats.temp_size_in_bytes),
+            "generated_code_bytes": int(stats.generated_code_size_in_bytes)}
   # Donated state: outputs alias arguments, so they count once.
   memory["total_bytes"] = (memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]
                            + memory["temp_bytes"] + memory["generated_code_bytes"])

@@ -92,7 +92,7 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
     alpha = float(_GRID[i])
   (e, a_scaled), best = solve(alpha)
   return {"E": float(e), "A": float(a_scaled * scale ** alpha), "alpha": float(alpha),
-          "rmse": math.sqrt(best / len(y)), "points": int(len(y))}
+          "rmse": math.sqrt(best / len(y)), "points": len(y)}
 
 
 def power_law(fit: dict[str, float], x) -> np.ndarray:
@@ -122,8 +122,10 @@ def fit_loss_nd(n: Sequence[float], d: Sequence[float], y: Sequence[float]) -> d
   # Coordinate refinement: golden-section along each exponent in turn, within a shrinking bracket.
   width = float(grid[1] / grid[0]) ** 1.5
   for _ in range(6):
-    new_alpha = _golden(lambda a: solve(a, beta)[1], max(alpha / width, 1e-3), alpha * width, 40)
-    new_beta = _golden(lambda b: solve(new_alpha, b)[1], max(beta / width, 1e-3), beta * width, 40)
+    new_alpha = _golden(lambda a, b=beta: solve(a, b)[1], max(alpha / width, 1e-3),
+                        alpha * width, 40)
+    new_beta = _golden(lambda b, a=new_alpha: solve(a, b)[1], max(beta / width, 1e-3),
+                       beta * width, 40)
     value = solve(new_alpha, new_beta)[1]
     if value <= best:
       alpha, beta, best = new_alpha, new_beta, value
@@ -131,7 +133,7 @@ def fit_loss_nd(n: Sequence[float], d: Sequence[float], y: Sequence[float]) -> d
   (e, a_scaled, b_scaled), best = solve(alpha, beta)
   return {"E": float(e), "A": float(a_scaled * n_scale ** alpha), "alpha": alpha,
           "B": float(b_scaled * d_scale ** beta), "beta": beta,
-          "rmse": math.sqrt(best / len(y)), "points": int(len(y))}
+          "rmse": math.sqrt(best / len(y)), "points": len(y)}
 
 
 def _grid_sse(base_PK: np.ndarray, y_P: np.ndarray, grid: np.ndarray) -> np.ndarray:

@@ -1,0 +1,92 @@
+"""mmjax aot: topology names, a real TPU compile through libtpu, and the lowered-only fallback."""
+
+import json
+
+import pytest
+
+from mmjax import config as mmconfig
+from mmjax.errors import UserError
+from mmjax.train import aot, toy
+
+
+@pytest.mark.parametrize("text, name, chips", [
+    ("v5p:2x2x2", "v5p:2x2x2", 8), ("v5litepod:2x4", "v5e:2x4", 8), ("V6E:4x4", "v6e:4x4", 16),
+    ("v4:2x2x1", "v4:2x2x1", 4),
+])
+def test_parse_topology(text, name, chips):
+  topology = aot.parse_topology(text)
+  assert topology.name == name and topology.chips == chips
+
+
+@pytest.mark.parametrize("text, message", [
+    ("v5p-16", "expected KIND"), ("v5p:2x2", "3 positive sizes"), ("v6e:0x4", "2 positive"),
+    ("tpu:2x2", "unknown TPU kind"),
+])
+def test_bad_topologies_are_user_errors(text, message):
+  with pytest.raises(UserError, match=message):
+    aot.parse_topology(text)
+
+
+def test_compile_for_a_topology_reports_memory_flops_and_files(tmp_path):
+  assert aot.tpu_compiler_available(), "libtpu is in the test extras (pip install -e .[test])"
+  config = toy.toy_config(batch_size=16)
+  config.toy.update(embed=128, mlp=256)
+  result = aot.run_aot(config, "v5e:2x2", out_dir=str(tmp_path))
+  json.dumps(result)
+  assert result["compiled"] and result["device_kind"] == "TPU v5 lite"
+  assert result["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1}
+  memory = result["memory_per_chip"]
+  # The state is donated: its outputs alias its arguments, which hold at least the sharded state
+  # (TPU layouts pad small arrays, so not exactly).
+  assert memory["argument_bytes"] >= result["state_bytes_per_chip"] + result["batch_bytes_per_chip"]
+  assert memory["alias_bytes"] >= result["state_bytes_per_chip"]
+  assert memory["total_bytes"] == (memory["argument_bytes"] + memory["output_bytes"]
+                                   - memory["alias_bytes"] + memory["temp_bytes"]
+                                   + memory["generated_code_bytes"])
+  assert result["fits"] and result["hbm_bytes_per_chip"] == 16 * 2 ** 30
+  # XLA's count covers the model's matmuls (each chip does a quarter of the batch) plus the
+  # optimizer and elementwise work.
+  ratio = result["xla_flops_per_chip"] / result["model_flops_per_chip"]
+  assert 0.9 < ratio < 3.0, ratio
+  assert "HloModule" in (tmp_path / "step.hlo.txt").read_text()
+  assert (tmp_path / "step.executable").stat().st_size > 0
+  assert json.loads((tmp_path / "aot.json").read_text())["aot"] == "v5e:2x2"
+
+
+def test_a_program_too_big_for_the_chip_does_not_fit():
+  config = toy.toy_config(batch_size=4)
+  config.toy.update(vocab=65536, embed=8192, mlp=16384)   # 1.7G params: 21 GB of fp32 Adam state
+  result = aot.run_aot(config, "v5e:2x2", lower_only=True)
+  assert result["state_bytes_per_chip"] > 16 * 2 ** 30 and result["state_fits"] is False
+
+
+def test_lower_only_reports_sharded_state_bytes_and_hlo_flops():
+  replicated = toy.toy_config(batch_size=16)
+  sharded = toy.toy_config(batch_size=16)
+  sharded.mesh.shape.update(data=1, fsdp=8)
+  a = aot.run_aot(replicated, "v5p:2x2x2", lower_only=True)
+  b = aot.run_aot(sharded, "v5p:2x2x2", lower_only=True)
+  for result in (a, b):
+    assert not result["compiled"] and result["memory_per_chip"] is None and result["fits"] is None
+    assert "libtpu" in result["note"] and result["chips"] == 8
+    ratio = result["hlo_flops_per_step"] / result["model_flops_per_step"]
+    assert 0.9 < ratio < 3.0, ratio
+  assert b["mesh"]["fsdp"] == 8
+  # fsdp shards every parameter with an "embed" axis (and its two Adam moments) 8 ways.
+  c = replicated.toy
+  embed_params = c.vocab * c.embed + c.length * c.embed + 2 * c.embed + c.embed * c.mlp
+  saved = 3 * 4 * embed_params * 7 // 8
+  assert a["state_bytes_per_chip"] - b["state_bytes_per_chip"] == saved
+
+
+def test_lowering_needs_enough_cpu_devices():
+  with pytest.raises(UserError, match="needs 16 CPU devices"):
+    aot.run_aot(toy.toy_config(batch_size=16), "v6e:4x4", lower_only=True)
+
+
+def test_tpu_choices_replace_the_cpu_auto_choices():
+  config = mmconfig.load("configs/fourm/shapes.py:tiny,runlocal")
+  assert aot._target_tpu(config) == {"model.heads_impl": "ragged"}
+  assert config.model.heads_impl == "ragged"
+  config.model.heads_impl = "chunked"   # an explicit choice is kept
+  assert aot._target_tpu(config) == {}
