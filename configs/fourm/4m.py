@@ -11,6 +11,7 @@ import ml_collections
 
 from mmjax import config as mmconfig
 from mmjax import defaults
+from mmjax.generate import fourm_settings
 
 SIZES = {
     "tiny": (384, 6, 6),
@@ -53,4 +54,6 @@ def get_config(arg=None):
   config.train = defaults.train(steps=100000, batch_size=16, lr=base_lr * 16 / 256,
                                 warmup_steps=2000, grad_clip=3.0 if arg.variant == "XL" else 0.0)
   config.mesh = defaults.mesh()
+  # `mmjax generate`: sampler settings (every key commented in mmjax/generate/fourm_settings.py).
+  config.generate = fourm_settings.section(steps=12)
   return config

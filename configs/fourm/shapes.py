@@ -10,6 +10,7 @@ import ml_collections
 
 from mmjax import config as mmconfig
 from mmjax import defaults
+from mmjax.generate import fourm_settings
 
 SIZES = {
     "tiny": dict(d_model=192, num_heads=3, encoder_layers=4, decoder_layers=4),
@@ -57,6 +58,8 @@ def get_config(arg=None):
 
   config.train = defaults.train(steps=2000, batch_size=32, lr=5e-4, warmup_steps=200)
   config.mesh = defaults.mesh()
+  # `mmjax generate`: sampler settings (every key commented in mmjax/generate/fourm_settings.py).
+  config.generate = fourm_settings.section(steps=8)
 
   if arg.runlocal:
     config.data.num_train, config.data.num_val = 256, 32
