@@ -1,7 +1,8 @@
-"""Sampler settings of 4M generation: the `config.generate` section and per-target settings.
+"""Sampler settings of 4M generation: the `config.generate` section, per-target settings.
 
-The section (every key commented in `section`) holds defaults for every target; `steps_per_modality`,
-`cfg_weights` and `order` are short strings so that they can be overridden from the command line:
+The section (every key commented in `section`) holds the defaults of every target;
+`steps_per_modality`, `cfg_weights` and `order` are short strings, so that the command line can
+override them:
   --config.generate.steps_per_modality=tok_rgb:12,tok_semseg:4
   --config.generate.cfg_weights=caption:3,tok_depth:1
   --config.generate.order=tok_rgb,det
@@ -24,7 +25,7 @@ IMAGE_SCHEDULES = ("maskgit", "roar")
 def section(**overrides) -> ml_collections.ConfigDict:
   """`config.generate` of a 4M config."""
   out = ml_collections.ConfigDict(dict(
-      order="",                    # chained order of the targets, comma-separated; "" = --target order
+      order="",                    # chained order of the targets ("a,b"); "" = --target order
       image_schedule="maskgit",    # image targets: "maskgit" (keep the most confident) or "roar"
       token_schedule="cosine",     # tokens fixed per step: "cosine" (MaskGIT) or "linear"
       steps=8,                     # MaskGIT / ROAR steps per image target
