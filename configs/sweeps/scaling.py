@@ -7,17 +7,17 @@ Run (after preparing the shapes tokens, see configs/tokens/shapes.py; DATA is th
   mmjax sweep --sweep=configs/sweeps/scaling.py:data_dir=DATA,runlocal --workdir=/tmp/scaling
   mmjax sweep --sweep=configs/sweeps/scaling.py:data_dir=DATA --workdir=runs/scaling --emit
 Writes runs/scaling/<point>/ (one training run each), results.jsonl, results.txt, scaling.png.
-Default: 4 sizes (about 0.1M to 2.4M parameters without the embeddings) x 2 step budgets (150, 300)
-at batch 32 = 8 runs; `runlocal`: 3 sizes x 2 budgets of a few steps (a smoke test, minutes).
+Default: 4 sizes x 3 step budgets (100, 200, 400) at batch 32 = 12 runs; `runlocal`: 3 sizes x 3
+budgets of a few steps (a smoke test).
 """
 
 from mmjax import config as mmconfig
 
 # (d_model, num_heads, layers per stack): width and depth grow together, as in scaling ladders.
 SIZES = ((64, 2, 2), (96, 3, 3), (128, 4, 4), (192, 3, 4))
-STEPS = (150, 300)
+STEPS = (100, 200, 400)   # 3 budgets: L(N, D) needs 3 levels of each
 RUNLOCAL_SIZES = ((32, 2, 1), (48, 2, 2), (64, 2, 2))
-RUNLOCAL_STEPS = (6, 12)
+RUNLOCAL_STEPS = (4, 8, 12)
 
 
 def get_sweep(arg=None):

@@ -103,8 +103,9 @@ def fit_loss_nd(n: Sequence[float], d: Sequence[float], y: Sequence[float]) -> d
   """Least-squares fit of y = E + A N^-alpha + B D^-beta (E, A, B >= 0)."""
   n, y = _check(n, y, "fit_loss_nd", 5)
   d, _ = _check(d, y, "fit_loss_nd", 5)
-  if len(np.unique(n)) < 2 or len(np.unique(d)) < 2:
-    raise ValueError("fit_loss_nd: needs at least 2 distinct N and 2 distinct D")
+  # Each of A N^-alpha and B D^-beta is only identifiable from 3 levels (the floor E is shared).
+  if len(np.unique(n)) < 3 or len(np.unique(d)) < 3:
+    raise ValueError("fit_loss_nd: needs at least 3 distinct N and 3 distinct D")
   n_scale, d_scale = float(np.exp(np.mean(np.log(n)))), float(np.exp(np.mean(np.log(d))))
   un, ud = n / n_scale, d / d_scale
   ones = np.ones_like(un)
@@ -189,6 +190,7 @@ def plot_scaling(path: str, rows: Sequence[dict[str, Any]], fits: dict[str, Any]
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   params = np.array([r["params"] for r in rows], np.float64)
   compute = np.array([r["train_flops"] for r in rows], np.float64)
@@ -212,6 +214,10 @@ def plot_scaling(path: str, rows: Sequence[dict[str, Any]], fits: dict[str, Any]
         f"L(N) = {fit['E']:.3g} + {fit['A']:.3g} N^-{fit['alpha']:.3g} (largest D)"))
   left.set(xscale="log", yscale="log", xlabel="parameters N", ylabel=label,
            title="loss vs parameters")
+  for axis in (left, right):  # minor-tick labels of a short log axis overlap: plain numbers
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axis.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    axis.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
   left.legend(fontsize=7)
   front = pareto_front(compute, loss)
   right.scatter(compute, loss, c="tab:grey", s=18, label="runs")
