@@ -9,8 +9,8 @@ analytic model FLOPs), the mesh, and whether the program fits the chip's HBM.
 Without libtpu (or with `lower_only`), the step is lowered for the TPU platform over as many CPU
 devices as the topology has chips, so the mesh, the shardings and the program are those of the
 topology; reported are the per-chip bytes of the sharded state and batch (exact, from the
-shardings) and the FLOPs of the HLO before XLA's optimisations. Temporaries, and so whether the step
-fits, need the TPU compiler.
+shardings) and the FLOPs of the HLO before XLA's optimisations (a while-loop body, such as the
+scanned layers, counts once there). Temporaries, and so whether the step fits, need the TPU compiler.
 """
 
 from __future__ import annotations
@@ -270,7 +270,8 @@ def run_aot(config: ml_collections.ConfigDict, topology: str, *, out_dir: str | 
         hlo_flops_per_chip=None if hlo_flops is None else hlo_flops / chips,
         note=("lowered only, over CPU devices standing in for the chips: memory per chip "
               "(temporaries) and XLA's optimised FLOPs need the TPU compiler, libtpu "
-              "(pip install -e .[tpu]); hlo_flops are those of the unoptimised program"
+              "(pip install -e .[tpu]); hlo_flops are those of the unoptimised program, which "
+              "counts a while-loop body (e.g. the scanned layers) once"
               + ("" if not lower_only else "; --lower-only was given")),
     )
   if out_dir:
