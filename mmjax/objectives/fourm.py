@@ -22,7 +22,8 @@ from mmjax.models.fourm_loss import fourm_loss
 from mmjax.objectives.fourm_synthetic import synthetic_batch
 from mmjax.train.objective import register_objective
 
-_SPLITS = ("train", "val")
+# The trainer's split names -> the pre-tokenized dataset's (`mmjax prepare tokens` writes tfds names).
+_SPLITS = {"train": "train", "val": "validation"}
 
 
 class FourMObjective:
@@ -52,7 +53,7 @@ class FourMObjective:
     if not data.get("data_dir"):
       raise ConfigError("config key 'data.data_dir' is empty: point it at the pre-tokenized data "
                         "(`mmjax prepare tokens`)")
-    source = tokens_tfds.load_tokens(data.data_dir, data.name, split)
+    source = tokens_tfds.load_tokens(data.data_dir, data.name, _SPLITS[split])
     decode = tokens_tfds.RecordDecoder(tokens_tfds.modality_specs(self.registry))
     spec = pipeline.DatasetSpec(data.name, source, decode=decode)
     return pipeline.make_iterator(self.config, [spec], process_index=process_index,
