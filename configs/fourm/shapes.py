@@ -19,7 +19,7 @@ SIZES = {
 
 
 def get_config(arg=None):
-  arg = mmconfig.parse_arg(arg, variant="tiny", runlocal=False)
+  arg = mmconfig.parse_arg(arg, variant="tiny", runlocal=False, tokenizers="")
   if arg.variant not in SIZES:
     raise ValueError(f"variant must be one of {sorted(SIZES)}, got {arg.variant!r}")
   config = ml_collections.ConfigDict()
@@ -42,6 +42,10 @@ def get_config(arg=None):
       det=dict(kind="sequence", source="det", vocab_size=1024, max_length=64,
                tokenizer="configs/tokenizers/shapes_text.py"),
   ))
+  if arg.tokenizers:  # the image tokenizers were trained with this config argument
+    for m in config.modalities.values():
+      if m.kind == "image_tokens":
+        m.tokenizer = f"{m.tokenizer}:{arg.tokenizers}"
   config.masking = ml_collections.ConfigDict(dict(
       mixture="4m7",            # Dirichlet mixture: "4m7", "4m21", or a fixed "rgb->tok_semseg"
       input_alpha=0.5,          # all->all component concentration

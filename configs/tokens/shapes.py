@@ -35,8 +35,9 @@ def _model_config(arg):
 
 
 def get_config(arg=None):
-  arg = mmconfig.parse_arg(arg, runlocal=False)
-  base = _model_config("tiny,runlocal" if arg.runlocal else "tiny")
+  arg = mmconfig.parse_arg(arg, runlocal=False, tokenizers="")
+  base = _model_config(",".join(["tiny"] + ["runlocal"] * arg.runlocal
+                                + [f"tokenizers={arg.tokenizers}"] * bool(arg.tokenizers)))
   config = ml_collections.ConfigDict()
   config.data = base.data  # name "shapes" (tfds at data_dir, "" = <workdir>/data) or "folder"
   config.data.folder = ""  # data.name = "folder": the folder of images + same-stem .txt captions
