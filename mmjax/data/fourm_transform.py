@@ -264,9 +264,10 @@ class FourMTransform:
       if m.is_image:
         is_in, is_tgt = masking.image_selection(rng, in_BK[:, k], tgt_BK[:, k], m.num_tokens)
         pixel = m.kind == IMAGE_PIXELS  # a pixel slot's id is its patch index = its position
-        enc.append(_Part(k, is_in, {"tokens": None if pixel else data[k]}))
+        # Cells selected per row = the budgets (clamped to the grid: inputs + targets <= G).
+        enc.append(_Part(k, is_in, {"tokens": None if pixel else data[k]}, in_BK[:, k]))
         if m.can_be_target:  # decoder input unused for images (the mask token); loss = valid
-          dec.append(_Part(k, is_tgt, {"targets": data[k], "loss_mask": True}))
+          dec.append(_Part(k, is_tgt, {"targets": data[k], "loss_mask": True}, tgt_BK[:, k]))
       else:
         tokens, length = data[k]
         keep_prob = masking.keep_probabilities(rng, mix.keep[comp_B, k])
@@ -293,10 +294,11 @@ class _Part:
   """One modality's candidate slots [B, W]: `valid` is a mask, or lengths [B] for a left-aligned
   prefix (sequences); `fields` maps an output field to a [B, W] array of values, True (constant),
   None (the position itself) or _NEXT (the `tokens` value one slot later, within the length; for
-  `loss_mask`: True where that slot exists)."""
+  `loss_mask`: True where that slot exists). `count` [B], if known, is the valid slots per row."""
   modality: int
   valid: np.ndarray
   fields: dict[str, Any]
+  count: np.ndarray | None = None
 
 
 def _pack(batch: dict[str, np.ndarray], prefix: str, parts: Sequence[_Part], width: int) -> None:
@@ -310,7 +312,8 @@ def _pack(batch: dict[str, np.ndarray], prefix: str, parts: Sequence[_Part], wid
   if not parts:
     return
   B = len(parts[0].valid)
-  counts = np.stack([p.valid if p.valid.ndim == 1 else np.count_nonzero(p.valid, axis=1)
+  counts = np.stack([p.valid if p.valid.ndim == 1 else
+                     p.count if p.count is not None else np.count_nonzero(p.valid, axis=1)
                      for p in parts], axis=1).astype(np.int64)
   offsets = np.cumsum(counts, axis=1) - counts
   out = {name: batch[f"{prefix}_{name}"].reshape(-1)

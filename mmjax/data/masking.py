@@ -77,7 +77,9 @@ def _log_gamma(rng: np.random.Generator, alpha: np.ndarray) -> np.ndarray:
     if a <= 0:
       continue
     at = np.flatnonzero(flat_alpha == a)
-    if a >= 1:
+    if a == 0.5:  # Gamma(1/2) = Z^2 / 2 for a standard normal Z: one cheap draw, one log
+      flat_out[at] = 2.0 * np.log(np.abs(rng.standard_normal(len(at)))) - np.log(2.0)
+    elif a >= 1:
       flat_out[at] = np.log(rng.standard_gamma(a, len(at)))
     else:
       flat_out[at] = np.log(rng.standard_gamma(a + 1.0, len(at))) + np.log(rng.random(len(at))) / a
@@ -105,7 +107,17 @@ def dirichlet_budgets(rng: np.random.Generator, alpha_BK: np.ndarray, total: int
   # Remainder: diff[b] further draws for row b; each one's argmax gets a token.
   draw_row = np.repeat(np.arange(B), diff)
   if len(draw_row):
-    winner = _log_gamma(rng, alpha_BK[draw_row]).argmax(axis=1)
+    alpha = alpha_BK[draw_row]
+    positive = alpha > 0
+    # Equal non-zero alphas (all->all): the argmax of iid gammas is a uniform pick among them.
+    same = alpha.max(axis=1) == np.where(positive, alpha, np.inf).min(axis=1)
+    winner = np.empty(len(draw_row), np.int64)
+    if same.any():
+      pos = positive[same]
+      j = np.floor(rng.random(len(pos)) * pos.sum(axis=1)).astype(np.int64)
+      winner[same] = (np.cumsum(pos, axis=1) > j[:, None]).argmax(axis=1)  # the j-th non-zero
+    if not same.all():
+      winner[~same] = _log_gamma(rng, alpha[~same]).argmax(axis=1)
     budget += np.bincount(draw_row * K + winner, minlength=B * K).reshape(B, K)
   return np.minimum(budget, np.asarray(cap_BK, np.int64))
 
@@ -243,21 +255,15 @@ def spans_from_keep(tokens_BL: np.ndarray, length_B: np.ndarray, keep_BL: np.nda
   input_BI.reshape(-1)[dest.reshape(-1)] = np.where(keep, tokens_BL, sentinel_BL).reshape(-1)
   input_len = np.where(has_input, c_in[:, -1], 0).astype(np.int64)
 
-  # Target: each run's sentinel, then its tokens, then the closing sentinel [S_{runs+1}].
+  # Target: [S_1] run_1 [S_2] run_2 ... [S_{runs+1}]: token i of a run at slot c_tg - 1, its
+  # run's sentinel just before, the closing sentinel at target_len - 1.
   T = L + (L + 1) // 2 + 1
   S = (L + 1) // 2 + 1
-  target = np.zeros((B, T + 1), np.int32)
-  row_t = (np.arange(B, dtype=np.int32) * (T + 1))[:, None]
-  flat_t = target.reshape(-1)
-  flat_t[(np.where(dropped, c_tg - 1, T) + row_t).reshape(-1)] = tokens_BL.reshape(-1)
-  flat_t[(np.where(starts, c_tg - 2, T) + row_t).reshape(-1)] = sentinel_BL.reshape(-1)
   target_len = np.where(length_B > 0, c_tg[:, -1] + 1, 0).astype(np.int64)
   last = np.maximum(target_len - 1, 0)  # an empty sequence has no target at all
-  target[np.arange(B), last] = np.where(target_len > 0, sentinel0 + num_runs + 1, 0)
-  target_BT = target[:, :T]
 
-  # The cut, for rows whose target is over budget (the draw was made for every row).
-  new_len = target_len.copy()
+  # The cut: an over-budget target keeps the window [start, start + new_len) of those slots.
+  start, new_len = np.zeros(B, np.int64), target_len.copy()
   rows = np.flatnonzero(target_len > target_budget_B)
   if len(rows):
     # Sentinel positions in the target by sentinel order [R, S]; the closing one last.
@@ -274,11 +280,24 @@ def spans_from_keep(tokens_BL: np.ndarray, length_B: np.ndarray, keep_BL: np.nda
                                                                  num_sent[:, None])
     start_f = spos[np.arange(R), fits.argmax(axis=1)]
     long_rest = length - start_c >= budget
-    start = np.where(long_rest, start_c, start_f)
+    start[rows] = np.where(long_rest, start_c, start_f)
     new_len[rows] = np.where(long_rest, budget, length - start_f)
-    cols = np.minimum(start[:, None] + np.arange(T)[None, :], T - 1)
-    window = np.take_along_axis(target_BT[rows], cols, axis=1)
-    window[np.arange(T)[None, :] >= new_len[rows][:, None]] = 0
-    target_BT[rows] = window
+
+  # Scatter every slot shifted by its row's start; slots outside [0, new_len) go to column T.
+  target = np.zeros((B, T + 1), np.int32)
+  flat_t = target.reshape(-1)
+  row_t = (np.arange(B, dtype=np.int32) * (T + 1))[:, None]
+  limit = new_len.astype(np.uint32)[:, None]
+  slot = c_tg - (1 + start.astype(np.int32))[:, None]
+  inside = dropped & (slot.view(np.uint32) < limit)  # negative slots wrap to large: outside
+  flat_t[(np.where(inside, slot, T) + row_t).reshape(-1)] = tokens_BL.reshape(-1)
+  slot -= 1
+  inside = starts & (slot.view(np.uint32) < limit)
+  flat_t[(np.where(inside, slot, T) + row_t).reshape(-1)] = sentinel_BL.reshape(-1)
+  closing = last - start
+  has_closing = (target_len > 0) & (closing < new_len)
+  target[np.flatnonzero(has_closing), closing[has_closing]] = (
+      sentinel0 + num_runs[has_closing] + 1)
+  target_BT = target[:, :T]
   return SpanResult(np.ascontiguousarray(input_BI[:, :L]), input_len,
                     np.ascontiguousarray(target_BT), new_len)

@@ -48,6 +48,21 @@ def test_budget_mean_follows_alpha():
   assert abs(budget[:, 0].mean() - 25) < 1.0
 
 
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 2.0])
+def test_budget_spread_follows_the_dirichlet(alpha):
+  # Var(N * Dir_k) = N^2 a (a0 - a) / (a0^2 (a0 + 1)); checks the gamma draws of each alpha range
+  # (a < 1 boosted, a = 0.5 by a normal, a >= 1 direct) and the remainder rule (equal alphas).
+  rng = np.random.default_rng(11)
+  n, K, N = 20000, 5, 128
+  budget = masking.dirichlet_budgets(rng, np.full((n, K), alpha), N, np.full((n, K), 1000))
+  a0 = K * alpha
+  want = N**2 * alpha * (a0 - alpha) / (a0**2 * (a0 + 1))
+  assert (budget.sum(1) == N).all()
+  for k in range(K):
+    assert abs(budget[:, k].var() / want - 1) < 0.08
+    assert abs(budget[:, k].mean() - N / K) < 0.03 * N / K
+
+
 def test_image_selection_disjoint_with_exact_counts():
   rng = np.random.default_rng(5)
   n_in = rng.integers(0, 30, 500)
