@@ -214,10 +214,6 @@ def plot_scaling(path: str, rows: Sequence[dict[str, Any]], fits: dict[str, Any]
         f"L(N) = {fit['E']:.3g} + {fit['A']:.3g} N^-{fit['alpha']:.3g} (largest D)"))
   left.set(xscale="log", yscale="log", xlabel="parameters N", ylabel=label,
            title="loss vs parameters")
-  for axis in (left, right):  # minor-tick labels of a short log axis overlap: plain numbers
-    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axis.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
-    axis.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
   left.legend(fontsize=7)
   front = pareto_front(compute, loss)
   right.scatter(compute, loss, c="tab:grey", s=18, label="runs")
@@ -230,6 +226,10 @@ def plot_scaling(path: str, rows: Sequence[dict[str, Any]], fits: dict[str, Any]
   right.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel=label,
             title="loss vs compute")
   right.legend(fontsize=7)
+  for axis in (left, right):  # minor-tick labels of a short log axis overlap: plain numbers
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axis.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    axis.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
   figure.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   figure.savefig(path, dpi=100)
