@@ -10,8 +10,9 @@ Only orders that one of `config.sequences.templates` starts with are accepted: t
 seen another. Classifier-free guidance (two-way, `generate.image_cfg_scale` or `text_cfg_scale`
 != 1) adds an unconditional copy of the prompt with the input removed (BOS BOI_rgb, or BOS): the
 starts of the opposite template. The image tokenizer decodes codes to pixels and tokenizes input
-images; the text tokenizer does the same for captions. Both are the trained ones under `data.tokenizers_dir` ("" = <data.data_dir>/tokenizers), one directory per
-tokenizer config stem (`mmjax.data.modality_tokenizers.tokenizer_dir_for`).
+images; the text tokenizer does the same for captions. Both are the trained ones under
+`data.tokenizers_dir` ("" = <data.data_dir>/tokenizers), one directory per tokenizer config stem
+(`mmjax.data.modality_tokenizers.tokenizer_dir_for`).
 """
 
 from __future__ import annotations

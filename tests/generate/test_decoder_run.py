@@ -22,9 +22,10 @@ from mmjax.train.state import init_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RGB_TOKENIZER = "configs/tokenizers/shapes_rgb.py:runlocal"
+CONFIG = os.path.join(ROOT, "configs/decoder/shapes.py:tiny,runlocal,tokenizers=runlocal")
 OVERRIDES = ["--config.model.d_model=32", "--config.model.num_layers=1",
              "--config.model.num_heads=2", "--config.model.max_length=128",
-             "--config.train.batch_size=8", f"--config.modalities.tok_rgb.tokenizer={RGB_TOKENIZER}"]
+             "--config.train.batch_size=8"]
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +47,8 @@ def tokenizers_dir(tmp_path_factory):
 
 
 def make_config(tokenizers_dir, *overrides):
-  config = mmconfig.load(os.path.join(ROOT, "configs/decoder/shapes.py:tiny,runlocal"),
-                         OVERRIDES + [f"--config.data.tokenizers_dir={tokenizers_dir}",
-                                      *overrides])
-  return config
+  return mmconfig.load(CONFIG, OVERRIDES + [f"--config.data.tokenizers_dir={tokenizers_dir}",
+                                            *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,7 @@ def test_caption_to_image_writes_pngs_grid_and_summary(tokenizers_dir, tmp_path)
 
 def test_image_to_caption_through_the_cli(tokenizers_dir, scene_png, tmp_path, capsys):
   out = str(tmp_path / "out")
-  argv = ["generate", "--config", os.path.join(ROOT, "configs/decoder/shapes.py:tiny,runlocal"),
+  argv = ["generate", "--config", CONFIG,
           "--workdir", str(tmp_path / "no_run"), "--input", f"tok_rgb={scene_png}",
           "--target", "caption", "--out", out, "--num-samples", "1", "--allow-random-init",
           *OVERRIDES, f"--config.data.tokenizers_dir={tokenizers_dir}"]
@@ -133,6 +132,6 @@ def test_untrained_orders_missing_checkpoints_and_tokenizers(tokenizers_dir, tmp
     decoder_run.generate_decoder(no_dirs, str(tmp_path), {"caption": "a red circle"},
                                  ["tok_rgb"], allow_random_init=True, **args)
   with pytest.raises(UserError, match="generate.image_cfg_scale"):
-    decoder_run.generate_decoder(make_config(tokenizers_dir, "--config.generate.image_cfg_scale=-1"),
-                                 str(tmp_path), {"caption": "a red circle"}, ["tok_rgb"],
-                                 allow_random_init=True, **args)
+    decoder_run.generate_decoder(
+        make_config(tokenizers_dir, "--config.generate.image_cfg_scale=-1"), str(tmp_path),
+        {"caption": "a red circle"}, ["tok_rgb"], allow_random_init=True, **args)
