@@ -72,7 +72,7 @@ def _all_int_arrays(values: Sequence[Any], size: int | None) -> bool:
 
 def _field(records: Sequence[Mapping[str, Any]], name: str) -> list[Any]:
   """Every record's value of `name` (None where absent)."""
-  return list(map(operator.methodcaller("get", name), records))
+  return [r.get(name) for r in records]
 
 
 def _out_of_vocab(ids: np.ndarray, vocab_size: int) -> bool:

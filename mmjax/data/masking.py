@@ -103,7 +103,7 @@ def dirichlet_budgets(rng: np.random.Generator, alpha_BK: np.ndarray, total: int
   w = np.exp(log_g - np.where(alive, top, 0.0))
   p = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
   budget = np.floor(p * total).astype(np.int64)
-  diff = np.where(alive[:, 0], total - budget.sum(axis=1), 0).clip(0, K)
+  diff = np.minimum(np.maximum(np.where(alive[:, 0], total - budget.sum(axis=1), 0), 0), K)
   # Remainder: diff[b] further draws for row b; each one's argmax gets a token.
   draw_row = np.repeat(np.arange(B), diff)
   if len(draw_row):
