@@ -108,6 +108,21 @@ def test_sequence_reconstructs_from_input_and_target_and_teacher_forcing():
     assert rebuilt == want
 
 
+def test_4m7_mixture_is_half_rgb_to_all():
+  registry, transform = _make("4m7", N=24, M=24)
+  batch, _ = transform(synthetic_records(registry, 2000, seed=9), np.random.default_rng(9))
+  k_rgb = registry.index("rgb")
+  valid = batch["enc_valid"]
+  only_rgb = ((batch["enc_modality"] == k_rgb) | ~valid).all(1)
+  # rgb->all: every input is an rgb patch (16 of them: the budget is clamped to the image);
+  # all->all at alpha 0.5 rarely gives rgb everything.
+  assert 0.46 < only_rgb.mean() < 0.6
+  assert (valid[only_rgb].sum(1) == 16).all()
+  targets = [(batch["dec_modality"] == registry.index(n)) & batch["dec_valid"]
+             for n in ("tok_rgb", "tok_semseg", "caption")]
+  assert all(t[only_rgb].any(1).mean() > 0.5 for t in targets)  # targets from every modality
+
+
 def test_budgets_fill_n_for_images_with_room():
   mods = {f"m{i}": dict(kind="image_tokens", vocab_size=32, grid=(8, 8)) for i in range(3)}
   registry, transform = _make("all2all", N=32, M=32, mods=mods)

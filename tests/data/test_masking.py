@@ -142,6 +142,19 @@ def test_input_budget_enforced_by_retry():
     assert _reconstruct(inp, tgt) == tokens[b].tolist()
 
 
+def test_random_keep_scheme_keeps_a_uniform_fraction():
+  # Budgets with room: no retry, so a row keeps each token with its U(0,1) keep probability.
+  rng = np.random.default_rng(12)
+  B, L = 4000, 40
+  p = masking.keep_probabilities(rng, np.full(B, masking.KEEP_RANDOM))
+  keep = masking.span_keep_masks(rng, np.ones((B, L), bool), np.full(B, 1000), p)
+  frac = keep.mean(1)
+  assert abs(frac.mean() - 0.5) < 0.02
+  assert abs((frac < 0.25).mean() - 0.25) < 0.03 and abs((frac > 0.75).mean() - 0.25) < 0.03
+  # Per token, the rate follows the row's probability (Bernoulli(p) mask).
+  assert np.abs(np.polyfit(p, frac, 1) - [1.0, 0.0]).max() < 0.03
+
+
 def test_keep_schemes():
   rng = np.random.default_rng(8)
   schemes = np.array([masking.KEEP_ALL] * 10 + [masking.KEEP_BINARY] * 1000)
