@@ -56,3 +56,17 @@ def save_grid(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]],
   figure.savefig(path, dpi=100)
   plt.close(figure)
   return str(path)
+
+
+def draw_boxes(rgb_HW3: np.ndarray, boxes_K4: np.ndarray,
+               color: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+  """A copy of an image with the outlines of normalised (xmin, ymin, xmax, ymax) boxes drawn."""
+  out = np.array(rgb_HW3, np.uint8)
+  h, w = out.shape[:2]
+  for x0, y0, x1, y1 in np.asarray(boxes_K4, np.float64).reshape(-1, 4):
+    # Pixel-edge coordinates -> the inclusive pixels on the box's border.
+    c0, c1 = int(np.clip(np.floor(x0 * w), 0, w - 1)), int(np.clip(np.ceil(x1 * w) - 1, 0, w - 1))
+    r0, r1 = int(np.clip(np.floor(y0 * h), 0, h - 1)), int(np.clip(np.ceil(y1 * h) - 1, 0, h - 1))
+    out[r0:r1 + 1, [c0, c1]] = color
+    out[[r0, r1], c0:c1 + 1] = color
+  return out
