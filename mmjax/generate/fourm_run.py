@@ -15,6 +15,7 @@ or given image, else on a blank canvas) and `summary.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -218,16 +219,21 @@ def generate_fourm(config, workdir: str, inputs: Mapping[str, str], targets: Seq
   summary = dict(
       objective="fourm", step=step, random_init=step == 0 and allow_random_init, seed=seed,
       num_samples=num_samples, inputs=dict(inputs), order=order, out_dir=out_dir, files=files,
-      texts=texts, settings={n: _settings_dict(s) for n, s in settings.items()},
+      texts=texts, settings={n: _settings_dict(s, registry[n]) for n, s in settings.items()},
       seconds=round(time.perf_counter() - start, 2), sampling_seconds=round(sampling, 2))
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2, default=str)
   return summary
 
 
-def _settings_dict(s: fourm_settings.TargetSettings) -> dict[str, Any]:
-  import dataclasses
-  return dataclasses.asdict(s)
+def _settings_dict(s: fourm_settings.TargetSettings, m: mod.Modality) -> dict[str, Any]:
+  """The settings that applied to target `m` (sequences have no image schedule)."""
+  out = dataclasses.asdict(s)
+  if m.is_sequence:
+    for key in ("token_schedule", "steps"):
+      out.pop(key)
+    out["schedule"] = "autoregressive"
+  return out
 
 
 def _write_boxes(out_dir, name, tok, ids, images, given_images, registry, num_samples):

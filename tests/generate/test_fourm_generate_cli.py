@@ -45,6 +45,8 @@ def get_config(arg=None):
   config = mmconfig.load({os.path.join(ROOT, "configs/fourm/shapes.py:tiny,runlocal")!r})
   config.modalities.tok_rgb.tokenizer = {RGB_TOKENIZER!r}
   config.model.update(d_model=64, num_heads=2, encoder_layers=1, decoder_layers=1)
+  config.modalities.caption.max_length = 24  # shorter autoregressive loops
+  config.modalities.det.max_length = 24
   config.data.tokenizers_dir = {str(tokenizers)!r}
   config.generate.steps = 3
   return config
@@ -67,6 +69,7 @@ def test_caption_to_image_then_boxes(config_path, tmp_path, capsys):
   assert summary["order"] == ["tok_rgb", "det"] and summary["random_init"]
   assert summary["settings"]["tok_rgb"]["schedule"] == "roar"
   assert summary["settings"]["tok_rgb"]["steps"] == 3 and summary["settings"]["det"]["top_k"] == 50
+  assert summary["settings"]["det"]["schedule"] == "autoregressive"
   out_dir = tmp_path / "generate"
   for i in range(2):
     assert np.asarray(Image.open(out_dir / f"tok_rgb_{i}.png")).shape == (64, 64, 3)
@@ -103,3 +106,33 @@ def test_image_file_input_to_caption(config_path, tmp_path, capsys):
 def test_user_errors(config_path, tmp_path, capsys, args, message):
   assert _generate(config_path, tmp_path, *args) == cli.EXIT_USER_ERROR
   assert message in capsys.readouterr().err
+
+
+def test_boxes_drawn_where_the_det_text_puts_them(tmp_path):
+  """Boxes as text -> boxes on the image, in yellow at 4x; a malformed box is skipped."""
+  from types import SimpleNamespace
+
+  from mmjax.data.modality_tokenizers import DetModalityTokenizer
+  from mmjax.generate import fourm_run
+  from mmjax.tokenizers import boxes as box_text
+
+  class Text:  # the text side of a det tokenizer: ids are the words of the string
+    special = SimpleNamespace(coord_bins=65, class_names=("circle", "square"))
+    fingerprint, vocab_size, path = "t", 100, "t"
+
+    def decode_batch(self, ids):
+      return [" ".join(self.words[i] for i in row) for row in ids]
+
+  words = ["v0=0", "v1=0", "v2=32", "v3=16", "circle", "v0=5", "square"]
+  tok_text = Text()
+  tok_text.words = words
+  det = DetModalityTokenizer(SimpleNamespace(name="det", source="det"), tok_text)
+  assert len(box_text.text_to_boxes(" ".join(words), 65, ("circle", "square")).boxes) == 1
+  grey = np.full((64, 64, 3), 100, np.uint8)
+  paths = fourm_run._write_boxes(str(tmp_path), "det", det, [list(range(len(words)))], {},
+                                 {"rgb": grey}, [], 1)
+  drawn = np.asarray(Image.open(paths[0]))
+  yellow = (drawn[..., 0] == 255) & (drawn[..., 1] == 255) & (drawn[..., 2] == 0)
+  assert drawn.shape == (256, 256, 3)
+  assert yellow[0:2, 0:128].all() and yellow[0:64, 0:2].all()  # top and left edges of the box
+  assert yellow[200:, :].sum() == 0 and yellow[:, 140:].sum() == 0  # nothing beyond it
