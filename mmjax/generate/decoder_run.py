@@ -134,6 +134,8 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
   root = tokenizers_dir(config)
   text_tok = _load_tokenizer(text, root)
   image_tok = _load_tokenizer(image, root)
+  checked = _check_tokenizer_versions(config, {text.name: text_tok.fingerprint,
+                                                image.name: image_tok.fingerprint})
   # The text tokenizer may have fewer pieces than the modality's vocabulary: never sample the rest.
   layout = dataclasses.replace(layout, text_end=min(layout.text_end, text_tok.vocab_size))
 
@@ -209,7 +211,7 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
       "target": target.name, "seed": seed, "num_samples": num_samples,
       "prompt_tokens": len(prompt), "new_tokens": new_tokens,
       "sampling": dataclasses.asdict(settings), "cfg_scale": scale,
-      "tokenizers_dir": root, "sample_seconds": sample_seconds,
+      "tokenizers_dir": root, "tokenizers_match_data": checked, "sample_seconds": sample_seconds,
       "tokens_per_s": num_samples * new_tokens / max(sample_seconds, 1e-9),
       "seconds": time.perf_counter() - start, "outputs": outputs,
   }
@@ -218,6 +220,20 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
     json.dump(summary, f, indent=2, default=str)
   summary["summary"] = summary_path
   return summary
+
+
+def _check_tokenizer_versions(config, fingerprints: Mapping[str, str]) -> bool:
+  """UserError when the pre-tokenized data at data.data_dir was made by other tokenizers (the
+  decoder learned their codes: decoding with retrained ones gives garbage); False if no data."""
+  from mmjax.data import tokens_tfds
+  data = config.data
+  if not data.get("data_dir"):
+    return False
+  ds_dir = tokens_tfds.dataset_dir(str(data.data_dir), str(data.name))
+  if not tokens_tfds.is_complete(ds_dir):
+    return False
+  tokens_tfds.check_tokenizer_versions(ds_dir, fingerprints)
+  return True
 
 
 def _caption_ids(tokenizer, caption: str, modality: mm.Modality) -> list[int]:

@@ -135,3 +135,17 @@ def test_untrained_orders_missing_checkpoints_and_tokenizers(tokenizers_dir, tmp
     decoder_run.generate_decoder(
         make_config(tokenizers_dir, "--config.generate.image_cfg_scale=-1"), str(tmp_path),
         {"caption": "a red circle"}, ["tok_rgb"], allow_random_init=True, **args)
+
+
+def test_tokenizers_other_than_the_datas_are_an_error(tokenizers_dir, tmp_path):
+  """The decoder learned the codes of the tokenizers that made its data: others decode garbage."""
+  ds_dir = tmp_path / "data" / "mmjax_tokens" / "shapes" / "1.0.0"
+  ds_dir.mkdir(parents=True)
+  (ds_dir / "dataset_info.json").write_text("{}")
+  (ds_dir / "metadata.json").write_text(json.dumps({
+      "modalities": [{"name": "caption"}, {"name": "tok_rgb"}],
+      "fingerprints": {"tok_rgb": "0123456789abcdef"}}))
+  config = make_config(tokenizers_dir, f"--config.data.data_dir={tmp_path / 'data'}")
+  with pytest.raises(UserError, match="tok_rgb: tokens made by tokenizer 0123456789ab"):
+    decoder_run.generate_decoder(config, str(tmp_path), {"caption": "a red circle"}, ["tok_rgb"],
+                                 out_dir=str(tmp_path / "out"), allow_random_init=True)
