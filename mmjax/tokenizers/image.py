@@ -53,9 +53,12 @@ class ImageTokenizerConfig:
   ema_decay: float = 0.99           # vq: codebook EMA decay
   commitment_weight: float = 1.0    # vq: weight of the commitment loss
   dead_threshold: float = 0.03      # vq: a code is dead below this fraction of the mean usage
+  code_norm: bool = True            # LayerNorm on the decoder's code embedding (see Decoder)
   depth_min: float = 0.5            # depth: log-normalisation range (metres of the shapes world)
   depth_max: float = 16.0
   smooth_l1_beta: float = 0.05      # depth: quadratic below this error (in normalised units)
+  class_balance: float = 0.0        # semseg: pixels weighted by their class's batch frequency to
+                                    # the power -class_balance (0: plain cross-entropy)
   dtype: str = "float32"            # compute dtype
 
   def __post_init__(self):
@@ -185,6 +188,10 @@ class Decoder(nnx.Module):
     p, d = cfg.downsample, cfg.width
     self.patch = p
     self.embed = _linear(cfg.code_dim, d, ("code_dim", "embed"), rngs=rngs, dtype=dtype)
+    # A low-dimensional unit code embeds with a std of ~0.1 per channel, the fixed positions with
+    # ~0.7: without a norm the decoder first learns a position-only mean image and only slowly
+    # starts reading the codes.
+    self.code_norm = _layernorm(d, rngs=rngs, dtype=dtype) if cfg.code_norm else None
     self.blocks = nnx.List([Block(d, cfg.num_heads, rngs=rngs, dtype=dtype)
                             for _ in range(cfg.decoder_layers)])
     self.norm = _layernorm(d, rngs=rngs, dtype=dtype)
@@ -193,10 +200,27 @@ class Decoder(nnx.Module):
   def __call__(self, z_BhwD: Array) -> Array:
     b, h, w, _ = z_BhwD.shape
     pos_LD = sincos_2d(h, w, self.embed.out_features)  # a constant: fixed positions
-    x = self.embed(z_BhwD.reshape(b, h * w, -1)) + pos_LD
+    x = self.embed(z_BhwD.reshape(b, h * w, -1))
+    if self.code_norm is not None:
+      x = self.code_norm(x)
+    x = x + pos_LD
     for block in self.blocks:
       x = block(x)
     return unpatchify(self.out(self.norm(x)), h, w, self.patch).astype(jnp.float32)
+
+
+def semseg_pixel_weights(labels: Array, num_classes: int, balance: float) -> Array:
+  """Weights of the pixels of a batch of class maps: frequency of the pixel's class ** -balance.
+
+  Background covers most pixels; plain cross-entropy (balance 0) first learns to predict it
+  everywhere and reaches small shapes late. Balance 0.5 (inverse square root of frequency) makes
+  shape pixels count more without making rare classes dominate. Not differentiated.
+  """
+  if balance == 0.0:
+    return jnp.ones(labels.shape, jnp.float32)
+  freq_C = jnp.bincount(labels.reshape(-1), length=num_classes) / labels.size
+  weight_C = jnp.where(freq_C > 0, jnp.maximum(freq_C, 1e-6) ** -balance, 0.0)
+  return jax.lax.stop_gradient(weight_C[labels])
 
 
 # ------------------------------------------------------------------------------------- tokenizer --
@@ -290,8 +314,10 @@ class ImageTokenizer(nnx.Module):
       beta = cfg.smooth_l1_beta
       return jnp.mean(jnp.where(err < beta, 0.5 * err * err / beta, err - 0.5 * beta))
     logp = jax.nn.log_softmax(out_BHWC, axis=-1)
-    labels = jnp.take_along_axis(logp, images.astype(jnp.int32)[..., None], axis=-1)
-    return -jnp.mean(labels)
+    labels = images.astype(jnp.int32)
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    weights = semseg_pixel_weights(labels, cfg.num_classes, cfg.class_balance)
+    return jnp.sum(weights * nll) / jnp.sum(weights)
 
   def loss(self, images: Array, *, train: bool = False,
            rng: Array | None = None) -> tuple[Array, dict[str, Array]]:

@@ -11,7 +11,8 @@ from mmjax.config import ConfigError
 from mmjax.data import shapes
 from mmjax.errors import UserError
 from mmjax.tokenizers import image_metrics
-from mmjax.tokenizers.image import ImageTokenizerConfig, create_tokenizer, patchify, unpatchify
+from mmjax.tokenizers.image import (ImageTokenizerConfig, create_tokenizer, patchify,
+                                   semseg_pixel_weights, unpatchify)
 
 TINY = dict(image_size=16, patch_size=4, width=32, num_heads=2, encoder_layers=1,
             decoder_layers=1, codebook_size=32, code_dim=8)
@@ -43,6 +44,37 @@ def test_tokenize_detokenize_shapes_and_dtypes(modality, quantizer):
   np.testing.assert_array_equal(recon, out)
   # Tokens of an image do not depend on the other images of the batch.
   np.testing.assert_array_equal(model.tokenize(images[1:2]), ids[1:2])
+
+
+def test_code_norm_makes_the_decoder_blind_to_the_code_embedding_scale():
+  # With the norm, the code embedding enters the decoder at unit scale, however small the
+  # embedding's weights are; without it, shrinking them changes the output.
+  codes = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+  for code_norm in (True, False):
+    model = create_tokenizer(ImageTokenizerConfig(modality="rgb", code_norm=code_norm, **TINY))
+    before = model.decoder(codes)
+    model.decoder.embed.kernel[...] *= 0.1
+    model.decoder.embed.bias[...] = model.decoder.embed.bias[...] * 0.1
+    after = model.decoder(codes)
+    change = float(jnp.max(jnp.abs(after - before)))  # outputs are of order 1
+    assert change < 1e-2 if code_norm else change > 0.3, (code_norm, change)
+
+
+def test_semseg_class_balance_weights_pixels_by_class_frequency():
+  labels = jnp.asarray([[[0, 0], [0, 2]]])  # class 0: 3/4 of the pixels, class 2: 1/4
+  np.testing.assert_array_equal(semseg_pixel_weights(labels, 3, 0.0), np.ones((1, 2, 2)))
+  np.testing.assert_allclose(semseg_pixel_weights(labels, 3, 0.5),
+                             [[[0.75 ** -0.5] * 2, [0.75 ** -0.5, 2.0]]], rtol=1e-6)
+  # The loss is the weighted mean of the pixels' negative log-likelihoods.
+  logits = jax.random.normal(jax.random.key(1), (1, 2, 2, 3))
+  nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(labels)[..., None],
+                            axis=-1)[..., 0]
+  for balance in (0.0, 0.5):
+    cfg = ImageTokenizerConfig(modality="semseg", num_classes=3, class_balance=balance,
+                               **{**TINY, "image_size": 8})
+    w = np.asarray(semseg_pixel_weights(labels, 3, balance))
+    got = create_tokenizer(cfg).reconstruction_loss(logits, labels.astype(jnp.uint8))
+    np.testing.assert_allclose(got, np.sum(w * nll) / np.sum(w), rtol=1e-5)
 
 
 def test_fsq_codebook_size_follows_levels():
