@@ -272,8 +272,10 @@ def _sequence_loop(graphdef, state, ctx, temps_L, visible_CN, weights_C, rng, sp
   cache = model.init_cache(c * B, queries)
   vocab = model.registry[spec.name].vocab_size
   ids = jnp.arange(vocab)
+  # As in training targets: no PAD/UNK/BOS, and of the sentinels only [S_2] .. the final one.
+  sentinel = (ids >= special.FIRST_SENTINEL) & (ids < spec.sentinel_end)
   allowed = (ids < spec.vocab_limit) & (ids != special.PAD) & (ids != special.UNK) & \
-      (ids != special.BOS) & (ids != special.FIRST_SENTINEL)  # [S_0] never appears in targets
+      (ids != special.BOS) & (~sentinel | ((ids > spec.first_token) & (ids <= spec.final_sentinel)))
   out = jnp.zeros((B, spec.slots), jnp.int32).at[:, 0].set(spec.first_token)
   history = jnp.zeros((B, queries if spec.return_logits else 0, vocab), jnp.float32)
 
@@ -295,7 +297,7 @@ def _sequence_loop(graphdef, state, ctx, temps_L, visible_CN, weights_C, rng, sp
     nxt = sched.sample(r_sample, logits, temps_L[j], spec.top_k, spec.top_p)
     nxt = jnp.where(done, special.PAD, nxt)
     out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], j + 1, axis=1)
-    done = done | ((nxt >= spec.final_sentinel) & (nxt < spec.sentinel_end))
+    done = done | (nxt == spec.final_sentinel)
     if spec.return_logits:
       history = jax.lax.dynamic_update_slice_in_dim(history, logits[:, None], j, axis=1)
     return j + 1, out, done, cache, rng, history

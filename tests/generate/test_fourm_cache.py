@@ -41,12 +41,11 @@ def _full_and_cached(model, batch, chunk):
 
 
 def test_cached_decode_equals_full_decode():
-  """One slot per step (generation) and three at a time, with and without qk-norm and biases."""
-  for cfg, chunk in ((fx.config(), 1), (fx.config(qk_norm=True, use_bias=True), 3)):
-    model = fx.model(cfg)
-    batch = _sequence_batch(model, np.random.default_rng(0).integers(4, 40, (2, 7)))
-    full, cached = jax.jit(_full_and_cached, static_argnums=2)(model, batch, chunk)
-    np.testing.assert_allclose(cached, full, rtol=2e-5, atol=2e-5)
+  """Three slots at a time (one at a time: the next test), with qk-norm and biases."""
+  model = fx.model(fx.config(qk_norm=True, use_bias=True))
+  batch = _sequence_batch(model, np.random.default_rng(0).integers(4, 40, (2, 7)))
+  full, cached = jax.jit(_full_and_cached, static_argnums=2)(model, batch, 3)
+  np.testing.assert_allclose(cached, full, rtol=2e-5, atol=2e-5)
 
 
 def test_cached_step_with_a_traced_index():

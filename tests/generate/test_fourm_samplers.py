@@ -112,7 +112,13 @@ def test_sequence_tokens_valid_and_cached_logits_equal_full_recompute(setup):
   assert out.raw.shape == (B, 11) and (out.raw[:, 0] == 4 + 1).all()  # starts at [S_1]
   emitted = out.raw[:, 1:]
   nonpad = emitted != special.PAD
-  assert ((emitted[nonpad] >= 3) & (emitted[nonpad] < 36) & (emitted[nonpad] != 4)).all()
+  assert ((emitted[nonpad] >= 3) & (emitted[nonpad] < 36)).all()
+  sentinels = emitted[(emitted >= 4) & (emitted < 12)]
+  assert (sentinels == 4 + 2).all()  # only the final [S_2], nothing after it
+  for b in range(B):
+    if out.finished[b]:
+      end = list(emitted[b]).index(4 + 2)
+      assert (emitted[b, end + 1:] == special.PAD).all()
   for b in range(B):  # merged text: no sentinels, no EOS, all real ids
     assert all(3 < t < 36 and not 4 <= t < 12 for t in out.ids[b])
   # Full recomputation: the decoder over the whole teacher-forced sequence, no cache.
@@ -173,9 +179,10 @@ def test_chained_generation_feeds_outputs_forward(setup):
   results, final = sampler.chain(layout, ctx, plan, key)
   caption = results["caption"].ids
   o, _ = layout.window("caption")
-  for b in range(B):  # the caption became an input: its tokens + EOS, valid
-    n = len(caption[b]) + 1
-    np.testing.assert_array_equal(final["enc_tokens"][b, o:o + n], caption[b] + [special.EOS])
+  for b in range(B):  # the caption became an input: its tokens + EOS (max_length 10), valid
+    expected = caption[b][:9] + [special.EOS]
+    n = len(expected)
+    np.testing.assert_array_equal(final["enc_tokens"][b, o:o + n], expected)
     assert final["enc_valid"][b, o:o + n].all() and not final["enc_valid"][b, o + n:o + 10].any()
   # The image step saw the caption: rerunning it on the context with the caption reproduces it.
   _, k_image = jax.random.split(jax.random.split(key)[0])
