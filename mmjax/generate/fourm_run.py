@@ -6,7 +6,8 @@
 
 Inputs: text for a sequence modality (tokenized by its text tokenizer; a `det` input is boxes as
 text, "v0=3 v1=5 v2=20 v3=22 circle ..."), an image file for an image modality (raw pixels for the
-`image_pixels` modality, tokenized by the image tokenizer for `tok_*`). Tokenizers are read from
+`image_pixels` modality, tokenized by the image tokenizer for `tok_*`; depth as a grey image, bright
+= near, spanning the tokenizer's depth range; semseg as a grey image of class ids). Tokenizers are read from
 `data.tokenizers_dir` ("" = <data_dir>/tokenizers, data_dir "" = <workdir>/data).
 Outputs in out_dir, per sample i: `<target>_<i>.png` (images through the tokenizer's decoder; depth
 and semseg coloured), `<target>_<i>.txt` (sequences), `det_<i>.png` (boxes drawn on the generated
@@ -119,7 +120,10 @@ def _encode_inputs(layout: gen.EncoderLayout, ctx, registry, inputs, tokenizers,
       tok = tokenizers(name)
       kind = tok.kind
       image = _read_image(value, tok.size, "RGB" if kind == "rgb" else "L", name)
-      raw = image.astype(np.float32) / 255.0 if kind == "depth" else image
+      raw = image
+      if kind == "depth":  # grey PNG, near = bright (as grids.to_rgb draws depth), to metres
+        cfg = tok.tokenizer.cfg
+        raw = cfg.depth_max - image.astype(np.float32) / 255.0 * (cfg.depth_max - cfg.depth_min)
       if kind == "semseg" and raw.max() >= tok.tokenizer.cfg.num_classes:
         raise UserError(f"mmjax generate: --input {name}={value}: a class map needs values < "
                         f"{tok.tokenizer.cfg.num_classes}, got {int(raw.max())}")
