@@ -7,6 +7,7 @@ User errors (a bad flag, a missing file, an unknown config key) print one line a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -40,8 +41,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
   demo = commands.add_parser("demo", help="the whole pipeline on the embedded shapes data, on CPU")
   _add_common(demo, config_required=False)
-  demo.add_argument("--num-train", type=int, default=2000, help="training scenes to generate")
-  demo.add_argument("--num-val", type=int, default=200, help="validation scenes to generate")
+  demo.add_argument("--num-train", type=int, help="training scenes to generate (default 2000)")
+  demo.add_argument("--num-val", type=int, help="validation scenes to generate (default 200)")
+  demo.add_argument("--quick", action="store_true",
+                    help="smoke-test sizes: every stage runs, in seconds of work")
   demo.set_defaults(run=_run_demo)
 
   prepare = commands.add_parser("prepare", help="prepare a dataset: shapes scenes or token shards")
@@ -300,28 +303,14 @@ def _run_bench_data(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-  from mmjax.data import shapes
-  from mmjax.eval import grids
+  from mmjax import demo
 
   _load_config(args)
-  workdir = args.workdir or os.path.join("runs", "demo")
-  data_dir = os.path.join(workdir, "data")
-  print(f"mmjax demo: preparing {args.num_train} + {args.num_val} shapes scenes in {data_dir}")
-  try:
-    summary = shapes.prepare_shapes(data_dir, num_train=args.num_train, num_val=args.num_val,
-                                    seed=0, image_size=64, progress=True)
-  except ValueError as e:
-    raise UserError(f"demo: {e}") from None
-  print(json.dumps(summary, indent=2, default=str))
-  scenes = [shapes.generate_scene(i, split="validation") for i in range(6)]
-  preview = grids.save_grid(
-      os.path.join(workdir, "shapes_preview.png"),
-      [[s["rgb"], grids.to_rgb(s["depth"], "depth"), grids.to_rgb(s["semseg"], "classes")]
-       for s in scenes],
-      column_titles=("rgb", "depth", "semseg"), row_titles=[s["caption"] for s in scenes])
-  print(f"mmjax demo: validation scenes with their captions: {preview}")
-  print("mmjax demo: done. Tokenizers, training, evaluation and sampling join the demo as they "
-        "land.")
+  settings = demo.DemoSettings.quick_settings() if args.quick else demo.DemoSettings()
+  sizes = {k: v for k, v in (("num_train", args.num_train), ("num_val", args.num_val))
+           if v is not None}
+  settings = dataclasses.replace(settings, **sizes)
+  demo.run_demo(args.workdir or os.path.join("runs", "demo"), settings)
   return 0
 
 

@@ -103,14 +103,35 @@ def test_prepare_shapes_bad_parameter_is_a_user_error(tmp_path, capsys):
   assert code == 2 and "image_size" in err and "Traceback" not in err
 
 
-def test_demo_prepares_data_and_a_preview(tmp_path, capsys):
+def test_demo_quick_runs_every_stage_then_resumes(tmp_path, capsys):
+  """The whole pipeline at smoke-test sizes; a second run skips every finished stage."""
+  import json
+
   from PIL import Image
 
-  code, out, _ = _run(capsys, "demo", "--workdir", str(tmp_path), "--num-train", "8",
-                      "--num-val", "4")
-  assert code == 0 and "shapes_preview.png" in out
-  with Image.open(tmp_path / "shapes_preview.png") as image:
-    assert image.size[0] > 300
+  workdir = tmp_path / "demo"
+  assert cli.main(["demo", "--quick", "--workdir", str(workdir)]) == 0
+  out = capsys.readouterr().out
+  summary = json.loads((workdir / "demo_summary.json").read_text())
+  assert list(summary["stage_seconds"]) == [
+      "shapes data", "text tokenizer", "rgb tokenizer", "depth tokenizer", "semseg tokenizer",
+      "pre-tokenize", "4M training", "evaluation", "sample"]
+  assert summary["figures"]["4M"]["steps"] == 2
+  for name, path in summary["pngs"].items():
+    assert path in out, name
+    with Image.open(path) as image:
+      assert image.size[0] > 100, name
+  assert "generated caption->tok_rgb" in summary["pngs"]
+  metrics = json.loads((workdir / "fourm" / "eval" / "metrics.json").read_text())["metrics"]
+  assert metrics["gen/rgb->caption/scenes"] == 2.0 and "val/loss" in metrics
+  assert 0.0 <= metrics["gen/caption->tok_rgb/attr_acc"] <= 1.0
+  assert not any(k.startswith("gen/rgb->det") for k in metrics)  # quick: two tasks only
+  assert "sample tok_rgb" in summary["pngs"] and "sample det" in summary["pngs"]
+
+  assert cli.main(["demo", "--quick", "--workdir", str(workdir)]) == 0
+  again = capsys.readouterr().out
+  assert again.count("exists; skipped") == 6  # text, 3 image tokenizers, evaluation, sample
+  assert json.loads((workdir / "demo_summary.json").read_text())["figures"]["4M"]["steps"] == 2
 
 
 def test_tokenizer_train_text(tmp_path, capsys):

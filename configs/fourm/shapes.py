@@ -1,9 +1,28 @@
 """4M on the embedded shapes data: every modality to every other, small enough for a CPU.
 
-Run:
-  mmjax train --config=configs/fourm/shapes.py:tiny --workdir=runs/fourm_shapes
+Run, end to end on CPU (`:runlocal` image tokenizers are quick but blurry; pass the argument they
+were trained with as `tokenizers=ARG`, and drop it for full-size ones):
+  W=runs/fourm_shapes; T=$W/tokens; K=$T/tokenizers; C=configs/tokenizers
+  mmjax prepare shapes --out $W/data --num-train 5000 --num-val 500
+  mmjax tokenizer train --config $C/shapes_text.py --workdir $K/shapes_text
+  mmjax tokenizer train --config $C/shapes_rgb.py:runlocal --workdir $K/shapes_rgb \
+      --config.train.steps=300 --config.data.num_train=5000     # likewise depth, semseg
+  mmjax prepare tokens --config configs/tokens/shapes.py:tokenizers=runlocal \
+      --config.data.data_dir=$W/data --workdir $T
+  mmjax train --config configs/fourm/shapes.py:tiny,tokenizers=runlocal --workdir $W/train \
+      --config.data.data_dir=$T --config.train.steps=200 --config.train.batch_size=16 \
+      --config.train.warmup_steps=20 --config.train.eval_every=50 --config.train.checkpoint_every=50
+  mmjax eval --config configs/fourm/shapes.py:tiny,tokenizers=runlocal --workdir $W/train \
+      --config.data.data_dir=$T --num-scenes 32       # metrics.json + PNG grids in $W/train/eval
+  mmjax generate --config configs/fourm/shapes.py:tiny,tokenizers=runlocal --workdir $W/train \
+      --config.data.data_dir=$T --input caption="a large red circle in the center" \
+      --target tok_rgb --target det
   mmjax train --config=configs/fourm/shapes.py:tiny,runlocal --workdir=/tmp/smoke   # seconds
+Re-running `mmjax train` on the workdir resumes from its latest checkpoint (SIGTERM saves one).
+`mmjax demo` runs the same sequence at demo sizes. Training writes metrics.jsonl, TensorBoard
+events (tb/) and loss.png into the workdir.
 Variants: `tiny` (D=192, 4+4 layers) and `small` (D=384, 6+6). `runlocal` shrinks steps and data.
+`tokenizers=ARG`: the config argument the image tokenizers were trained with (e.g. runlocal).
 """
 
 import ml_collections

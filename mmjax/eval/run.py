@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -37,15 +38,17 @@ def _progress(message: str, done: bool) -> None:
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str, *, out_dir: str,
              num_scenes: int = 32, seed: int = 0, max_val_batches: int = 32,
-             grid_rows: int = 6) -> dict[str, Any]:
-  """Evaluates the latest checkpoint of `workdir`; see the module docstring."""
+             grid_rows: int = 6, tasks: Sequence[str] | None = None) -> dict[str, Any]:
+  """Evaluates the latest checkpoint of `workdir`; see the module docstring. `tasks` names the
+  4M generation tasks to run (e.g. "rgb->caption"); None runs every one the config supports."""
   objective = config.get("objective", "")
   start = time.perf_counter()
   if objective == "tokenizer":
     result = _eval_tokenizer(config, workdir, out_dir, grid_rows)
   elif objective in ("fourm", "decoder"):
     result = _eval_tokens_model(config, workdir, out_dir, num_scenes=num_scenes, seed=seed,
-                                max_val_batches=max_val_batches, grid_rows=grid_rows)
+                                max_val_batches=max_val_batches, grid_rows=grid_rows,
+                                tasks=tasks)
   else:
     raise UserError(f"mmjax eval: config objective {objective!r} has no evaluation (use a 4M, "
                     "decoder or tokenizer config)")
@@ -79,7 +82,8 @@ def _eval_tokenizer(config, workdir: str, out_dir: str, grid_rows: int) -> dict[
 
 
 def _eval_tokens_model(config, workdir: str, out_dir: str, *, num_scenes: int, seed: int,
-                       max_val_batches: int, grid_rows: int) -> dict[str, Any]:
+                       max_val_batches: int, grid_rows: int,
+                       tasks: Sequence[str] | None) -> dict[str, Any]:
   from mmjax.eval import teacher_forced
   from mmjax.train.checkpoint import load_model
   from mmjax.train.objective import get_objective
@@ -92,7 +96,7 @@ def _eval_tokens_model(config, workdir: str, out_dir: str, *, num_scenes: int, s
   result: dict[str, Any] = {"step": step, "metrics": metrics, "grids": {}, "samples": {}}
   if config.objective == "fourm" and num_scenes > 0:
     generated = _fourm_generation(config, model, out_dir, num_scenes=num_scenes, seed=seed,
-                                  grid_rows=grid_rows)
+                                  grid_rows=grid_rows, task_names=tasks)
     for key in ("metrics", "grids", "samples"):
       result[key].update(generated[key])
     result["generation_seconds"] = generated["seconds"]
@@ -101,7 +105,7 @@ def _eval_tokens_model(config, workdir: str, out_dir: str, *, num_scenes: int, s
 
 
 def _fourm_generation(config, model, out_dir: str, *, num_scenes: int, seed: int,
-                      grid_rows: int) -> dict[str, Any]:
+                      grid_rows: int, task_names: Sequence[str] | None) -> dict[str, Any]:
   """Any-to-any metrics on the first `num_scenes` validation records (shapes data only)."""
   from mmjax.data import modality_tokenizers, tokens_tfds
   from mmjax.eval import fourm_eval
@@ -117,6 +121,12 @@ def _fourm_generation(config, model, out_dir: str, *, num_scenes: int, seed: int
     return {"metrics": {}, "grids": {}, "samples": {}, "seconds": {}, "note": note}
   registry = model.registry
   tasks = fourm_eval.shapes_tasks(registry)
+  if task_names is not None:
+    unknown = sorted(set(task_names) - {t.name for t in tasks})
+    if unknown:
+      raise UserError(f"mmjax eval: unknown generation task(s) {', '.join(unknown)}; this config "
+                      f"has {', '.join(t.name for t in tasks)}")
+    tasks = [t for t in tasks if t.name in task_names]
   source = tokens_tfds.load_tokens(data.data_dir, data.name, "validation")
   records = [source[i] for i in range(min(num_scenes, len(source)))]
   scenes = fourm_eval.ground_truth_scenes(records, int(source_info.get("seed", data.seed)),

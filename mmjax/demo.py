@@ -1,0 +1,275 @@
+"""`mmjax demo`: the whole pipeline on the embedded shapes data, on CPU, in minutes.
+
+The stages, and the commands each one equals (W = --workdir, T = W/tokens):
+
+  1 data        mmjax prepare shapes --out W/data --num-train N --num-val M
+  2 text        mmjax tokenizer train --config configs/tokenizers/shapes_text.py
+                    --workdir T/tokenizers/shapes_text
+  3 image toks  mmjax tokenizer train --config configs/tokenizers/shapes_{rgb,depth,semseg}.py:runlocal
+                    --workdir T/tokenizers/shapes_{rgb,...} --config.train.steps=S (short runs)
+  4 tokens      mmjax prepare tokens --config configs/tokens/shapes.py:tokenizers=runlocal
+                    --config.data.data_dir=W/data --workdir T
+  5 4M          mmjax train --config configs/fourm/shapes.py:tiny,tokenizers=runlocal
+                    --config.data.data_dir=T --workdir W/fourm (short)
+  6 eval        mmjax eval (same config) --workdir W/fourm: metrics + grids in W/fourm/eval
+  7 sample      mmjax generate ... --workdir W/fourm --input caption="..." --target tok_rgb
+                    --target det (chained: the caption gives rgb tokens, both give boxes)
+
+Every stage skips work that is done (finished tokenizers, shards and checkpoints are reused; a
+training run resumes), so re-running the demo continues where it stopped. `quick` settings shrink
+everything for a smoke test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from mmjax import config as mmconfig
+from mmjax.data.modality_tokenizers import resolve_config_path
+
+IMAGE_TOKENIZERS = ("rgb", "depth", "semseg")
+TOKENIZER_ARG = "runlocal"  # the small image tokenizers; their config argument
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+  """Sizes of the demo's stages."""
+  num_train: int = 2000         # shapes scenes in the train split
+  num_val: int = 200            # and in the validation split
+  text_scenes: int = 2000       # scenes whose captions and boxes train the text tokenizer
+  tokenizer_steps: int = 300    # steps of each image tokenizer (runlocal size)
+  fourm_steps: int = 200        # steps of the 4M tiny model
+  fourm_batch: int = 16
+  eval_every: int = 100         # 4M validation passes during training
+  eval_scenes: int = 16         # validation scenes of the any-to-any generation metrics
+  eval_tasks: tuple[str, ...] | None = None  # generation tasks to score; None = all
+  quick: bool = False           # smoke-test sizes (seconds of work; metrics meaningless)
+
+  @classmethod
+  def quick_settings(cls) -> DemoSettings:
+    return cls(num_train=64, num_val=16, text_scenes=200, tokenizer_steps=2, fourm_steps=2,
+               fourm_batch=8, eval_every=2, eval_scenes=2,
+               eval_tasks=("rgb->caption", "caption->tok_rgb"), quick=True)
+
+
+def _say(message: str) -> None:
+  print(f"mmjax demo: {message}", flush=True)
+
+
+def _config(spec: str, overrides: dict[str, Any]):
+  path, sep, arg = spec.partition(":")
+  return mmconfig.load(resolve_config_path(path) + sep + arg,
+                       [f"--config.{k}={v}" for k, v in overrides.items()])
+
+
+class _Stages:
+  """Runs stages in order, timing each and collecting the summary."""
+
+  def __init__(self):
+    self.timings: dict[str, float] = {}
+    self.figures: dict[str, Any] = {}
+    self.pngs: dict[str, str] = {}
+
+  def run(self, name: str, fn, *args, **kwargs):
+    _say(f"[{len(self.timings) + 1}] {name}")
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    self.timings[name] = time.perf_counter() - start
+    return result
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _prepare_shapes(data_dir: str, s: DemoSettings) -> dict[str, Any]:
+  from mmjax.data import shapes
+  from mmjax.errors import UserError
+
+  try:
+    return shapes.prepare_shapes(data_dir, num_train=s.num_train, num_val=s.num_val, seed=0,
+                                 image_size=64, progress=True)
+  except ValueError as e:
+    raise UserError(f"demo: {e}") from None
+
+
+def _text_tokenizer(workdir: str, s: DemoSettings) -> dict[str, Any]:
+  report = _read_json(os.path.join(workdir, "text_tokenizer.json"))
+  if report and os.path.isfile(os.path.join(workdir, "text.model")):
+    _say(f"text tokenizer in {workdir} exists; skipped")
+    return report
+  from mmjax.tokenizers import text
+
+  config = _config("configs/tokenizers/shapes_text.py",
+                   {"num_train_scenes": s.text_scenes, "num_val_scenes": min(200, s.text_scenes)})
+  return text.run_text_tokenizer_train(config, workdir)
+
+
+def _image_tokenizer(modality: str, workdir: str, s: DemoSettings) -> dict[str, Any]:
+  report = _read_json(os.path.join(workdir, "tokenizer_eval.json"))
+  if report and report.get("steps") == s.tokenizer_steps:
+    _say(f"{modality} tokenizer in {workdir} exists; skipped")
+    return report
+  from mmjax.objectives import tokenizer
+
+  config = _config(f"configs/tokenizers/shapes_{modality}.py:{TOKENIZER_ARG}",
+                   {"train.steps": s.tokenizer_steps, "data.num_train": s.num_train,
+                    "train.checkpoint_every": s.tokenizer_steps,
+                    "train.log_every": max(1, s.tokenizer_steps // 5)})
+  return tokenizer.run_image_tokenizer_train(config, workdir)["tokenizer_eval"]
+
+
+def fourm_config(workdir: str, s: DemoSettings):
+  """The demo's 4M config (4M tiny on the demo's tokens)."""
+  return _config(f"configs/fourm/shapes.py:tiny,tokenizers={TOKENIZER_ARG}", {
+      "data.data_dir": os.path.join(workdir, "tokens"),
+      "train.steps": s.fourm_steps, "train.batch_size": s.fourm_batch,
+      "train.warmup_steps": max(1, s.fourm_steps // 10), "train.eval_every": s.eval_every,
+      "train.checkpoint_every": s.eval_every, "train.log_every": max(1, s.fourm_steps // 20),
+      "train.eval_batches": 2})
+
+
+def _train_losses(metrics_file: str) -> tuple[float | None, float | None]:
+  """The first and last training loss in a metrics.jsonl."""
+  losses = []
+  if os.path.isfile(metrics_file):
+    with open(metrics_file) as f:
+      for line in f:
+        row = json.loads(line)
+        if "loss" in row:
+          losses.append(row["loss"])
+  return (losses[0], losses[-1]) if losses else (None, None)
+
+
+def _evaluate(config, fourm_dir: str, s: DemoSettings) -> dict[str, Any]:
+  from mmjax.eval import run
+
+  out_dir = os.path.join(fourm_dir, "eval")
+  previous = _read_json(os.path.join(out_dir, run.METRICS_FILE))
+  if previous and previous.get("step") == s.fourm_steps and previous.get(
+      "num_scenes") == s.eval_scenes:
+    _say(f"evaluation of step {s.fourm_steps} in {out_dir} exists; skipped")
+    return previous
+  summary = run.run_eval(config, fourm_dir, out_dir=out_dir, num_scenes=s.eval_scenes,
+                         grid_rows=min(6, s.eval_scenes), tasks=s.eval_tasks)
+  return summary
+
+
+SAMPLE_CAPTION = "a large red circle in the center and a small blue square in the top left"
+
+
+def _sample(config, fourm_dir: str, s: DemoSettings) -> dict[str, Any]:
+  """caption -> rgb tokens -> boxes (chained), as `mmjax generate` does."""
+  from mmjax.generate import run
+
+  out_dir = os.path.join(fourm_dir, "sample")
+  previous = _read_json(os.path.join(out_dir, "summary.json"))
+  if previous and previous.get("step") == s.fourm_steps:
+    _say(f"sample of step {s.fourm_steps} in {out_dir} exists; skipped")
+    return previous
+  return run.run_generate(config, fourm_dir, {"caption": SAMPLE_CAPTION}, ["tok_rgb", "det"],
+                          out_dir=out_dir, seed=0)
+
+
+def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
+  """Runs (or resumes) every stage; prints progress and a summary; returns the summary."""
+  from mmjax.data import pretokenize
+  from mmjax.train import loop
+
+  start = time.perf_counter()
+  s = settings
+  stages = _Stages()
+  data_dir = os.path.join(workdir, "data")
+  tokens_dir = os.path.join(workdir, "tokens")
+  tokenizers_dir = os.path.join(tokens_dir, "tokenizers")
+  fourm_dir = os.path.join(workdir, "fourm")
+
+  shapes_summary = stages.run("shapes data", _prepare_shapes, data_dir, s)
+  stages.figures["scenes"] = shapes_summary["splits"]
+  stages.pngs["shapes preview"] = _preview(workdir)
+
+  text = stages.run("text tokenizer", _text_tokenizer,
+                    os.path.join(tokenizers_dir, "shapes_text"), s)
+  stages.figures["text tokenizer"] = {k: text.get(k) for k in (
+      "vocab_size", "caption_round_trip", "det_round_trip")}
+  for modality in IMAGE_TOKENIZERS:
+    report = stages.run(f"{modality} tokenizer", _image_tokenizer, modality,
+                        os.path.join(tokenizers_dir, f"shapes_{modality}"), s)
+    stages.figures[f"{modality} tokenizer"] = {
+        k: v for k, v in report.items() if k in ("psnr", "depth_abs_rel", "miou", "codes_used")}
+    stages.pngs[f"{modality} reconstructions"] = os.path.join(
+        tokenizers_dir, f"shapes_{modality}", "reconstructions.png")
+
+  tokens_config = _config(f"configs/tokens/shapes.py:tokenizers={TOKENIZER_ARG}",
+                          {"data.data_dir": data_dir})
+  tokens = stages.run("pre-tokenize", pretokenize.run_prepare_tokens, tokens_config, tokens_dir)
+  stages.figures["tokens"] = {split: v["records"] for split, v in tokens["splits"].items()}
+
+  config = fourm_config(workdir, s)
+  trained = stages.run("4M training", loop.run_train, config, fourm_dir)
+  first, last = _train_losses(os.path.join(fourm_dir, "metrics.jsonl"))
+  stages.figures["4M"] = {"steps": trained.get("step"), "loss_first": first, "loss_last": last,
+                          **{k: v for k, v in (trained.get("eval") or {}).items()
+                             if k in ("eval/loss",)}}
+  stages.pngs["4M loss curve"] = trained.get("plot")
+
+  evaluated = stages.run("evaluation", _evaluate, config, fourm_dir, s)
+  stages.figures["eval"] = {k: round(v, 4) for k, v in evaluated["metrics"].items()
+                            if k.endswith(("/loss", "attr_acc", "/f1", "/miou", "/abs_rel"))}
+  for task, path in (evaluated.get("grids") or {}).items():
+    if path:
+      stages.pngs[f"generated {task}"] = path
+  for task, texts in (evaluated.get("samples") or {}).items():
+    if texts:
+      _say(f"eval sample {task}: {texts[0]!r}")
+
+  sample = stages.run("sample", _sample, config, fourm_dir, s)
+  for target, paths in sample.get("files", {}).items():
+    for path in paths:
+      if path.endswith(".png"):
+        stages.pngs[f"sample {target}"] = path
+      else:
+        with open(path) as f:
+          _say(f"sample {target}: {f.read().strip()!r}")
+
+  total = time.perf_counter() - start
+  summary = {"workdir": workdir, "seconds": total, "stage_seconds": stages.timings,
+             "figures": stages.figures, "pngs": stages.pngs}
+  with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
+    json.dump(summary, f, indent=1, default=str)
+  _print_summary(summary)
+  return summary
+
+
+def _preview(workdir: str) -> str:
+  from mmjax.data import shapes
+  from mmjax.eval import grids
+
+  scenes = [shapes.generate_scene(i, split="validation") for i in range(6)]
+  return grids.save_grid(
+      os.path.join(workdir, "shapes_preview.png"),
+      [[s["rgb"], grids.to_rgb(s["depth"], "depth"), grids.to_rgb(s["semseg"], "classes")]
+       for s in scenes],
+      column_titles=("rgb", "depth", "semseg"), row_titles=[s["caption"] for s in scenes])
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+  out = sys.stdout
+  print("\nmmjax demo: summary", file=out)
+  for stage, seconds in summary["stage_seconds"].items():
+    print(f"  {stage:<16} {seconds:7.1f} s", file=out)
+  print(f"  {'total':<16} {summary['seconds']:7.1f} s", file=out)
+  for name, figures in summary["figures"].items():
+    print(f"  {name}: {json.dumps(figures, default=str)}", file=out)
+  print("mmjax demo: PNGs", file=out)
+  for name, path in summary["pngs"].items():
+    print(f"  {name:<28} {path}", file=out)
+  out.flush()
