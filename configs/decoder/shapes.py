@@ -22,8 +22,11 @@ needs the depth and semseg tokenizers; `:runlocal` image tokenizers are quick bu
       --input tok_rgb=runs/dec/train/generate/tok_rgb_0.png --target caption
   mmjax train --config=configs/decoder/shapes.py:tiny,sparsity=moma ...   # modality experts
 Re-running `mmjax train` on the workdir resumes from its latest checkpoint (SIGTERM saves one).
-Measured (2 shared CPU cores, load average ~20 from other jobs): 3-5 s per step of 4 x 256 tokens;
-RESULTS_PLACEHOLDER
+Measured with the commands above (2 CPU cores shared with other jobs, load average 20-30): ~3.1 s
+per step of 4 x 256 tokens (~330 tokens/s), compile ~50 s; loss 7.9 -> 3.1 over 300 steps (caption
+7.4 -> 0.87, tok_rgb 8.1 -> 4.0), eval loss 3.13 (caption accuracy 0.58, tok_rgb 0.19). Captions
+come out grammatical but not yet grounded in the image; images are mostly background with a few
+coloured blocks: 300 steps of batch 4 only show that the pipeline works.
 Variants: `tiny` (D=256, 4 layers) for a CPU; `1B` and `7B` for scale (abstract init, AOT).
 `sparsity` selects dense, mot, moma or moe at equal active compute. `runlocal` shrinks everything.
 `tokenizers=ARG`: the config argument the image tokenizers were trained with (e.g. runlocal), so
