@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mmjax.errors import UserError
+
 
 def validation_metrics(objective: Any, model: nnx.Module, *, max_batches: int,
                        seed: int = 0, progress: bool = True) -> dict[str, float]:
@@ -47,7 +49,8 @@ def validation_metrics(objective: Any, model: nnx.Module, *, max_batches: int,
   if progress and count:
     print(file=sys.stderr)
   if not count:
-    raise ValueError("the validation split holds less than one batch (train.batch_size)")
+    raise UserError("the validation split holds fewer records than one batch (config key "
+                    "'train.batch_size'): no teacher-forced metrics")
   out = {f"val/{k}": v / count for k, v in sorted(totals.items())}
   out["val/batches"] = float(count)
   return out
