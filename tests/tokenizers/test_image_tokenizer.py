@@ -190,15 +190,17 @@ def test_trainer_step_carries_the_codebook_state(microbatches):
       state, metrics = step(state, mmsharding.global_batch(next(it), setup.batch_shardings))
       counts.append(np.asarray(state["rest"]["quantizer"]["ema_count"][...]))
   # Each micro-batch (8 images x 16 tokens) is one EMA update, in order: the sum of the counts
-  # goes 0 -> 0.99 s + 0.01 * 128 per micro-batch.
+  # goes 0 -> d s + (1 - d) * 128 per micro-batch.
+  d = config.model.ema_decay
   expected, sums = 0.0, []
   for _ in range(2):
     for _ in range(microbatches):
-      expected = 0.99 * expected + 0.01 * 128
+      expected = d * expected + (1 - d) * 128
     sums.append(expected)
   np.testing.assert_allclose([c.sum() for c in counts], sums, rtol=1e-5)
-  if microbatches == 1:  # after one update: 0.01 x the uses of each code
-    np.testing.assert_allclose(counts[0] * 100, np.round(counts[0] * 100), atol=1e-4)
+  if microbatches == 1:  # after one update: (1 - d) x the uses of each code
+    uses = counts[0] / (1 - d)
+    np.testing.assert_allclose(uses, np.round(uses), atol=1e-3)
   codes = np.asarray(state["rest"]["quantizer"]["codebook"][...])
   np.testing.assert_allclose(np.linalg.norm(codes, axis=1), 1.0, rtol=1e-5)
 
