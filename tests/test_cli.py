@@ -120,7 +120,7 @@ def test_demo_quick_runs_every_stage_then_resumes(tmp_path, capsys):
   for name, path in summary["pngs"].items():
     assert path in out, name
     with Image.open(path) as image:
-      assert image.size[0] > 100, name
+      assert image.size[0] >= 64, name
   assert "generated caption->tok_rgb" in summary["pngs"]
   metrics = json.loads((workdir / "fourm" / "eval" / "metrics.json").read_text())["metrics"]
   assert metrics["gen/rgb->caption/scenes"] == 2.0 and "val/loss" in metrics
