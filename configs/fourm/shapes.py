@@ -19,6 +19,11 @@ were trained with as `tokenizers=ARG`, and drop it for full-size ones):
       --target tok_rgb --target det
   mmjax train --config=configs/fourm/shapes.py:tiny,runlocal --workdir=/tmp/smoke   # seconds
 Re-running `mmjax train` on the workdir resumes from its latest checkpoint (SIGTERM saves one).
+Measured with exactly these commands (2 CPU cores shared with ~6 jobs, load average ~20-30):
+10-20 s per step; loss 6.86 -> 3.12 over 200 steps, validation loss 4.41 (step 50) -> 3.13 (200);
+eval on 16 scenes: semseg mIoU 0.16 (pixel acc 0.88), depth abs-rel 0.19, caption->rgb attribute
+accuracy 0.04, rgb->caption 0 (no caption parses yet) and rgb->det F1 0: 200 steps and `runlocal`
+tokenizers are far from enough for text and boxes.
 `mmjax demo` runs the same sequence at demo sizes. Training writes metrics.jsonl, TensorBoard
 events (tb/) and loss.png into the workdir.
 Variants: `tiny` (D=192, 4+4 layers) and `small` (D=384, 6+6). `runlocal` shrinks steps and data.
