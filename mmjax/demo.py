@@ -18,6 +18,12 @@ The stages, and the commands each one equals (W = --workdir, T = W/tokens):
 Every stage skips work that is done (finished tokenizers, shards and checkpoints are reused; a
 training run resumes), so re-running the demo continues where it stopped. `quick` settings shrink
 everything for a smoke test.
+
+Measured (`mmjax demo --workdir runs/demo`, 2 CPU cores with a load average of 2-5 from other
+jobs): 617 s in all, 401 s of them the 200 4M steps; 4M loss 6.88 -> 4.31 (validation 4.14);
+tokenizers: rgb PSNR 20.3, depth abs-rel 0.088, semseg mIoU 0.60; eval on 16 scenes: caption->rgb
+attribute accuracy 0.18, rgb->semseg mIoU 0.16, depth abs-rel 0.21, rgb->caption 0.01, det F1 0.
+A re-run of a finished demo skips every stage (~20 s).
 """
 
 from __future__ import annotations
