@@ -158,7 +158,7 @@ def test_tiny_model_overfits_one_batch():
   m = fx.model(cfg, reg)
   b = jax.tree.map(jnp.asarray, fx.batch(cfg, reg, size=2, seed=11))
   graphdef, params = nnx.split(m)
-  tx = optax.adam(1e-2)
+  tx = optax.adam(3e-3)  # 1e-2 oscillates around 0.3 on some CPUs instead of converging
 
   @jax.jit
   def step(params, opt):
