@@ -23,8 +23,8 @@ from flax import nnx
 
 from mmjax.modalities import Registry
 from mmjax.models.configs import FourMConfig
-from mmjax.models.layers import (Linear, Mlp, Norm, attention, constrain, dtype_of, matmul,
-                                 normalize, param, scan_layers, sincos_1d, sincos_2d)
+from mmjax.models.layers import (Linear, Mlp, Norm, attention, constrain, dtype_of, einsum,
+                                 matmul, normalize, param, scan_layers, sincos_1d, sincos_2d)
 
 EMBED_INIT = nnx.initializers.normal(0.02)
 ACT = ("batch", "length", "embed")
@@ -140,8 +140,7 @@ class DecoderBlocks(nnx.Module):
     norm, kv = self.context_norm, self.cross_attn.kv
     w_LD2HK = kv.kernel[...] * norm.scale[...][:, :, None, None, None].astype(kv.kernel.dtype)
     ctx_hat = normalize(ctx_BND, norm.kind, norm.eps)
-    out = jnp.einsum("bnd,ldthk->lbnthk", ctx_hat.astype(dtype), w_LD2HK.astype(dtype),
-                     preferred_element_type=jnp.float32)
+    out = einsum("bnd,ldthk->lbnthk", ctx_hat, w_LD2HK, dtype)
     bias = 0.0
     if norm.bias is not None:
       bias = jnp.einsum("ld,ldthk->lthk", norm.bias[...], kv.kernel[...])

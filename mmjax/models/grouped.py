@@ -20,10 +20,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import layers
 
-def dot(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-  """einsum with inputs in the compute dtype and fp32 accumulation and result."""
-  return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+# einsum with inputs in the compute dtype and fp32 accumulation and result.
+dot = layers.einsum
 
 
 class Routing(NamedTuple):

@@ -9,6 +9,7 @@ with a leading `layers` axis of size L; `scan_layers` runs such a stack under `j
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -75,12 +76,75 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
 # Matmuls, linears and norms.
 
 
+def einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+  """`jnp.einsum(spec, a, b)` with inputs in the compute dtype, fp32 accumulation and result.
+
+  Below fp32 the backward matmuls take compute-dtype inputs too: JAX's own transpose of a
+  bf16 x bf16 -> fp32 einsum upcasts the bf16 operand to meet the fp32 cotangent, which runs two
+  thirds of the training matmuls at the fp32 rate. Every index of an operand must appear in the
+  other operand or the output (true of matmuls and attention).
+  """
+  a, b = a.astype(dtype), b.astype(dtype)
+  if jnp.dtype(dtype) == jnp.float32:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+  return _low_precision_einsum(spec, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _low_precision_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  return _batched_matmul(spec, a, b)
+
+
+def _low_precision_einsum_fwd(spec, a, b):
+  return _batched_matmul(spec, a, b), (a, b)
+
+
+def _low_precision_einsum_bwd(spec, residuals, g):
+  a, b = residuals
+  inputs, out = spec.split("->")
+  spec_a, spec_b = inputs.split(",")
+  g = g.astype(a.dtype)  # what JAX's transpose would round the operand's gradient to anyway
+  da = _batched_matmul(f"{out},{spec_b}->{spec_a}", g, b)
+  db = _batched_matmul(f"{spec_a},{out}->{spec_b}", a, g)
+  return da.astype(a.dtype), db.astype(b.dtype)
+
+
+def _batched_matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """The einsum as one [batch, M, K] @ [batch, K, N] matmul of materialised operands, fp32 result.
+
+  XLA:CPU runs bf16 x bf16 -> fp32 only on operands in this standard layout; a transposed one
+  (e.g. the attention backward's contraction over queries) fails with "Unsupported element type
+  for DotThunk::Execute".
+  """
+  inputs, out = spec.split("->")
+  spec_a, spec_b = inputs.split(",")
+  batch = [i for i in out if i in spec_a and i in spec_b]
+  free_a = [i for i in out if i in spec_a and i not in spec_b]
+  free_b = [i for i in out if i in spec_b and i not in spec_a]
+  contract = [i for i in spec_a if i in spec_b and i not in out]
+  size = {**dict(zip(spec_a, a.shape)), **dict(zip(spec_b, b.shape))}
+
+  def arrange(x, spec_x, first, second):
+    x = jnp.transpose(x, [spec_x.index(i) for i in batch + first + second])
+    count = lambda names: int(np.prod([size[i] for i in names], dtype=np.int64))  # noqa: E731
+    return x.reshape(count(batch), count(first), count(second))
+
+  y = jax.lax.dot_general(arrange(a, spec_a, free_a, contract), arrange(b, spec_b, contract, free_b),
+                          (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  y = y.reshape([size[i] for i in batch + free_a + free_b])
+  return jnp.transpose(y, [(batch + free_a + free_b).index(i) for i in out])
+
+
+_low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
+
+
 def matmul(x: jax.Array, w: jax.Array, contract: int, dtype) -> jax.Array:
   """Contracts the last `contract` axes of x with the first `contract` axes of w; fp32 result."""
-  lhs = tuple(range(x.ndim - contract, x.ndim))
-  rhs = tuple(range(contract))
-  return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), ((lhs, rhs), ((), ())),
-                             preferred_element_type=jnp.float32)
+  letters = "abcdefghijklmnopqrstuvwxyz"
+  keep, inner = x.ndim - contract, w.ndim - contract
+  x_spec = letters[:x.ndim]
+  w_spec = x_spec[keep:] + letters[x.ndim:x.ndim + inner]
+  return einsum(f"{x_spec},{w_spec}->{x_spec[:keep]}{w_spec[contract:]}", x, w, dtype)
 
 
 class Linear(nnx.Module):
@@ -139,12 +203,10 @@ def attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, mask_BQS:
   """softmax(q k^T / sqrt(d)) v. Masked logits take fp32's most negative finite value (never -inf),
   so a fully masked row is uniform, not NaN. `mask_BQS` broadcasts over heads."""
   scale = q_BQHK.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhk,bshk->bhqs", (q_BQHK * scale).astype(dtype), k_BSHK.astype(dtype),
-                      preferred_element_type=jnp.float32)
+  logits = einsum("bqhk,bshk->bhqs", q_BQHK * scale, k_BSHK, dtype)
   logits = jnp.where(mask_BQS[:, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
-  return jnp.einsum("bhqs,bshk->bqhk", probs.astype(dtype), v_BSHK.astype(dtype),
-                    preferred_element_type=jnp.float32)
+  return einsum("bhqs,bshk->bqhk", probs, v_BSHK, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

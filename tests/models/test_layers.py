@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from mmjax.models import layers
@@ -86,3 +87,38 @@ def test_scan_layers_with_remat_matches_loop():
   g1 = jax.grad(lambda x: run("full", x).sum())(x)
   assert np.abs(g0).sum() > 0
   np.testing.assert_allclose(g0, g1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec,shape_a,shape_b", [
+    ("abc,cde->abde", (2, 5, 8), (8, 3, 4)),        # fused qkv
+    ("abcd,cde->abe", (2, 5, 3, 4), (3, 4, 8)),     # output projection over heads
+    ("bqhk,bshk->bhqs", (2, 5, 3, 4), (2, 7, 3, 4)),  # attention scores
+    ("bhqs,bshk->bqhk", (2, 3, 5, 7), (2, 7, 3, 4)),  # weighted values
+])
+def test_bf16_einsum_backward_runs_bf16_matmuls_and_matches_fp32(spec, shape_a, shape_b):
+  a = jax.random.normal(jax.random.key(0), shape_a)
+  b = jax.random.normal(jax.random.key(1), shape_b)
+  ct = jax.random.normal(jax.random.key(2), jnp.einsum(spec, a, b).shape)
+
+  def grads(dtype):
+    _, vjp = jax.vjp(lambda a, b: layers.einsum(spec, a, b, dtype), a, b)
+    return vjp(ct)
+
+  exact = jnp.einsum(spec, a, b)
+  np.testing.assert_allclose(layers.einsum(spec, a, b, jnp.float32), exact, rtol=1e-5, atol=1e-5)
+  for low, high in zip(grads(jnp.bfloat16), grads(jnp.float32)):
+    assert low.dtype == jnp.float32
+    np.testing.assert_allclose(low, high, atol=0.05 * float(jnp.max(jnp.abs(high))))
+  # Under a scan (as the stacked layers run) XLA:CPU must still find standard-layout operands.
+  hlo = jax.jit(lambda a, b, ct: grads_under_scan(spec, a, b, ct)).lower(a, b, ct).as_text()
+  dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+  assert dots and all(line.split(":")[-1].split("->")[0].count("xbf16>") == 2 for line in dots)
+  jax.block_until_ready(jax.jit(lambda a, b, ct: grads_under_scan(spec, a, b, ct))(a, b, ct))
+
+
+def grads_under_scan(spec, a, b, ct):
+  def body(carry, _):
+    _, vjp = jax.vjp(lambda a, b: layers.einsum(spec, a, b, jnp.bfloat16), a, b)
+    da, db = vjp(ct)
+    return carry + da.sum() + db.sum(), None
+  return jax.lax.scan(body, 0.0, None, length=2)[0]
