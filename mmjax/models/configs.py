@@ -27,7 +27,7 @@ class FourMConfig:
   tie_heads: bool = False         # tie each output head to its decoder token table
   num_input_tokens: int = 128     # encoder slots N
   num_target_tokens: int = 128    # decoder slots M
-  dtype: str = "float32"          # compute dtype
+  dtype: str = "auto"             # compute dtype; "auto": bfloat16 on TPU/GPU, float32 on CPU
   param_dtype: str = "float32"
   remat: str = "none"             # named remat policy of the scanned blocks
   # Added for the model/loss (issue 5): output heads and loss options.
@@ -86,7 +86,7 @@ class DecoderConfig:
   num_experts: int = 8            # moe
   moe_top_k: int = 1              # moe
   balance_loss: float = 0.01      # moe load-balance loss weight
-  dtype: str = "float32"
+  dtype: str = "auto"             # compute dtype; "auto": bfloat16 on TPU/GPU, float32 on CPU
   param_dtype: str = "float32"
   remat: str = "none"
   # Added for the decoder model (issue 6):

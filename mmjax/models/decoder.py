@@ -21,9 +21,9 @@ from flax import nnx
 from mmjax.models import grouped
 from mmjax.models.configs import DecoderConfig
 from mmjax.models.decoder_attention import Attention, attention_mask
-from mmjax.models.decoder_layers import DTYPES, RMSNorm, dropout, param
+from mmjax.models.decoder_layers import RMSNorm, dropout, param
 from mmjax.models.experts import MoMaFFN, SwiGLU, TokenChoiceMoE
-from mmjax.models.layers import constrain
+from mmjax.models.layers import constrain, dtype_of
 
 REMAT_POLICIES = {
     "none": None,
@@ -55,7 +55,7 @@ class Block(nnx.Module):
   def __init__(self, cfg: DecoderConfig, num_modalities: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
     groups = num_modalities if cfg.sparsity == "mot" else 1
-    dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     common = dict(impl=cfg.grouped_impl, chunk=cfg.group_chunk, dtype=dtype, param_dtype=pdtype,
                   rngs=rngs)
     norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps, groups=groups, param_dtype=pdtype,
@@ -111,7 +111,7 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: DecoderConfig, *, vocab_size: int, num_modalities: int, rngs: nnx.Rngs):
     self.cfg, self.vocab_size, self.num_modalities = cfg, vocab_size, num_modalities
     self.groups = num_modalities if cfg.sparsity == "mot" else 1
-    pdtype = DTYPES[cfg.param_dtype]
+    pdtype = dtype_of(cfg.param_dtype)
     std = cfg.d_model ** -0.5  # tied or not, logits start with unit scale
     self.embed = param(rngs.params(), nnx.initializers.normal(std), (vocab_size, cfg.d_model),
                        ("vocab", "embed"), pdtype)
@@ -183,9 +183,9 @@ class Decoder(nnx.Module):
 
     x_BLD = self.final_norm(x_BLD, routing)
     if self.head is None:
-      logits = grouped.dot("bld,vd->blv", x_BLD, self.embed[...], DTYPES[cfg.dtype])
+      logits = grouped.dot("bld,vd->blv", x_BLD, self.embed[...], dtype_of(cfg.dtype))
     else:
-      logits = grouped.dot("bld,dv->blv", x_BLD, self.head[...], DTYPES[cfg.dtype])
+      logits = grouped.dot("bld,dv->blv", x_BLD, self.head[...], dtype_of(cfg.dtype))
     logits = constrain(logits, ("batch", "length", "vocab"))
     aux = {name: (v if name == "layer_out_norm" else jnp.mean(v)) for name, v in aux_layers.items()}
     if cache is not None:

@@ -12,8 +12,6 @@ from flax import nnx
 
 from mmjax.models.grouped import Routing
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 def param(key: jax.Array, init, shape: tuple[int, ...], names: tuple, dtype=jnp.float32) -> nnx.Param:
   """A parameter with logical axis names. Not sharded at creation: the trainer maps the names to

@@ -26,7 +26,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 Names = tuple[str | None, ...]
 
 
+def resolve_dtype_name(name: str, platform: str | None = None) -> str:
+  """"auto" is bf16 on accelerators (TPU, GPU) and fp32 on CPUs, whose fp32 path is the default."""
+  if name != "auto":
+    return name
+  return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
+
+
 def dtype_of(name: str) -> jnp.dtype:
+  name = resolve_dtype_name(name)
   if name not in DTYPES:
     raise ValueError(f"unknown dtype {name!r}; known: {sorted(DTYPES)}")
   return DTYPES[name]

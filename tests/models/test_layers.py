@@ -122,3 +122,11 @@ def grads_under_scan(spec, a, b, ct):
     da, db = vjp(ct)
     return carry + da.sum() + db.sum(), None
   return jax.lax.scan(body, 0.0, None, length=2)[0]
+
+
+def test_auto_compute_dtype_is_bf16_on_accelerators_and_fp32_on_cpu():
+  assert layers.resolve_dtype_name("auto", "tpu") == "bfloat16"
+  assert layers.resolve_dtype_name("auto", "gpu") == "bfloat16"
+  assert layers.resolve_dtype_name("auto", "cpu") == "float32"
+  assert layers.resolve_dtype_name("bfloat16", "cpu") == "bfloat16"  # an explicit choice stays
+  assert layers.dtype_of("auto") == jnp.float32  # these tests run on CPU devices
