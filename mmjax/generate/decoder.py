@@ -10,7 +10,11 @@ State machine (Chameleon inference, specs/mixed_modal.md), per row:
 Guidance: the batch holds C copies of each prompt (copy-major: rows [c·B, (c+1)·B)); the logits of
 the copies are mixed with weights summing to 1 and the token sampled for the mix is fed to every
 copy. `two_way(s)` = uncond + s(cond − uncond); `three_way(a, b)` = uncond + a(img − uncond) +
-b(full − img), copies (full, image-only, unconditional).
+b(full − img), copies (full, image-only, unconditional). `guidance_prompts` builds the copies.
+Bidirectional image blocks (`TokenLayout.image_blocks`, a model trained with
+`sequences.image_blocks_bidirectional`): each prompt image's codes form one block, as in training;
+such a model cannot sample image codes (they had loss weight 0), so it never starts or continues
+an image.
 MoMa decodes with its auxiliary routers and MoE without capacity drops (`causal=True`).
 """
 
@@ -42,16 +46,22 @@ class TokenLayout:
   eos: int
   image_tokens: int          # codes per image (grid rows x cols)
   modality_table: tuple[int, ...]  # modality id of every global id
+  image_blocks: bool = False  # trained with bidirectional image blocks: prompt images are blocks
+  code_ranges: tuple[tuple[int, int], ...] = ()  # [first, end) of every image modality's codes;
+                                                 # () = (image_first, image_end) only
 
   @classmethod
-  def from_vocab(cls, vocab, registry, image: str, text_first: int = 4) -> "TokenLayout":
+  def from_vocab(cls, vocab, registry, image: str, text_first: int = 4,
+                 image_blocks: bool = False) -> "TokenLayout":
     """`text_first` skips the text tokenizer's PAD/UNK/BOS/EOS (documents use the global ones)."""
     offset = vocab.offset(image)
+    ranges = tuple((int(o), int(o + n)) for o, n in zip(vocab.image_offsets, vocab.image_sizes))
     return cls(vocab_size=vocab.size, text_first=text_first, text_end=vocab.text_size,
                image_first=offset, image_end=offset + vocab.local_size(image),
                begin_image=vocab.begin_image(image), end_image=vocab.end_image(image),
                eos=vocab.eos, image_tokens=registry[image].num_tokens,
-               modality_table=tuple(int(m) for m in vocab.modality_table))
+               modality_table=tuple(int(m) for m in vocab.modality_table),
+               image_blocks=image_blocks, code_ranges=ranges)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +80,28 @@ def two_way(scale: float) -> tuple[float, float]:
 def three_way(a: float, b: float) -> tuple[float, float, float]:
   """Copies (full, image-only, unconditional): uncond + a(img − uncond) + b(full − img)."""
   return (b, a - b, 1.0 - a)
+
+
+def guidance_prompts(prefix: Sequence[int], conditions: Sequence[tuple[str, Sequence[int]]],
+                     start: Sequence[int], copies: int) -> list[list[int]]:
+  """The prompt of each guidance copy, in the order `two_way` / `three_way` weight them.
+
+  A prompt is `prefix` (BOS), the conditions in document order ((kind, ids), kind "text" or
+  "image", an image with its begin/end ids), then `start` (where the target begins, e.g. its
+  begin-image). copies 1: (full); 2: (full, unconditional); 3: (full, image-only, unconditional).
+  A dropped condition is removed whole, so every copy ends in the same sampler state.
+  """
+  kinds = [kind for kind, _ in conditions]
+  if any(k not in ("text", "image") for k in kinds):
+    raise ValueError(f"condition kinds must be 'text' or 'image', got {kinds}")
+  if copies == 3 and not ("text" in kinds and "image" in kinds):
+    raise ValueError(f"three-way guidance needs a text and an image condition, got {kinds}")
+  if copies not in (1, 2, 3):
+    raise ValueError(f"guidance has 1, 2 or 3 copies, got {copies}")
+  keep = {1: [("text", "image")], 2: [("text", "image"), ()],
+          3: [("text", "image"), ("image",), ()]}[copies]
+  return [[*prefix, *(t for kind, ids in conditions if kind in kept for t in ids), *start]
+          for kept in keep]
 
 
 def allowed_tokens(state_B: jax.Array, count_B: jax.Array, remaining_B: jax.Array,
@@ -129,6 +161,17 @@ def prompt_state(tokens: Sequence[int], layout: TokenLayout) -> tuple[int, int]:
   return state, count
 
 
+def image_block_ids(tokens: np.ndarray, layout: TokenLayout) -> np.ndarray:
+  """Block ids as training gives them with bidirectional image blocks (mmjax.data.sequences): each
+  run of image codes (one image, between its begin and end ids) is a block 1, 2, ...; the rest 0."""
+  ranges = layout.code_ranges or ((layout.image_first, layout.image_end),)
+  code = np.zeros(len(tokens), bool)
+  for first, end in ranges:
+    code |= (tokens >= first) & (tokens < end)
+  starts = code & ~np.concatenate([[False], code[:-1]])
+  return np.where(code, np.cumsum(starts), 0).astype(np.int32)
+
+
 def build_prompts(prompts: Sequence[Sequence[int]], layout: TokenLayout) -> dict[str, np.ndarray]:
   """Left-padded prompt fields (padding: segment 0) plus the state machine's start per row."""
   length = max(len(p) for p in prompts)
@@ -143,6 +186,8 @@ def build_prompts(prompts: Sequence[Sequence[int]], layout: TokenLayout) -> dict
     out["modality"][i, pad:] = table[p]
     out["segment"][i, pad:] = 1
     out["position"][i, pad:] = np.arange(len(p))
+    if layout.image_blocks:
+      out["block"][i, pad:] = image_block_ids(p, layout)
     state[i], count[i] = prompt_state(p.tolist(), layout)
   out["state"], out["count"] = state, count
   return out
@@ -150,13 +195,15 @@ def build_prompts(prompts: Sequence[Sequence[int]], layout: TokenLayout) -> dict
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout", "sample", "new_tokens",
                                               "return_logits"))
-def _generate(graphdef, state, prompt: dict, key: jax.Array, *, layout: TokenLayout,
-              sample: SampleConfig, new_tokens: int, return_logits: bool = False):
+def _generate(graphdef, state, prompt: dict, key: jax.Array, weights: jax.Array, *,
+              layout: TokenLayout, sample: SampleConfig, new_tokens: int,
+              return_logits: bool = False):
+  # The guidance weights are traced (`sample.guidance` only gives their count): changing the
+  # scales reuses the compiled program.
   model = nnx.merge(graphdef, state)
   rows, length = prompt["tokens"].shape
-  copies = len(sample.guidance)
+  copies = weights.shape[0]
   b = rows // copies
-  weights = jnp.asarray(sample.guidance, jnp.float32)
   table = jnp.asarray(layout.modality_table, jnp.int32)
   fields = {k: prompt[k] for k in ("tokens", "modality", "segment", "block", "position")}
   cache = model.init_cache(rows, length + new_tokens)
@@ -176,6 +223,7 @@ def _generate(graphdef, state, prompt: dict, key: jax.Array, *, layout: TokenLay
     token_B = sample_logits(sub, mixed, sample).astype(jnp.int32)
     st, cnt = next_state(st, cnt, token_B, layout)
     token_R = jnp.tile(token_B, copies)
+    # Sampled tokens are causal (block 0): image codes are never sampled with image blocks.
     step_fields = dict(tokens=token_R[:, None], modality=table[token_R][:, None],
                        segment=jnp.ones((rows, 1), jnp.int32), block=jnp.zeros((rows, 1), jnp.int32),
                        position=pos[:, None])
@@ -190,6 +238,17 @@ def _generate(graphdef, state, prompt: dict, key: jax.Array, *, layout: TokenLay
   return (tokens, jnp.swapaxes(logits_TBV, 0, 1)) if return_logits else tokens
 
 
+def _without_image_sampling(batch: dict, layout: TokenLayout) -> TokenLayout:
+  """With image blocks: ValueError if a prompt ends inside an image, else a layout that never
+  starts one (the model never learned to predict codes)."""
+  if not layout.image_blocks:
+    return layout
+  if np.any(batch["state"] == IMAGE):
+    raise ValueError("a model trained with bidirectional image blocks cannot sample image codes "
+                     "(they had loss weight 0); a prompt ends inside an image")
+  return dataclasses.replace(layout, begin_image=-1)
+
+
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], layout: TokenLayout, *,
              new_tokens: int, sample: SampleConfig = SampleConfig(), seed: int = 0,
              return_logits: bool = False):
@@ -202,10 +261,18 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], layout: TokenL
   if abs(sum(sample.guidance) - 1.0) > 1e-6:
     raise ValueError(f"guidance weights must sum to 1, got {sample.guidance}")
   batch = build_prompts(prompts, layout)
+  # Every copy of a prompt must leave the state machine where the first copy does: one token is
+  # sampled for all of them.
+  per_copy = np.stack([batch["state"], batch["count"]]).reshape(2, copies, -1)
+  if np.any(per_copy != per_copy[:, :1]):
+    raise ValueError("the guidance copies of a prompt end in different sampler states "
+                     f"(state, codes so far per copy: {per_copy.transpose(2, 1, 0).tolist()})")
+  layout = _without_image_sampling(batch, layout)
   graphdef, state = nnx.split(model)
+  static = dataclasses.replace(sample, guidance=(0.0,) * copies)
   out = _generate(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()},
-                  jax.random.key(seed), layout=layout, sample=sample, new_tokens=new_tokens,
-                  return_logits=return_logits)
+                  jax.random.key(seed), jnp.asarray(sample.guidance, jnp.float32), layout=layout,
+                  sample=static, new_tokens=new_tokens, return_logits=return_logits)
   return jax.tree.map(np.asarray, out)
 
 
@@ -251,6 +318,7 @@ def generate_uncached(model: nnx.Module, prompts: Sequence[Sequence[int]], layou
                       ) -> np.ndarray:
   """`generate` without a KV cache and without guidance (the baseline of the decode benchmark)."""
   batch = build_prompts(prompts, layout)
+  layout = _without_image_sampling(batch, layout)
   graphdef, state = nnx.split(model)
   return np.asarray(_generate_uncached(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()},
                                        jax.random.key(seed), layout=layout, sample=sample,
