@@ -85,7 +85,8 @@ def get_config(arg=None):
                                 weight_decay=0.1, eps=1e-5, grad_clip=1.0)
   config.mesh = defaults.mesh()
 
-  # `mmjax generate` (mmjax/generate/decoder_run.py): caption -> tok_rgb and image file -> caption.
+  # `mmjax generate` (mmjax/generate/decoder_run.py): caption -> tok_rgb, image file -> caption,
+  # and caption + image file -> a target when a template starts with them.
   config.generate = ml_collections.ConfigDict(dict(
       temperature=1.0,  # softmax temperature; 0 = greedy
       top_k=0,          # keep the k most likely allowed ids; 0 = off
@@ -93,6 +94,10 @@ def get_config(arg=None):
       # Two-way classifier-free guidance on the input, uncond + s(cond - uncond); 1 = off.
       image_cfg_scale=3.0,  # caption -> image (Chameleon guides images with 3.0)
       text_cfg_scale=1.0,   # image -> caption
+      # Three-way guidance, a caption and an image input: copies full, image-only, unconditional,
+      # uncond + si(img - uncond) + st(full - img); both 1 = off. Chameleon: 1.2 and 3.0.
+      three_way_image_scale=1.2,  # si
+      three_way_text_scale=3.0,   # st
       text_first=4,     # lowest text id that may be sampled: skips the text tokenizer's PAD..EOS
   ))
 

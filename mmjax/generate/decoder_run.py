@@ -1,17 +1,25 @@
-"""`mmjax generate` for decoder checkpoints: caption -> image and image file -> caption.
+"""`mmjax generate` for decoder checkpoints: caption -> image, image file -> caption, and a caption
+plus an image file -> a target.
 
 The prompt is the start of a training document (`mmjax.data.sequences`), cut where the target
 begins; the sampler (`mmjax.generate.decoder`) writes the rest:
 
   caption -> tok_rgb:  BOS caption ids BOI_rgb | codes... EOI_rgb      (then decoded to a PNG)
   tok_rgb -> caption:  BOS BOI_rgb codes EOI_rgb | caption ids... EOS  (then decoded to text)
+  caption + tok_rgb -> tok_depth:  BOS caption ids BOI_rgb codes EOI_rgb BOI_depth | codes...
 
 Only orders that one of `config.sequences.templates` starts with are accepted: the model has never
-seen another. Classifier-free guidance (two-way, `generate.image_cfg_scale` or `text_cfg_scale`
-!= 1) adds an unconditional copy of the prompt with the input removed (BOS BOI_rgb, or BOS): the
-starts of the opposite template. The image tokenizer decodes codes to pixels and tokenizes input
-images; the text tokenizer does the same for captions. Both are the trained ones under
-`data.tokenizers_dir` ("" = <data.data_dir>/tokenizers), one directory per tokenizer config stem
+seen another (with two inputs, the template's order of them is used). Classifier-free guidance
+adds copies of the prompt with inputs removed (`mmjax.generate.decoder.guidance_prompts`): the
+guided copies are the starts of other templates. One input: two-way, `generate.image_cfg_scale` or
+`text_cfg_scale` != 1, with an unconditional copy (BOS BOI_rgb, or BOS). A text and an image input:
+three-way (Chameleon), copies full, image-only and unconditional mixed as uncond +
+`three_way_image_scale` (img - uncond) + `three_way_text_scale` (full - img); both 1 = off.
+A decoder trained with `sequences.image_blocks_bidirectional` sees each prompt image as one
+bidirectional block, as in training, and cannot sample images (their codes had loss weight 0).
+The image tokenizer decodes codes to pixels and tokenizes input images; the text tokenizer does
+the same for captions. Both are the trained ones under `data.tokenizers_dir` ("" =
+<data.data_dir>/tokenizers), one directory per tokenizer config stem
 (`mmjax.data.modality_tokenizers.tokenizer_dir_for`).
 """
 
@@ -32,7 +40,8 @@ from mmjax.config import to_dataclass
 from mmjax.errors import UserError
 from mmjax.generate import decoder as sampler
 
-_SUPPORTED = "caption -> image (a sequence input, an image_tokens target) or image file -> caption"
+_SUPPORTED = ("caption -> image (a sequence input, an image_tokens target), image file -> caption, "
+              "or a caption and an image file -> a target")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +52,12 @@ class GenerateConfig:
   top_p: float = 1.0
   image_cfg_scale: float = 1.0
   text_cfg_scale: float = 1.0
+  three_way_image_scale: float = 1.0
+  three_way_text_scale: float = 1.0
   text_first: int = 4
+
+
+_SCALES = ("image_cfg_scale", "text_cfg_scale", "three_way_image_scale", "three_way_text_scale")
 
 
 def generate_config(config) -> GenerateConfig:
@@ -51,10 +65,24 @@ def generate_config(config) -> GenerateConfig:
   if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
     raise UserError(f"config section 'generate': need temperature >= 0, top_k >= 0 and top_p in "
                     f"(0, 1]; got {cfg.temperature}, {cfg.top_k}, {cfg.top_p}")
-  for key in ("image_cfg_scale", "text_cfg_scale"):
+  for key in _SCALES:
     if getattr(cfg, key) < 0:
       raise UserError(f"config key 'generate.{key}' must be >= 0, got {getattr(cfg, key)}")
   return cfg
+
+
+def guidance_weights(settings: GenerateConfig, sources: Sequence[mm.Modality],
+                     target: mm.Modality) -> tuple[str, tuple[float, ...], Any]:
+  """(form, weights of the copies, scale(s)) of a request: "none", "two_way" or "three_way"."""
+  if len(sources) == 2:
+    scales = (settings.three_way_image_scale, settings.three_way_text_scale)
+    if scales == (1.0, 1.0):
+      return "none", (1.0,), list(scales)
+    return "three_way", sampler.three_way(*scales), list(scales)
+  scale = settings.image_cfg_scale if target.kind == mm.IMAGE_TOKENS else settings.text_cfg_scale
+  if scale == 1.0:
+    return "none", (1.0,), scale
+  return "two_way", sampler.two_way(scale), scale
 
 
 def _report(message: str) -> None:
@@ -73,31 +101,44 @@ def tokenizers_dir(config) -> str:
 
 
 def _check_request(registry: mm.Registry, templates, inputs: Mapping[str, str],
-                   targets: Sequence[str]) -> tuple[mm.Modality, mm.Modality]:
-  """(input modality, target modality) of a supported request, else a UserError saying why."""
+                   targets: Sequence[str]) -> tuple[tuple[mm.Modality, ...], mm.Modality]:
+  """(input modalities in template order, target modality) of a supported request, else a
+  UserError saying why."""
   known = ", ".join(registry.names)
   for name in list(inputs) + list(targets):
     if name not in registry:
       raise UserError(f"mmjax generate: unknown modality {name!r}; the config's modalities are "
                       f"{known}")
-  if len(inputs) != 1 or len(targets) != 1:
-    raise UserError(f"mmjax generate: a decoder generates one target from one input ({_SUPPORTED})"
-                    f"; got inputs {sorted(inputs) or 'none'} and targets {list(targets)}")
-  source, target = registry[next(iter(inputs))], registry[targets[0]]
-  if source.name == target.name:
+  if len(inputs) not in (1, 2) or len(targets) != 1:
+    raise UserError(f"mmjax generate: a decoder generates one target from one input or from a "
+                    f"text and an image input ({_SUPPORTED}); got inputs "
+                    f"{sorted(inputs) or 'none'} and targets {list(targets)}")
+  sources, target = [registry[n] for n in inputs], registry[targets[0]]
+  if target.name in inputs:
     raise UserError(f"mmjax generate: {target.name!r} is both input and target")
-  kinds = (source.kind, target.kind)
-  if kinds not in ((mm.SEQUENCE, mm.IMAGE_TOKENS), (mm.IMAGE_TOKENS, mm.SEQUENCE)):
-    raise UserError(f"mmjax generate: {source.name} ({source.kind}) -> {target.name} "
-                    f"({target.kind}) is not supported by the decoder; supported: {_SUPPORTED}")
-  if source.kind == mm.IMAGE_TOKENS and source.source != "rgb":
-    raise UserError(f"mmjax generate: input {source.name!r} is a {source.source} modality; only "
-                    f"rgb images can be read from files")
-  if not any(tuple(t[:2]) == (source.name, target.name) for t in templates):
-    raise UserError(f"mmjax generate: the decoder was trained on the templates "
-                    f"{[list(t) for t in templates]} (config key 'sequences.templates'); none "
-                    f"starts with {source.name} -> {target.name}")
-  return source, target
+  if len(sources) == 1:
+    kinds = (sources[0].kind, target.kind)
+    if kinds not in ((mm.SEQUENCE, mm.IMAGE_TOKENS), (mm.IMAGE_TOKENS, mm.SEQUENCE)):
+      raise UserError(f"mmjax generate: {sources[0].name} ({sources[0].kind}) -> {target.name} "
+                      f"({target.kind}) is not supported by the decoder; supported: {_SUPPORTED}")
+  elif (sorted(m.kind for m in sources) != sorted((mm.SEQUENCE, mm.IMAGE_TOKENS))
+        or target.kind not in (mm.SEQUENCE, mm.IMAGE_TOKENS)):
+    raise UserError(f"mmjax generate: two inputs must be one sequence and one image_tokens "
+                    f"modality and the target one of either kind; got "
+                    f"{', '.join(f'{m.name} ({m.kind})' for m in sources)} -> {target.name} "
+                    f"({target.kind})")
+  for m in sources:
+    if m.kind == mm.IMAGE_TOKENS and m.source != "rgb":
+      raise UserError(f"mmjax generate: input {m.name!r} is a {m.source} modality; only rgb "
+                      f"images can be read from files")
+  k = len(sources)
+  for t in templates:
+    if len(t) > k and set(t[:k]) == set(inputs) and t[k] == target.name:
+      return tuple(registry[n] for n in t[:k]), target
+  given = " and ".join(inputs) + (" (in either order)" if k > 1 else "")
+  raise UserError(f"mmjax generate: the decoder was trained on the templates "
+                  f"{[list(t) for t in templates]} (config key 'sequences.templates'); none "
+                  f"starts with {given} -> {target.name}")
 
 
 def _load_tokenizer(modality: mm.Modality, root: str):
@@ -112,7 +153,7 @@ def _image_kind(modality: mm.Modality) -> str:
 def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: Sequence[str], *,
                      out_dir: str, seed: int = 0, num_samples: int = 1,
                      allow_random_init: bool = False) -> dict[str, Any]:
-  """Samples `num_samples` of the target from the input; writes files into `out_dir` and
+  """Samples `num_samples` of the target from the inputs; writes files into `out_dir` and
   <out_dir>/summary.json, and returns the summary."""
   from mmjax.data.sequences import SharedVocab, sequences_config
   from mmjax.eval import grids
@@ -122,46 +163,62 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
   if num_samples < 1:
     raise UserError(f"mmjax generate: --num-samples must be >= 1, got {num_samples}")
   registry = mm.from_config(config.modalities)
-  templates = sequences_config(config.sequences, registry).templates
-  source, target = _check_request(registry, templates, inputs, targets)
+  sequences = sequences_config(config.sequences, registry)
+  sources, target = _check_request(registry, sequences.templates, inputs, targets)
+  bidirectional = sequences.image_blocks_bidirectional
+  if bidirectional and target.kind == mm.IMAGE_TOKENS:
+    raise UserError(f"mmjax generate: the decoder was trained with bidirectional image blocks "
+                    f"(config key 'sequences.image_blocks_bidirectional' is True): its image codes "
+                    f"were context with loss weight 0, never predicted, so {target.name} cannot be "
+                    f"sampled autoregressively. Generate text from an image, or train with "
+                    f"sequences.image_blocks_bidirectional=False")
   settings = generate_config(config)
   vocab = SharedVocab.from_registry(registry)
-  image = source if source.kind == mm.IMAGE_TOKENS else target
-  text = target if image is source else source
+  image = target if target.kind == mm.IMAGE_TOKENS else next(
+      m for m in sources if m.kind == mm.IMAGE_TOKENS)
   layout = sampler.TokenLayout.from_vocab(vocab, registry, image.name,
-                                          text_first=settings.text_first)
+                                          text_first=settings.text_first,
+                                          image_blocks=bidirectional)
 
   root = tokenizers_dir(config)
-  text_tok = _load_tokenizer(text, root)
-  image_tok = _load_tokenizer(image, root)
-  checked = _check_tokenizer_versions(config, {text.name: text_tok.fingerprint,
-                                                image.name: image_tok.fingerprint})
+  tokenizers = {m.name: _load_tokenizer(m, root) for m in (*sources, target)}
+  checked = _check_tokenizer_versions(config, {n: t.fingerprint for n, t in tokenizers.items()})
   # The text tokenizer may have fewer pieces than the modality's vocabulary: never sample the rest.
-  layout = dataclasses.replace(layout, text_end=min(layout.text_end, text_tok.vocab_size))
+  text_sizes = [tokenizers[m.name].vocab_size for m in (*sources, target) if m.is_sequence]
+  layout = dataclasses.replace(layout, text_end=min(layout.text_end, *text_sizes))
 
-  value = inputs[source.name]
+  conditions = []  # (kind, ids) in template order
   outputs: dict[str, Any] = {}
-  if source is text:
-    ids = _caption_ids(text_tok, value, text)
-    prompt = [vocab.bos, *ids, layout.begin_image]
-    uncond = [vocab.bos, layout.begin_image]
-    new_tokens = layout.image_tokens + 1  # the codes, then the forced end-image
-  else:
+  pixels, title = None, ""
+  for m in sources:
+    value, tok = inputs[m.name], tokenizers[m.name]
+    if m.is_sequence:
+      conditions.append(("text", _caption_ids(tok, value, m)))
+      title = value
+      continue
     if not os.path.isfile(value):
-      raise UserError(f"mmjax generate: input {source.name}: no image file at {value!r}")
+      raise UserError(f"mmjax generate: input {m.name}: no image file at {value!r}")
     from mmjax.data.folder import load_image
-    pixels = load_image(value, image_tok.size)
-    codes = np.asarray(image_tok.encode_values([pixels])[0]).reshape(-1)
-    prompt = [vocab.bos, layout.begin_image, *vocab.to_global(image.name, codes).tolist(),
-              layout.end_image]
-    uncond = [vocab.bos]
-    new_tokens = target.max_length + 1  # caption ids, then EOS
-    # A caption target is text only: no begin-image id can match, so no image is ever started.
-    layout = dataclasses.replace(layout, begin_image=-1)
-    recon = image_tok.decode_batch([codes])[0][image.source]
+    pixels = load_image(value, tok.size)
+    codes = np.asarray(tok.encode_values([pixels])[0]).reshape(-1)
+    ids = vocab.to_global(m.name, codes).tolist()
+    conditions.append(("image", [vocab.begin_image(m.name), *ids, vocab.end_image(m.name)]))
+    title = title or value
+    recon = tok.decode_batch([codes])[0][m.source]
     outputs["input_image"] = _save_png(os.path.join(out_dir, "input.png"), pixels, "rgb")
     outputs["input_reconstruction"] = _save_png(os.path.join(out_dir, "input_reconstruction.png"),
                                                 recon, "rgb")
+  if target is image:
+    begin = [layout.begin_image]
+    new_tokens = layout.image_tokens + 1  # the codes, then the forced end-image
+  else:
+    begin = []
+    new_tokens = target.max_length + 1  # caption ids, then EOS
+    # A text target is text only: no begin-image id can match, so no image is ever started.
+    layout = dataclasses.replace(layout, begin_image=-1)
+  form, weights, scale = guidance_weights(settings, sources, target)
+  copies = sampler.guidance_prompts([vocab.bos], conditions, begin, len(weights))
+  prompt = copies[0]
   max_length = int(config.model.max_length)
   if len(prompt) + new_tokens > max_length:
     raise UserError(f"mmjax generate: the prompt ({len(prompt)} tokens) and {new_tokens} new "
@@ -169,13 +226,11 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
 
   _report(f"loading the decoder from {workdir}")
   model, step = load_model(config, workdir, allow_random_init=allow_random_init)
-  scale = settings.image_cfg_scale if target is image else settings.text_cfg_scale
-  guided = scale != 1.0
-  sample = sampler.SampleConfig(
-      temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-      guidance=sampler.two_way(scale) if guided else (1.0,))
-  prompts = [prompt] * num_samples + ([uncond] * num_samples if guided else [])
-  _report(f"sampling {num_samples} x {new_tokens} tokens of {target.name} (step {step})")
+  sample = sampler.SampleConfig(temperature=settings.temperature, top_k=settings.top_k,
+                                top_p=settings.top_p, guidance=weights)
+  prompts = [c for c in copies for _ in range(num_samples)]  # copy-major
+  _report(f"sampling {num_samples} x {new_tokens} tokens of {target.name} (step {step}, "
+          f"guidance {form})")
   sample_start = time.perf_counter()
   tokens = sampler.generate(model, prompts, layout, new_tokens=new_tokens, sample=sample,
                             seed=seed)
@@ -184,7 +239,7 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
   os.makedirs(out_dir, exist_ok=True)
   if target is image:
     codes = tokens[:, :layout.image_tokens] - layout.image_first
-    decoded = [d[image.source] for d in image_tok.decode_batch(list(codes))]
+    decoded = [d[image.source] for d in tokenizers[image.name].decode_batch(list(codes))]
     kind = _image_kind(image)
     files = [_save_png(os.path.join(out_dir, f"{target.name}_{k}.png"), x, kind)
              for k, x in enumerate(decoded)]
@@ -193,8 +248,9 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
       outputs["grid"] = grids.save_grid(
           os.path.join(out_dir, f"{target.name}_grid.png"),
           [[grids.to_rgb(x, kind) for x in decoded]],
-          column_titles=[f"sample {k}" for k in range(num_samples)], row_titles=[value])
+          column_titles=[f"sample {k}" for k in range(num_samples)], row_titles=[title])
   else:
+    text_tok = tokenizers[target.name]
     captions = [_caption_text(text_tok, row, vocab.eos) for row in tokens]
     path = os.path.join(out_dir, f"{target.name}.txt")
     with open(path, "w", encoding="utf-8") as f:
@@ -207,10 +263,11 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
           row_titles=captions)
 
   summary = {
-      "objective": "decoder", "workdir": workdir, "step": step, "input": source.name,
-      "target": target.name, "seed": seed, "num_samples": num_samples,
-      "prompt_tokens": len(prompt), "new_tokens": new_tokens,
-      "sampling": dataclasses.asdict(settings), "cfg_scale": scale,
+      "objective": "decoder", "workdir": workdir, "step": step,
+      "input": "+".join(m.name for m in sources), "target": target.name, "seed": seed,
+      "num_samples": num_samples, "prompt_tokens": len(prompt), "new_tokens": new_tokens,
+      "sampling": dataclasses.asdict(settings), "guidance": form, "cfg_scale": scale,
+      "guidance_weights": list(weights), "image_blocks_bidirectional": bidirectional,
       "tokenizers_dir": root, "tokenizers_match_data": checked, "sample_seconds": sample_seconds,
       "tokens_per_s": num_samples * new_tokens / max(sample_seconds, 1e-9),
       "seconds": time.perf_counter() - start, "outputs": outputs,

@@ -149,3 +149,102 @@ def test_tokenizers_other_than_the_datas_are_an_error(tokenizers_dir, tmp_path):
   with pytest.raises(UserError, match="tok_rgb: tokens made by tokenizer 0123456789ab"):
     decoder_run.generate_decoder(config, str(tmp_path), {"caption": "a red circle"}, ["tok_rgb"],
                                  out_dir=str(tmp_path / "out"), allow_random_init=True)
+
+
+def test_bidirectional_image_blocks_refuse_caption_to_image(tmp_path):
+  config = make_config(str(tmp_path), "--config.sequences.image_blocks_bidirectional=True")
+  with pytest.raises(UserError, match=r"'sequences.image_blocks_bidirectional' is True.*cannot "
+                                      r"be sampled autoregressively"):
+    decoder_run.generate_decoder(config, str(tmp_path), {"caption": "a red circle"}, ["tok_rgb"],
+                                 out_dir=str(tmp_path / "out"), allow_random_init=True)
+
+
+class FakeTokenizer:
+  """Stands in for a modality tokenizer: fixed caption ids, image codes 0..N-1, blank decodes."""
+  fingerprint, size = "fake", 64
+
+  def __init__(self, modality):
+    self.modality, self.vocab_size = modality, 100
+
+  def encode_values(self, values):
+    if self.modality.kind == "sequence":
+      return [np.asarray([5, 6, 7])]
+    return [np.arange(self.modality.grid[0] * self.modality.grid[1]) % 16]
+
+  def decode_batch(self, rows):
+    if self.modality.kind == "sequence":
+      return [{self.modality.source: "a caption"} for _ in rows]
+    shape = (64, 64, 3) if self.modality.source == "rgb" else (64, 64)  # depth: one channel
+    return [{self.modality.source: np.zeros(shape, np.uint8)} for _ in rows]
+
+
+@pytest.fixture
+def fake_sampling(monkeypatch):
+  """Tokenizers, model and sampler replaced: records what `generate_decoder` hands the sampler."""
+  import mmjax.train.checkpoint
+  calls = []
+
+  def fake_generate(model, prompts, layout, *, new_tokens, sample, seed):
+    calls.append(dict(prompts=prompts, layout=layout, sample=sample))
+    first = layout.image_first if layout.begin_image >= 0 else layout.text_first
+    return np.full((len(prompts) // len(sample.guidance), new_tokens), first, np.int32)
+
+  monkeypatch.setattr(decoder_run, "_load_tokenizer", lambda m, root: FakeTokenizer(m))
+  monkeypatch.setattr(mmjax.train.checkpoint, "load_model", lambda *a, **k: (None, 0))
+  monkeypatch.setattr(decoder_run.sampler, "generate", fake_generate)
+  return calls
+
+
+def three_input_config(tmp_path, *overrides):
+  """caption + tok_rgb -> tok_depth (a template with a text and an image input)."""
+  config = make_config(str(tmp_path), "--config.model.max_length=160", *overrides)
+  with config.unlocked():
+    config.modalities.tok_depth = dict(kind="image_tokens", source="depth", vocab_size=1024,
+                                       grid=(8, 8), tokenizer="configs/tokenizers/shapes_depth.py")
+  config.sequences.templates = (("tok_rgb", "caption"), ("caption", "tok_rgb", "tok_depth"))
+  return config
+
+
+def test_caption_and_image_to_image_uses_three_way_guidance(fake_sampling, scene_png, tmp_path):
+  from mmjax.data.sequences import SharedVocab
+  from mmjax.generate import decoder as sampler
+  config = three_input_config(tmp_path)
+  inputs = {"tok_rgb": scene_png, "caption": "a red circle"}  # any order: the template's is used
+  summary = decoder_run.generate_decoder(config, str(tmp_path), inputs, ["tok_depth"],
+                                         out_dir=str(tmp_path / "out"), num_samples=2)
+  call = fake_sampling[-1]
+  vocab = SharedVocab.from_registry(decoder_run.mm.from_config(config.modalities))
+  image = [vocab.begin_image("tok_rgb"), *vocab.to_global("tok_rgb", np.arange(64) % 16),
+           vocab.end_image("tok_rgb")]
+  start = [vocab.bos], [vocab.begin_image("tok_depth")]
+  full = [*start[0], 5, 6, 7, *image, *start[1]]
+  image_only = [*start[0], *image, *start[1]]
+  uncond = [*start[0], *start[1]]
+  assert call["prompts"] == [full] * 2 + [image_only] * 2 + [uncond] * 2  # copy-major
+  assert call["sample"].guidance == pytest.approx(sampler.three_way(1.2, 3.0))
+  assert call["layout"].begin_image == vocab.begin_image("tok_depth")
+  assert summary["guidance"] == "three_way" and summary["cfg_scale"] == [1.2, 3.0]
+  assert summary["input"] == "caption+tok_rgb" and len(summary["outputs"]["tok_depth"]) == 2
+  # Scales of 1 switch it off: the full prompt alone.
+  decoder_run.generate_decoder(
+      three_input_config(tmp_path, "--config.generate.three_way_image_scale=1",
+                         "--config.generate.three_way_text_scale=1"),
+      str(tmp_path), inputs, ["tok_depth"], out_dir=str(tmp_path / "off"))
+  assert fake_sampling[-1]["prompts"] == [full] and fake_sampling[-1]["sample"].guidance == (1.0,)
+  config.sequences.templates = (("tok_rgb", "caption"), ("caption", "tok_depth"))
+  with pytest.raises(UserError, match=r"none starts with tok_rgb and caption \(in either order\) "
+                                      r"-> tok_depth"):
+    decoder_run.generate_decoder(config, str(tmp_path), inputs, ["tok_depth"],
+                                 out_dir=str(tmp_path / "out"))
+
+
+def test_image_to_caption_with_bidirectional_image_blocks(fake_sampling, scene_png, tmp_path):
+  config = make_config(str(tmp_path), "--config.sequences.image_blocks_bidirectional=True",
+                       "--config.generate.text_cfg_scale=2")
+  summary = decoder_run.generate_decoder(config, str(tmp_path), {"tok_rgb": scene_png},
+                                         ["caption"], out_dir=str(tmp_path / "out"))
+  call = fake_sampling[-1]
+  assert call["layout"].image_blocks and call["layout"].begin_image == -1
+  assert len(call["prompts"]) == 2 and call["prompts"][1] == call["prompts"][0][:1]  # BOS only
+  assert summary["guidance"] == "two_way" and summary["image_blocks_bidirectional"]
+  assert summary["outputs"]["captions"] == ["a caption"]
