@@ -9,6 +9,8 @@ text, "v0=3 v1=5 v2=20 v3=22 circle ..."), an image file for an image modality (
 `image_pixels` modality, tokenized by the image tokenizer for `tok_*`; depth as a grey image, bright
 = near, spanning the tokenizer's depth range; semseg as a grey image of class ids). Tokenizers are read from
 `data.tokenizers_dir` ("" = <data_dir>/tokenizers, data_dir "" = <workdir>/data).
+A raw-pixel target (`--target rgb`, an input only) means the token modality of the same image
+(`tok_rgb`) when exactly one exists; a note says so.
 Outputs in out_dir, per sample i: `<target>_<i>.png` (images through the tokenizer's decoder; depth
 and semseg coloured), `<target>_<i>.txt` (sequences), `det_<i>.png` (boxes drawn on the generated
 or given image, else on a blank canvas) and `summary.json`.
@@ -44,21 +46,35 @@ def _report(message: str) -> None:
 
 
 def _check_names(registry: mod.Registry, inputs: Mapping[str, str],
-                 targets: Sequence[str]) -> None:
+                 targets: Sequence[str]) -> list[str]:
+  """The targets, a raw-pixel name replaced by the one token modality of the same image."""
   known = ", ".join(registry.names)
   for name in list(inputs) + list(targets):
     if name not in registry:
       raise UserError(f"mmjax generate: unknown modality {name!r}; this config has: {known}")
-  for name in targets:
-    if not registry[name].can_be_target:
-      images = ", ".join(m.name for m in registry.targets() if m.is_image)
-      raise UserError(f"mmjax generate: --target {name} is raw pixels, an input only; generate "
-                      f"an image-token modality instead ({images})")
+  targets = list(targets)
+  for i, name in enumerate(targets):
+    m = registry[name]
+    if m.can_be_target:
+      continue
+    same = [t.name for t in registry.targets()
+            if t.kind == mod.IMAGE_TOKENS and t.source == m.source]
+    if len(same) == 1:  # `--target rgb`: the tokens of that image are what can be generated
+      _report(f"note: --target {name} is raw pixels, an input only; generating {same[0]}, the "
+              f"token modality of the same {m.source} image")
+      targets[i] = same[0]
+      continue
+    images = ", ".join(t.name for t in registry.targets() if t.is_image)
+    which = (f"{len(same)} token modalities share its {m.source} image ({', '.join(same)})"
+             if same else f"no token modality has its {m.source} image")
+    raise UserError(f"mmjax generate: --target {name} is raw pixels, an input only, and {which}; "
+                    f"generate an image-token modality instead ({images})")
   if len(set(targets)) != len(targets):
     raise UserError(f"mmjax generate: a --target is given twice: {list(targets)}")
   both = sorted(set(inputs) & set(targets))
   if both:
     raise UserError(f"mmjax generate: {', '.join(both)} is both an --input and a --target")
+  return targets
 
 
 def tokenizers_dir(config, workdir: str) -> str:
@@ -162,7 +178,7 @@ def generate_fourm(config, workdir: str, inputs: Mapping[str, str], targets: Seq
   from mmjax.train.checkpoint import load_model
 
   registry = mod.from_config(config.modalities)
-  _check_names(registry, inputs, targets)
+  targets = _check_names(registry, inputs, targets)
   if num_samples < 1:
     raise UserError(f"mmjax generate: --num-samples must be >= 1, got {num_samples}")
   gen_section = config.get("generate", None)

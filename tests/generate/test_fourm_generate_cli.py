@@ -49,6 +49,9 @@ def get_config(arg=None):
   config.modalities.det.max_length = 24
   config.data.tokenizers_dir = {str(tokenizers)!r}
   config.generate.steps = 3
+  if arg == "two_rgb":  # a second token modality of the rgb image: `--target rgb` is ambiguous
+    with config.unlocked():
+      config.modalities.tok_rgb2 = config.modalities.tok_rgb.to_dict()
   return config
 ''')
   return str(path)
@@ -98,7 +101,6 @@ def test_image_file_input_to_caption(config_path, tmp_path, capsys):
     (["--input", "caption=x", "--target", "tok_zz"], "unknown modality 'tok_zz'"),
     (["--input", "caption=x", "--target", "caption"], "both an --input and a --target"),
     (["--input", "rgb=/no/such.png", "--target", "caption"], "no such image file"),
-    (["--input", "caption=x", "--target", "rgb"], "raw pixels"),
     (["--input", "caption=x", "--target", "det", "--config.generate.order=caption"],
      "generate.order"),
     (["--input", "caption=x", "--target", "det"], "no checkpoint"),
@@ -106,6 +108,23 @@ def test_image_file_input_to_caption(config_path, tmp_path, capsys):
 def test_user_errors(config_path, tmp_path, capsys, args, message):
   assert _generate(config_path, tmp_path, *args) == cli.EXIT_USER_ERROR
   assert message in capsys.readouterr().err
+
+
+def test_raw_pixel_target_means_the_token_modality_of_the_image(config_path, tmp_path, capsys):
+  """`--target rgb` (the issue's example) generates tok_rgb, the only token modality of the rgb
+  image, and says so; with two such modalities it stays an error naming both."""
+  # No tokenizers there: the run stops right after the name check, before any model is built.
+  nowhere = f"--config.data.tokenizers_dir={tmp_path / 'none'}"
+  assert _generate(config_path, tmp_path, "--input", "caption=x", "--target", "rgb",
+                   nowhere) == cli.EXIT_USER_ERROR
+  err = capsys.readouterr().err
+  assert "--target rgb is raw pixels, an input only; generating tok_rgb" in err
+  assert "does not exist" in err and "an image-token modality instead" not in err
+  assert _generate(config_path + ":two_rgb", tmp_path, "--input", "caption=x", "--target",
+                   "rgb") == cli.EXIT_USER_ERROR
+  err = capsys.readouterr().err
+  assert "2 token modalities share its rgb image (tok_rgb, tok_rgb2)" in err
+  assert "generating" not in err
 
 
 def test_boxes_drawn_where_the_det_text_puts_them(tmp_path):
