@@ -41,7 +41,10 @@ from mmjax import defaults
 SIZES = {
     "tiny": dict(d_model=256, num_layers=4, num_heads=4),
     "1B": dict(d_model=2048, num_layers=22, num_heads=16, num_kv_heads=4),
-    "7B": dict(d_model=4096, num_layers=32, num_heads=32),
+    # Chameleon-7B (specs/mixed_modal.md): qk-norm, z-loss 1e-5, residual dropout 0.1 (7B only),
+    # context 4096; norm re-ordering and GQA are 34B-only, so pre-norm and full multi-head attention.
+    "7B": dict(d_model=4096, num_layers=32, num_heads=32, qk_norm=True, z_loss=1e-5,
+               residual_dropout=0.1, norm_order="pre", max_length=4096),
 }
 
 
@@ -79,7 +82,8 @@ def get_config(arg=None):
 
   config.model = ml_collections.ConfigDict(dict(SIZES[arg.variant]))
   config.model.sparsity = arg.sparsity
-  config.model.max_length = 256
+  if "max_length" not in config.model:
+    config.model.max_length = 256
 
   config.train = defaults.train(steps=2000, batch_size=16, lr=1e-3, warmup_steps=200,
                                 weight_decay=0.1, eps=1e-5, grad_clip=1.0)
