@@ -6,8 +6,14 @@ A checkpoint `<workdir>/checkpoints/<step>/` is a Composite of
 Saves are asynchronous (the next steps run while it is written); retention is a preservation
 policy keeping the newest `keep` checkpoints. Orbax writes into a temporary directory and renames
 it when complete, so a kill leaves at worst an incomplete temporary directory; it is reported and
-removed. A finalized checkpoint that fails to restore (corrupt files) is reported in one line,
-moved aside to `corrupt-<step>` and the previous checkpoint is tried.
+removed.
+
+Before a restore, the saved tree (paths, shapes, dtypes from the checkpoint's metadata) is compared
+with the abstract state of the current config. A difference is the user's (the config changed since
+the checkpoint was written): `CheckpointMismatchError`, and nothing on disk is touched. Only a
+checkpoint that cannot be read (missing or garbled metadata, truncated data, failed reads) is
+reported in one line, moved aside to `corrupt-<step>` and the previous checkpoint is tried. With
+several processes, all of them agree on the outcome of every step before anyone acts on it.
 """
 
 from __future__ import annotations
@@ -20,15 +26,111 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from mmjax.config import ConfigError
 from mmjax.train.state import TrainState
 
 _TMP_MARKER = "orbax-checkpoint-tmp"
 
+# Outcomes of one restore attempt, ordered so that the largest over processes wins.
+_OK, _CORRUPT, _MISMATCH = 0, 1, 2
+
 
 def _report(message: str) -> None:
   print(f"mmjax: {message}", file=sys.stderr, flush=True)
+
+
+class CheckpointMismatchError(ConfigError):
+  """A checkpoint's tree differs from the state the current config builds (not corruption)."""
+
+
+def _path_name(path) -> str:
+  """`params.embed.embedding.value`: Orbax's own naming, the same for the metadata and the state
+  (whose containers differ: dicts in the metadata, nnx.State and optax tuples in the state)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return ".".join(parts)
+
+
+def _leaves(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{path name: (shape, dtype name)} of the arrays of a state or of a checkpoint's metadata."""
+  leaves = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      leaf = jax.eval_shape(jax.random.key_data, leaf)  # Orbax stores a key array as its raw data
+      dtype = leaf.dtype
+    leaves[_path_name(path)] = (tuple(getattr(leaf, "shape", None) or ()), str(dtype))
+  return leaves
+
+
+def _first_mismatch(saved: dict, wanted: dict) -> str | None:
+  """The first difference between two `_leaves` maps, parameters first, as a phrase; or None."""
+  names = list(wanted) + [n for n in saved if n not in wanted]
+  names.sort(key=lambda n: not n.startswith("params."))  # stable: tree order within each group
+  for name in names:
+    if name not in saved:
+      return f"{name} is in the current config's state but not in the checkpoint"
+    if name not in wanted:
+      return f"{name} is in the checkpoint but not in the current config's state"
+    (saved_shape, saved_dtype), (shape, dtype) = saved[name], wanted[name]
+    if saved_shape != shape or saved_dtype != dtype:
+      return (f"{name} is {saved_shape} {saved_dtype} in the checkpoint but {shape} {dtype} in "
+              "the current config")
+  return None
+
+
+def _check_tree(step_dir: str, abstract_state: TrainState) -> tuple[int, str]:
+  """(_OK | _CORRUPT | _MISMATCH, detail) of the saved state tree in `step_dir` against
+  `abstract_state`, from the metadata alone (no array is read)."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    saved = _leaves(handler.metadata(epath.Path(step_dir) / "state"))
+  except Exception as e:  # noqa: BLE001 -- unreadable metadata: the checkpoint is corrupt.
+    return _CORRUPT, _one_line(e)
+  finally:
+    handler.close()
+  if not saved:
+    return _CORRUPT, "its state metadata lists no arrays"
+  mismatch = _first_mismatch(saved, _leaves(abstract_state))
+  return (_MISMATCH, mismatch) if mismatch else (_OK, "")
+
+
+def _one_line(e: BaseException) -> str:
+  detail = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {detail[0][:200] if detail else ''}"
+
+
+def _is_shape_error(e: BaseException) -> bool:
+  """Orbax's refusal of a target shape that differs from the stored one (should the metadata check
+  ever miss a difference, it is still not corruption)."""
+  return isinstance(e, ValueError) and "not compatible with the stored shape" in str(e)
+
+
+def _mismatch_error(directory: str, step: int, detail: str) -> CheckpointMismatchError:
+  detail = detail or "its state tree differs (seen by another process)"
+  return CheckpointMismatchError(
+      f"workdir {os.path.dirname(directory)}: the checkpoint of step {step} "
+      f"({os.path.join(directory, str(step))}) does not match the current config: {detail}. "
+      "The config differs from the one that wrote the checkpoint; nothing was changed on disk. "
+      "Resume with the original config, or train the new one in another --workdir")
+
+
+def _agree(outcome: int) -> int:
+  """The worst outcome over all processes, so that all of them take the same branch."""
+  if jax.process_count() == 1:
+    return outcome
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
 
 
 class Checkpointer:
@@ -66,34 +168,49 @@ class Checkpointer:
                               iter=grain.checkpoint.CheckpointSave(iterator))
     self.manager.save(step, args=args, force=True)
 
-  def restore_latest(self, abstract_state: TrainState, iterator: Any) -> tuple[TrainState, int] | None:
+  def restore_latest(self, abstract_state: TrainState,
+                     iterator: Any) -> tuple[TrainState, int] | None:
     """The newest checkpoint that restores (into `abstract_state`'s shardings), or None.
 
-    The iterator is set to the saved position as a side effect.
+    The iterator is set to the saved position as a side effect (only once the state restored, so a
+    fallback to a fresh start leaves it at the beginning). A checkpoint whose tree differs from
+    `abstract_state` raises CheckpointMismatchError and leaves every checkpoint in place.
     """
     for step in reversed(self.steps()):
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            iter=grain.checkpoint.CheckpointRestore(iterator)))
-      except Exception as e:  # noqa: BLE001 -- any failure means this checkpoint is unusable.
-        detail = str(e).strip().splitlines()
+      outcome, detail = _check_tree(os.path.join(self.directory, str(step)), abstract_state)
+      state = None
+      if outcome == _OK:
+        try:
+          state = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state)))["state"]
+          self.manager.restore(step, args=ocp.args.Composite(
+              iter=grain.checkpoint.CheckpointRestore(iterator)))
+        except Exception as e:  # noqa: BLE001 -- a failed read means this checkpoint is unusable.
+          outcome, detail = (_MISMATCH if _is_shape_error(e) else _CORRUPT), _one_line(e)
+      agreed = _agree(outcome)
+      if agreed == _MISMATCH:
+        raise _mismatch_error(self.directory, step, detail if outcome == _MISMATCH else "")
+      if agreed == _CORRUPT:
         self.report(f"checkpoint step {step} in {self.directory} cannot be restored "
-                    f"({type(e).__name__}: {detail[0][:200] if detail else ''}); moving it to "
-                    f"corrupt-{step} and trying the previous one")
+                    f"({detail or 'failed on another process'}); moving it to corrupt-{step} and "
+                    "trying the previous one")
         self._move_aside(step)
         continue
-      return restored["state"], step
+      return state, step
     return None
 
   def _move_aside(self, step: int) -> None:
+    """Renames on process 0 only; the others reopen the manager (which lists the steps) after it."""
+    self.manager.close()
     if jax.process_index() == 0:
       source = os.path.join(self.directory, str(step))
       target = os.path.join(self.directory, f"corrupt-{step}")
       if os.path.exists(target):
         shutil.rmtree(target)
       os.rename(source, target)
-    self.manager.close()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      multihost_utils.sync_global_devices(f"mmjax checkpoint corrupt-{step}")
     self._open()
 
   def wait(self) -> None:
@@ -121,14 +238,20 @@ def load_model(config: Any, workdir: str, *, allow_random_init: bool = False) ->
   state, step = None, 0
   try:
     for candidate in reversed(sorted(manager.all_steps()) if manager else []):
-      try:
-        restored = manager.restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(setup.abstract_state)))
-      except Exception as e:  # noqa: BLE001 -- report and fall back to the previous checkpoint.
-        _report(f"checkpoint step {candidate} in {directory} cannot be restored "
-                f"({type(e).__name__}); trying the previous one")
+      outcome, detail = _check_tree(os.path.join(directory, str(candidate)), setup.abstract_state)
+      if outcome == _OK:
+        try:
+          state = manager.restore(candidate, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(setup.abstract_state)))["state"]
+        except Exception as e:  # noqa: BLE001 -- report and fall back to the previous checkpoint.
+          outcome, detail = (_MISMATCH if _is_shape_error(e) else _CORRUPT), _one_line(e)
+      if outcome == _MISMATCH:
+        raise _mismatch_error(os.path.abspath(directory), candidate, detail)
+      if outcome == _CORRUPT:
+        _report(f"checkpoint step {candidate} in {directory} cannot be restored ({detail}); "
+                "trying the previous one")
         continue
-      state, step = restored["state"], candidate
+      step = candidate
       break
   finally:
     if manager:

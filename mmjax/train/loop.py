@@ -3,8 +3,10 @@
 Order of a step N: take batch N from the iterator, dispatch step N, then fetch step N-1's metrics
 (so the device has N queued while the host logs), check them for a non-finite loss, log. Before a
 checkpoint or an evaluation the metrics of the current step are fetched too, so a NaN is always
-seen before the state that followed it could be saved. SIGTERM (preemption) sets a flag; the
-loop saves at the next step boundary and returns normally (exit code 0).
+seen before the state that followed it could be saved. SIGTERM (preemption) sets a flag from the
+start of `run_train` on (setup, iterator creation and restore included); the loop saves at the next
+step boundary and returns normally (exit code 0). A SIGTERM before the first step returns without
+training or saving: the checkpoints on disk are already the latest state.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import numpy as np
 from mmjax import config as mmconfig
 from mmjax import sharding as mmsharding
 from mmjax.errors import UserError
+from mmjax.models.configs import MODEL_CONFIGS
+from mmjax.models.layers import resolve_dtype_name
 from mmjax.train import flops as mmflops
 from mmjax.train import state as trainstate
 from mmjax.train import step as trainstep
@@ -57,12 +61,23 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
     return False
 
+  def agreed(self) -> bool:
+    """Whether any process has seen a SIGTERM; for branches all processes must take together."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      seen = multihost_utils.process_allgather(np.int32(self.requested))
+      self.requested = bool(np.max(seen))
+    return self.requested
+
 
 def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None):
   """(objective, setup) after checking the config against the devices (default: all devices;
   `mmjax aot` passes the devices of a TPU topology description)."""
   devices = list(jax.devices() if devices is None else devices)
   mmconfig.validate(config, num_devices=len(devices))
+  if config.get("objective") in MODEL_CONFIGS:  # "auto": the platform the run compiles for decides
+    with config.model.unlocked():
+      config.model.dtype = resolve_dtype_name(config.model.get("dtype", "auto"), devices[0].platform)
   policy = config.train.nan_policy
   if policy not in NAN_POLICIES:
     raise mmconfig.ConfigError(f"config key 'train.nan_policy' must be one of {NAN_POLICIES}, "
@@ -97,13 +112,26 @@ def _evaluate(config, objective, setup, eval_fn, state) -> dict[str, float]:
 
 def run_train(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -> dict[str, Any]:
   """Trains (or resumes from `workdir`'s latest valid checkpoint); returns a summary dict."""
+  with _Preemption() as preemption:  # before anything slow: a SIGTERM must never kill the run
+    return _run(config, workdir, stream, preemption)
+
+
+def _run(config, workdir, stream, preemption: _Preemption) -> dict[str, Any]:
   train = config.train
   objective, setup = build(config)
   os.makedirs(workdir, exist_ok=True)
   it = objective.make_iterator("train", jax.process_index(), jax.process_count())
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train.keep_checkpoints)
-  restored = checkpointer.restore_latest(setup.abstract_state, it)
-  state, start = restored if restored else (trainstate.init_state(config, setup), 0)
+  try:
+    restored = checkpointer.restore_latest(setup.abstract_state, it)
+  except BaseException:
+    checkpointer.close()
+    raise
+  stop = preemption.agreed()
+  if restored:
+    state, start = restored
+  else:  # a preempted fresh start needs no initialised state (it saves nothing)
+    state, start = (setup.abstract_state if stop else trainstate.init_state(config, setup)), 0
   writer = MetricsWriter(workdir, total_steps=train.steps, log_every=train.log_every,
                          start_step=start, stream=stream)
   if restored:
@@ -111,8 +139,11 @@ def run_train(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -
   summary: dict[str, Any] = dict(workdir=workdir, start_step=start, step=start, preempted=False,
                                  params=trainstate.param_count(state))
   try:
-    if start < train.steps:
-      _loop(config, objective, setup, state, it, checkpointer, writer, start, summary)
+    if stop:
+      writer.message("mmjax: SIGTERM before the first step; stopping (nothing new to save)")
+      summary["preempted"] = True
+    elif start < train.steps:
+      _loop(config, objective, setup, state, it, checkpointer, writer, start, summary, preemption)
   finally:
     checkpointer.close()
     writer.close()
@@ -122,7 +153,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -
   return summary
 
 
-def _loop(config, objective, setup, state, it, checkpointer, writer, start, summary) -> None:
+def _loop(config, objective, setup, state, it, checkpointer, writer, start, summary,
+          preemption: _Preemption) -> None:
   train = config.train
   batch_size = train.batch_size
   flops_per_step = objective.train_flops_per_sample() * batch_size
@@ -155,11 +187,15 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
       writer.progress(number, metrics)
       summary.update(step=number, loss=metrics["loss"], skipped=int(metrics["skipped"]))
 
-  with setup.context(), _Preemption() as preemption:
+  with setup.context():
     batch = mmsharding.global_batch(next(it), setup.batch_shardings)
     compile_start = time.perf_counter()
     step_fn = trainstep.jit_step(setup, train).lower(state, batch).compile()
     summary["compile_s"] = time.perf_counter() - compile_start
+    if preemption.agreed():  # during the compile: stop before a step there may be no time for
+      writer.message("mmjax: SIGTERM before the first step; stopping (nothing new to save)")
+      summary["preempted"] = True
+      return
     clock["time"] = time.perf_counter()
     for number in range(start + 1, train.steps + 1):
       if number > start + 1:

@@ -84,3 +84,16 @@ def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path):
   assert summary["step"] < 200
   assert summary["checkpoints"][-1] == summary["step"]
   assert _losses(workdir)[-1][0] == summary["step"]
+
+
+def test_sigterm_while_creating_the_iterator_exits_0_and_saves_nothing(tmp_path):
+  """The process sends itself the SIGTERM as it creates the train iterator: no race with the test.
+  (A SIGTERM during the restore: test_checkpoint_restore.py.)"""
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, SCRIPT, str(workdir), json.dumps({"train": TRAIN}),
+                           "iterator"], env=_env(tmp_path / "cache"), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  summary, err = _finish(proc)
+  assert summary["preempted"] and "SIGTERM before the first step" in err
+  assert summary["step"] == summary["start_step"] == 0 and summary["checkpoints"] == []
+  assert os.listdir(workdir / "checkpoints") == []

@@ -1,0 +1,116 @@
+"""Restore: a checkpoint from another config is the user's error and stays untouched; corrupt data
+falls back to the previous checkpoint; a SIGTERM during the restore exits 0.
+
+The checkpoints are written once, directly (no training, so no train-step compile): two saves of
+the freshly initialised state, at steps 3 and 6; every test works on its own copy.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from mmjax.errors import UserError
+from mmjax.train import checkpoint, loop, state as trainstate, toy
+
+
+def _config(**toy_overrides):
+  config = toy.toy_config(steps=6, checkpoint_every=3, keep_checkpoints=3)
+  config.toy.update(toy_overrides)
+  return config
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("written") / "checkpoints"
+  config = _config()
+  objective, setup = loop.build(config)
+  state = trainstate.init_state(config, setup)
+  it = objective.make_iterator("train", jax.process_index(), jax.process_count())
+  saver = checkpoint.Checkpointer(str(directory), keep=3)
+  for step in (3, 6):
+    saver.save(step, state, it)
+  saver.close()
+  return directory, objective, setup
+
+
+@pytest.fixture
+def workdir(written, tmp_path):
+  shutil.copytree(written[0], tmp_path / "checkpoints")
+  return tmp_path
+
+
+def _tree(directory):
+  """Every file under `directory` with its size and modification time."""
+  listing = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      listing[os.path.relpath(path, directory)] = (os.path.getsize(path), os.stat(path).st_mtime_ns)
+  return listing
+
+
+def test_changed_model_size_is_a_clear_error_and_touches_nothing(workdir):
+  before = _tree(workdir / "checkpoints")
+  with pytest.raises(checkpoint.CheckpointMismatchError) as raised:
+    loop.run_train(_config(embed=48), str(workdir))
+  message = str(raised.value)
+  assert isinstance(raised.value, UserError)
+  assert f"workdir {workdir}" in message and "checkpoint of step 6" in message
+  assert "params.embed.embedding.value is (64, 32) float32 in the checkpoint" in message
+  assert "but (64, 48) float32 in the current config" in message
+  assert "config differs from the one that wrote the checkpoint" in message
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]  # no corrupt-*
+  assert _tree(workdir / "checkpoints") == before
+
+
+def test_changed_tree_structure_names_the_missing_path(workdir):
+  config = _config()
+  config.train.grad_clip = 0.0  # no clipping: the optimizer state has one entry fewer
+  _, setup = loop.build(config)
+  saver = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=3)
+  try:
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"opt_state\.\S+ is in the "):
+      saver.restore_latest(setup.abstract_state, iter([]))
+  finally:
+    saver.close()
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+
+
+def test_truncated_array_data_falls_back_to_the_previous_checkpoint(written, workdir):
+  _, objective, setup = written
+  data = [os.path.join(root, name)
+          for root, _, files in os.walk(workdir / "checkpoints" / "6" / "state")
+          if os.path.basename(root) == "d" for name in files]  # OCDBT data files
+  assert data
+  for path in data:  # the metadata stays readable: only the arrays' bytes are cut
+    os.truncate(path, os.path.getsize(path) // 2)
+  reports = []
+  saver = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=3, report=reports.append)
+  try:
+    restored = saver.restore_latest(setup.abstract_state, objective.make_iterator("train", 0, 1))
+  finally:
+    saver.close()
+  assert restored is not None and restored[1] == 3
+  assert len(reports) == 1 and "checkpoint step 6" in reports[0]
+  assert "cannot be restored" in reports[0]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "corrupt-6"]
+
+
+def test_sigterm_during_restore_exits_0_and_changes_no_checkpoint(workdir):
+  """A subprocess (2 devices: the restore reshards) sends itself the SIGTERM as it restores."""
+  before = _tree(workdir / "checkpoints")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  script = os.path.join(os.path.dirname(__file__), "run_toy.py")
+  overrides = {"train": dict(steps=12, checkpoint_every=3, keep_checkpoints=3)}
+  proc = subprocess.run([sys.executable, script, str(workdir), json.dumps(overrides), "restore"],
+                        env=env, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["preempted"] and "SIGTERM before the first step" in proc.stderr
+  assert summary["start_step"] == summary["step"] == 6 and summary["checkpoints"] == [3, 6]
+  assert _tree(workdir / "checkpoints") == before
