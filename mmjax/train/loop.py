@@ -77,7 +77,8 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   mmconfig.validate(config, num_devices=len(devices))
   if config.get("objective") in MODEL_CONFIGS:  # "auto": the platform the run compiles for decides
     with config.model.unlocked():
-      config.model.dtype = resolve_dtype_name(config.model.get("dtype", "auto"), devices[0].platform)
+      config.model.dtype = resolve_dtype_name(config.model.get("dtype", "auto"),
+                                              devices[0].platform)
   policy = config.train.nan_policy
   if policy not in NAN_POLICIES:
     raise mmconfig.ConfigError(f"config key 'train.nan_policy' must be one of {NAN_POLICIES}, "
