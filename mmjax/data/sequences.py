@@ -18,6 +18,10 @@ the text modality), and 0 at the last token of a document. With bidirectional im
 codes form one block (BOI/EOI stay causal); a slot whose target lies in its own block can see that
 target, so its weight is 0: the image is then context, learned only through EOI.
 
+A bad record (a field of the wrong dtype or length, an id outside its modality's vocabulary, no
+template its modalities fit) is an error naming it, or with `bad_records="skip"`
+(`data.bad_records`) gives no documents and is counted in `SequenceBuilder.skipped`.
+
 Packing into fixed lengths lives in `mmjax.data.packing`.
 """
 
@@ -232,11 +236,17 @@ class _Slot:
   end: int = -1
 
 
+BAD_RECORD_MODES = ("error", "skip")
+
+
 class SequenceBuilder:
   """Turns records into documents (one concern: layout; packing is `mmjax.data.packing`)."""
 
   def __init__(self, registry: mm.Registry, config: SequencesConfig | Mapping[str, Any],
-               max_length: int):
+               max_length: int, *, bad_records: str = "error"):
+    if bad_records not in BAD_RECORD_MODES:
+      raise ConfigError(f"data.bad_records must be one of {BAD_RECORD_MODES}, got {bad_records!r}")
+    self.bad_records = bad_records
     self.registry = registry
     self.config = (config if isinstance(config, SequencesConfig)
                    else sequences_config(config, registry))
@@ -259,6 +269,7 @@ class SequenceBuilder:
     p = np.asarray(self.config.probabilities, np.float64)
     self._cumulative = np.cumsum(p / p.sum())
     self.truncated = 0  # documents cut to max_length so far
+    self.skipped = 0    # bad records skipped so far (bad_records="skip")
 
   def _segment(self, record: Mapping[str, Any], slot: _Slot, record_id: Any) -> np.ndarray | None:
     """Global ids of one modality of a record, checked; None when the record lacks it."""
@@ -288,10 +299,26 @@ class SequenceBuilder:
   def documents(self, record: Mapping[str, Any], uniforms: Sequence[float],
                 record_id: Any = "?") -> list[Document]:
     """The documents of one record: one per uniform in [0, 1) (see `record_uniforms`), each laid
-    out by the template that uniform draws among the templates whose modalities the record has."""
+    out by the template that uniform draws among the templates whose modalities the record has.
+    A bad record raises a UserError naming it, or with bad_records="skip" gives none."""
     index = record.get("index")
     if index is not None and np.ndim(index) == 0:
       record_id = int(index)
+    try:
+      segments, cumulative = self._segments(record, record_id)
+    except UserError:
+      if self.bad_records == "error":
+        raise
+      self.skipped += 1
+      return []
+    last = len(cumulative) - 1
+    cumulative = cumulative.tolist()
+    choices = [min(bisect.bisect_right(cumulative, u), last) for u in uniforms]
+    return [self._document(self.config.templates[c], segments, record_id) for c in choices]
+
+  def _segments(self, record: Mapping[str, Any],
+                record_id: Any) -> tuple[dict[str, np.ndarray | None], np.ndarray]:
+    """The record's checked segments and the cumulative template probabilities it can draw."""
     segments = {n: self._segment(record, slot, record_id) for n, slot in self._slots.items()}
     fits = [all(segments[n] is not None for n in t) for t in self.config.templates]
     if all(fits):
@@ -303,10 +330,7 @@ class SequenceBuilder:
         raise UserError(f"record {record_id}: no template applies; it has {present or 'none'} of "
                         f"the templates' modalities {sorted(self._slots)}")
       cumulative = np.cumsum(p / p.sum())
-    last = len(cumulative) - 1
-    cumulative = cumulative.tolist()
-    choices = [min(bisect.bisect_right(cumulative, u), last) for u in uniforms]
-    return [self._document(self.config.templates[c], segments, record_id) for c in choices]
+    return segments, cumulative
 
   def _document(self, template: tuple[str, ...], segments: dict[str, np.ndarray],
                 record_id: Any) -> Document:
@@ -363,7 +387,10 @@ class SequenceBuilder:
 
 
 def builder_from_config(config: Mapping[str, Any]) -> SequenceBuilder:
-  """The builder of a decoder config: its modalities, `sequences` section and model.max_length."""
+  """The builder of a decoder config: its modalities, `sequences` section, model.max_length and
+  data.bad_records."""
   registry = mm.from_config(config["modalities"])
+  data = config.get("data", None) or {}
   return SequenceBuilder(registry, sequences_config(config["sequences"], registry),
-                         int(config["model"]["max_length"]))
+                         int(config["model"]["max_length"]),
+                         bad_records=str(data.get("bad_records", "error")))

@@ -237,6 +237,31 @@ def test_bad_records_name_record_and_field():
     list(packing.PackedSequencesIterDataset(ds, b))
 
 
+def test_bad_records_skipped_and_counted():
+  b = sequences.SequenceBuilder(REGISTRY, sequences.sequences_config(TWO_WAY, REGISTRY), 32,
+                                bad_records="skip")
+  records = [record(i) for i in range(12)]
+  records[3] = dict(records[3], caption=np.array([5, 60]))        # id outside the vocabulary
+  records[8] = dict(records[8], tok_rgb=np.zeros(5, np.int32))    # wrong grid
+  records[10] = dict(index=10, det=np.array([5]))                 # no template applies
+  good = builder()
+  for i, r in enumerate(records):
+    docs = b.documents(r, u(i), i)
+    if i in (3, 8, 10):
+      assert docs == []
+    else:
+      want = good.documents(r, u(i), i)
+      assert all((x[k] == y[k]).all() for x, y in zip(docs, want, strict=True) for k in x)
+  assert b.skipped == 3
+  # Through packing: the rows hold the good records' documents only.
+  ds = grain.MapDataset.source(records).to_iter_dataset()
+  rows = list(packing.PackedSequencesIterDataset(ds, b, window=4))
+  assert sum(len(np.unique(r["segment"][r["segment"] > 0])) for r in rows) == 9
+  assert b.skipped == 6
+  with pytest.raises(ConfigError, match="data.bad_records must be one of"):
+    sequences.SequenceBuilder(REGISTRY, TWO_WAY, 32, bad_records="ignore")
+
+
 def test_config_validation_and_shipped_decoder_config():
   with pytest.raises(ConfigError, match="unknown modality 'depth'"):
     builder(templates=(("depth",),), probabilities=(1.0,))
