@@ -73,6 +73,12 @@ def shapes_data(**overrides) -> ml_collections.ConfigDict:
       bad_records="error",    # a bad record (missing/wrong-length field, id >= vocab): "error" names
                               # it and stops; "skip" pads its batch row and counts it
       missing="",             # comma-separated modalities the dataset may lack (empty where absent)
+      # Several pre-tokenized datasets mixed per sample by weight, instead of data_dir / name:
+      # (dict(data_dir=..., name=..., weight=3, missing="tok_rgb"), ...); a modality one of them
+      # lacks is empty there (mmjax/data/pipeline.py). () = the one dataset at data_dir.
+      mixture=(),
+      check_tokenizers=True,  # at start, compare the data's tokenizer fingerprints with those of
+                              # the config's tokenizers found in tokenizers_dir
   ))
   section.update(overrides)
   return section

@@ -24,7 +24,9 @@ A record (tfds-decoded) holds:
                 gt_det_boxes [K, 4], gt_det_classes [K], gt_num_objects, gt_obj_* (shapes)
 
 `metadata.json` records the job: modalities (name, kind, vocab, dtype), tokenizer fingerprints per
-modality, the raw source, counts of bad samples. `check_tokenizer_versions` compares fingerprints.
+modality, the raw source, counts of bad samples. `check_tokenizer_versions` compares fingerprints;
+`check_config` compares a dataset with the config that trains on it (modalities, fingerprints of the
+tokenizers it can find, sentinels).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from array_record.python import array_record_module
 from tensorflow_datasets.proto import tf_example_pb2
 
 from mmjax import modalities as mod
+from mmjax.config import ConfigError
 from mmjax.errors import UserError
 
 NAME = "mmjax_tokens"
@@ -249,11 +252,12 @@ class RecordParser:
   (parsed in C) with one `np.frombuffer` per modality; tfds' numpy decoding walks every feature in
   Python and costs ~5x more per record. The same id, index, present and modality fields as
   `RecordDecoder(specs)(source[i])`; the ground-truth fields (gt_*) are left out (training does not
-  read them). Picklable: a `DatasetSpec.decode` over `load_token_bytes`."""
+  read them). `specs` are the dataset's own (their order is that of `present`); `names`, if given,
+  keeps only those modalities. Picklable: a `DatasetSpec.decode` over `load_token_bytes`."""
 
-  def __init__(self, specs: Sequence[Mapping[str, Any]]):
-    self.fields = [(s["name"], np.dtype(s["dtype"]), tuple(s.get("shape", (-1,))))
-                   for s in specs]
+  def __init__(self, specs: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None):
+    self.fields = [(k, s["name"], np.dtype(s["dtype"]), tuple(s.get("shape", (-1,))))
+                   for k, s in enumerate(specs) if names is None or s["name"] in names]
 
   def __call__(self, data: bytes) -> dict[str, Any]:
     feature = tf_example_pb2.Example.FromString(data).features.feature
@@ -261,7 +265,7 @@ class RecordParser:
     out: dict[str, Any] = {"id": feature["id"].bytes_list.value[0],
                            "index": int(feature["index"].int64_list.value[0]),
                            "present": present}
-    for k, (name, dtype, shape) in enumerate(self.fields):
+    for k, name, dtype, shape in self.fields:
       out[name] = (np.frombuffer(feature[name].bytes_list.value[0], dtype).reshape(shape)
                    if present[k] else None)
     return out
@@ -271,25 +275,151 @@ def _short(fingerprint: Any) -> str:
   return str(fingerprint)[:12] if fingerprint else "none"
 
 
-def check_tokenizer_versions(ds_dir: str | os.PathLike, expected: Mapping[str, str]) -> None:
+def check_tokenizer_versions(ds_dir: str | os.PathLike, expected: Mapping[str, str], *,
+                             where: Mapping[str, str] | None = None) -> None:
   """Raises a UserError unless the dataset's tokens were made by the `expected` tokenizers.
 
-  `expected` maps modality name -> tokenizer fingerprint (`ModalityTokenizer.fingerprint`). A
+  `expected` maps modality name -> tokenizer fingerprint (`ModalityTokenizer.fingerprint`), `where`
+  (optional) modality name -> the directory that tokenizer came from, for the message. A
   modality the dataset has no tokens of at all (its source was absent everywhere) has no
   fingerprint and matches anything; a modality the dataset does not declare is an error.
   """
   meta = read_metadata(ds_dir)
   stored = meta.get("fingerprints", {})
   declared = {s["name"] for s in meta.get("modalities", [])}
+  where = where or {}
   problems = []
   for name, fingerprint in expected.items():
     if name not in declared:
       problems.append(f"{name}: not in the dataset (it has {', '.join(sorted(declared))})")
     elif name in stored and stored[name] != fingerprint:
+      source = f" (in {where[name]})" if name in where else ""
       problems.append(f"{name}: tokens made by tokenizer {_short(stored[name])}, the config's is "
-                      f"{_short(fingerprint)}")
+                      f"{_short(fingerprint)}{source}")
   if problems:
     raise UserError(f"pre-tokenized dataset {os.fspath(ds_dir)} does not match the tokenizers: "
                     + "; ".join(problems) + ". Re-run `mmjax prepare tokens` with the current "
                     "tokenizers (into a new workdir), or point the config at the tokenizers the "
                     "data was made with")
+
+
+# ---------------------------------------------------------------------------------------------
+# A dataset against the config that trains on it.
+
+
+def token_modalities(meta: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """{name: spec} of the modalities a dataset has tokens of: its specs without the modalities
+  whose source it lacked everywhere (`absent_modalities`)."""
+  absent = set(meta.get("absent_modalities", ()))
+  return {s["name"]: dict(s) for s in meta.get("modalities", []) if s["name"] not in absent}
+
+
+def spec_differences(m: mod.Modality, spec: Mapping[str, Any]) -> list[str]:
+  """How the dataset's `spec` of a modality differs from the config's modality `m`, as phrases
+  "<key> <config's>, the data has <key> <dataset's>" (kind first: other keys follow from it)."""
+  if spec.get("kind") != m.kind:
+    return [f"kind {m.kind!r}, the data has kind {spec.get('kind')!r}"]
+  mine: dict[str, Any] = {"source": m.source}
+  theirs: dict[str, Any] = {"source": spec.get("source")}
+  if m.kind == mod.IMAGE_PIXELS:
+    mine["shape"], theirs["shape"] = [m.image_size, m.image_size, m.channels], spec.get("shape")
+  else:
+    mine["vocab_size"], theirs["vocab_size"] = m.vocab_size, spec.get("vocab_size")
+    if m.kind == mod.IMAGE_TOKENS:  # sequences are truncated to max_length: any length reads
+      mine["tokens"], theirs["tokens"] = m.num_tokens, spec.get("length")
+  theirs = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in theirs.items()}
+  return [f"{key} {mine[key]!r}, the data has {key} {theirs[key]!r}" for key in mine
+          if theirs[key] is not None and mine[key] != theirs[key]]
+
+
+# (directory, modality kind and source, tokenizer config, files' state) -> (fingerprint, sentinels)
+_TOKENIZERS: dict[tuple, tuple[str, int | None]] = {}
+
+
+def _tokenizer_state(m: mod.Modality, directory: str) -> tuple | None:
+  """What identifies a trained tokenizer's files (changes when it is retrained); None if absent."""
+  if m.is_sequence:
+    path = directory if os.path.isfile(directory) else os.path.join(directory, "text.model")
+    return (path, os.stat(path).st_mtime_ns) if os.path.isfile(path) else None
+  checkpoints = os.path.join(directory, "checkpoints")
+  if not os.path.isdir(checkpoints):
+    return None
+  return (checkpoints, os.stat(checkpoints).st_mtime_ns, tuple(sorted(os.listdir(checkpoints))))
+
+
+def find_tokenizer(m: mod.Modality, tokenizers_dir: str) -> tuple[str, str, int | None] | None:
+  """(directory, fingerprint, sentinel count) of modality m's trained tokenizer under
+  `tokenizers_dir` (`<dir>/<tokenizer config stem>`), None when it is not there. The sentinel
+  count is a text tokenizer's [S_k] count, None for an image tokenizer. Loaded once per process
+  and state of its files: restoring an image tokenizer to hash its weights costs seconds."""
+  from mmjax.data import modality_tokenizers as mt  # late: it reaches the tokenizers' code
+  if m.kind == mod.IMAGE_PIXELS or not m.tokenizer or not tokenizers_dir:
+    return None
+  directory = mt.tokenizer_dir_for(m, tokenizers_dir)
+  state = _tokenizer_state(m, directory)
+  if state is None:
+    return None
+  key = (os.path.abspath(directory), m.kind, m.source, m.tokenizer, state)
+  if key not in _TOKENIZERS:
+    try:
+      tok = mt.load_modality_tokenizer(m, directory, batch_size=1)
+    except Exception as e:  # noqa: BLE001 -- any failure to restore it is reported the same way
+      raise UserError(f"modality {m.name}: the tokenizer in {directory} could not be loaded to "
+                      f"check the pre-tokenized data against it ({type(e).__name__}: {e}); fix "
+                      f"modalities.{m.name}.tokenizer or data.tokenizers_dir, or set "
+                      f"data.check_tokenizers=False") from None
+    sentinels = tok.tokenizer.special.num_sentinels if m.is_sequence else None
+    _TOKENIZERS[key] = (tok.fingerprint, sentinels)
+  return (directory, *_TOKENIZERS[key])
+
+
+def _recorded_sentinels(meta: Mapping[str, Any], name: str) -> int | None:
+  """The text tokenizer's sentinel count the metadata records for modality `name`, if any:
+  `num_sentinels` as one count, or as {modality: count}."""
+  value = meta.get("num_sentinels")
+  if isinstance(value, Mapping):
+    value = value.get(name)
+  return None if value is None else int(value)
+
+
+def check_config(ds_dir: str | os.PathLike, registry: mod.Registry, names: Sequence[str], *,
+                 tokenizers_dir: str = "", num_sentinels: int | None = None) -> dict[str, Any]:
+  """The metadata of a finished dataset, checked against the config's modalities `names`.
+
+  For each of them the dataset has tokens of: the same kind, source, vocabulary and (image tokens)
+  token count; the fingerprint the dataset records equals that of the config's tokenizer when
+  that is found under `tokenizers_dir` (`find_tokenizer`; "" skips this); and if `num_sentinels`
+  is given (4M masking), it equals the text tokenizer's sentinel count, as the metadata records it
+  or the found tokenizer has it. Which modalities the dataset lacks is the caller's to judge
+  (`token_modalities`). Raises a ConfigError (UserError for fingerprints) naming `ds_dir`, each
+  modality and both values.
+  """
+  ds_dir = os.fspath(ds_dir)
+  meta = read_metadata(ds_dir)
+  have = token_modalities(meta)
+  shared = [n for n in names if n in have]
+  problems = [f"modalities.{n} has {d}" for n in shared
+              for d in spec_differences(registry[n], have[n])]
+  if problems:
+    raise ConfigError(f"the pre-tokenized data {ds_dir} does not match the config: "
+                      + "; ".join(problems))
+  found = {}
+  for n in shared:
+    tok = find_tokenizer(registry[n], tokenizers_dir)
+    if tok is not None:
+      found[n] = tok
+  check_tokenizer_versions(ds_dir, {n: f for n, (_, f, _) in found.items()},
+                           where={n: d for n, (d, _, _) in found.items()})
+  if num_sentinels is not None:
+    for n in shared:
+      if not registry[n].is_sequence:
+        continue
+      counts = [(f"the data {ds_dir} records", _recorded_sentinels(meta, n))]
+      if n in found:
+        counts.append((f"its tokenizer in {found[n][0]} has", found[n][2]))
+      for who, count in counts:
+        if count is not None and count != num_sentinels:
+          raise ConfigError(f"masking.num_sentinels is {num_sentinels}, but for modality {n} "
+                            f"{who} {count} sentinels ([S_0]..[S_{count - 1}] of the text "
+                            f"tokenizer); set masking.num_sentinels={count}")
+  return meta

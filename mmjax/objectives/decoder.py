@@ -1,19 +1,20 @@
 """The "decoder" objective: the mixed-modal decoder, its loss and its packed-sequence data.
 
-Data: pre-tokenized records (`mmjax prepare tokens`, read with `mmjax.data.tokens_tfds`) become
-documents and packed rows (`mmjax.data.sequences`, `mmjax.data.packing`) of
-`model.max_length` slots, the layout of `mmjax.data.sequence_batch`.
+Data: pre-tokenized records (`mmjax prepare tokens`, one dataset or the weighted `data.mixture`,
+checked against the config and read with `mmjax.data.pipeline.token_datasets`) become documents and
+packed rows (`mmjax.data.sequences`, `mmjax.data.packing`) of `model.max_length` slots, the layout
+of `mmjax.data.sequence_batch`, in `data.num_workers` worker processes. With
+`data.bad_records="skip"` bad records give no documents and `iterator.bad_records` counts them
+(when a pack window is read: a resume from inside a window counts its bad records again).
 """
 
 from __future__ import annotations
 
-import grain
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from mmjax import modalities as mm
-from mmjax.config import ConfigError
 from mmjax.data import sequence_batch
 from mmjax.data.sequences import SharedVocab
 from mmjax.models.configs import model_config
@@ -49,44 +50,23 @@ class DecoderObjective:
     return {name: ("batch", "length") for name in sequence_batch.FIELDS}
 
   def make_iterator(self, split: str, process_index: int, process_count: int):
-    from mmjax.data import packing, sequences, tokens_tfds  # late: tfds import is slow
+    from mmjax.data import packing, pipeline, sequences  # late: tfds import is slow
     if split not in _SPLITS:
       raise ValueError(f"decoder objective: unknown split {split!r}; use 'train' or 'val'")
     data = self.config.data
-    if not data.get("data_dir"):
-      raise ConfigError("config key 'data.data_dir' is empty: point it at the pre-tokenized data "
-                        "(`mmjax prepare tokens`)")
+    needed = list(dict.fromkeys(n for t in self.config.sequences.templates for n in t))
     # Serialized records parsed straight from the proto: tfds' Python decoding is ~5x slower.
-    source = tokens_tfds.load_token_bytes(data.data_dir, data.name, _SPLITS[split])
-    decode = tokens_tfds.RecordParser(self._record_specs(tokens_tfds))
-    ds = grain.MapDataset.source(source)
-    if split == "train":
-      ds = ds.shuffle(seed=int(data.shuffle_seed)).repeat(None)
-    ds = ds[process_index::process_count].map(decode).to_iter_dataset()
+    specs = pipeline.token_datasets(self.config, _SPLITS[split], self.registry, needed)
+    ds = pipeline.record_dataset(specs, seed=int(data.shuffle_seed), process_index=process_index,
+                                 process_count=process_count,
+                                 num_epochs=None if split == "train" else 1)
+    ds = ds.map(pipeline.untag).to_iter_dataset()
     builder = sequences.builder_from_config(self.config)
     ds = packing.PackedSequencesIterDataset(ds, builder, self.cfg.max_length,
                                             seed=int(data.shuffle_seed) + process_index)
     ds = ds.batch(self.config.train.batch_size // process_count, drop_remainder=True)
-    return iter(ds)
-
-  def _record_specs(self, tokens_tfds) -> list[dict]:
-    """The dataset's own modality specs: its records' `present` flags follow its registry order,
-    which may differ from (or be a superset of, e.g. the 4M token set) the decoder's modalities."""
-    data = self.config.data
-    ds_dir = tokens_tfds.dataset_dir(data.data_dir, data.name)
-    specs = tokens_tfds.read_metadata(ds_dir)["modalities"]
-    have = {s["name"]: s for s in specs}
-    needed = {n for t in self.config.sequences.templates for n in t}
-    for name in sorted(needed):
-      m, spec = self.registry[name], have.get(name)
-      if spec is None:
-        raise ConfigError(f"modality {name!r} of config key 'sequences.templates' is not in the "
-                          f"pre-tokenized data {ds_dir} (it has {', '.join(have)})")
-      if spec["kind"] != m.kind or spec.get("vocab_size") != m.vocab_size:
-        raise ConfigError(f"modalities.{name} is {m.kind} with vocab_size {m.vocab_size}, but the "
-                          f"pre-tokenized data {ds_dir} has it as {spec['kind']} with vocab_size "
-                          f"{spec.get('vocab_size')}")
-    return specs
+    ds = ds.map(_CountSkipped(builder))
+    return pipeline.BatchIterator(pipeline.in_workers(ds, data.get("num_workers", 0)))
 
   def synthetic_batch(self, batch_size: int, seed: int) -> dict[str, np.ndarray]:
     """Rows of packed random documents: text, then an image wrapped in its specials."""
@@ -134,6 +114,19 @@ class DecoderObjective:
 
   def tokens_per_sample(self) -> int:
     return self.cfg.max_length
+
+
+class _CountSkipped:
+  """A batch -> (batch, bad records the builder skipped since the previous batch). It runs where
+  the packing does (a worker process's own copy of the builder), so the count travels with the
+  batch to `pipeline.BatchIterator`."""
+
+  def __init__(self, builder):
+    self.builder, self.reported = builder, 0
+
+  def __call__(self, batch):
+    skipped, self.reported = self.builder.skipped - self.reported, self.builder.skipped
+    return batch, skipped
 
 
 @register_objective("decoder")

@@ -1,8 +1,11 @@
 """The decoder objective on real pre-tokenized shapes data: a token set made for another model (more
 modalities, another order) feeds it, its "val" split is the dataset's "validation", mismatched
-vocabularies are config errors, and `run_train` trains, evaluates and checkpoints on it."""
+vocabularies and tokenizers are errors, a mixture with a text corpus reads both (bad records
+skipped and counted on request), and `run_train` trains, evaluates and checkpoints on it."""
 
+import json
 import os
+import shutil
 
 import ml_collections
 import numpy as np
@@ -12,6 +15,7 @@ from mmjax import config as mmconfig
 from mmjax import modalities as mod
 from mmjax.config import ConfigError
 from mmjax.data import pretokenize, shapes
+from mmjax.errors import UserError
 from mmjax.tokenizers import image, text
 from mmjax.train import loop
 from mmjax.train.objective import get_objective
@@ -19,10 +23,24 @@ from mmjax.train.objective import get_objective
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+class Captions:
+  """Scenes reduced to their captions: a text corpus."""
+
+  def __init__(self, n):
+    self.base = shapes.SceneSource(n, split="train")
+
+  def __len__(self):
+    return len(self.base)
+
+  def __getitem__(self, i):
+    return {"caption": self.base[i]["caption"]}
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """<dir>/mmjax_tokens/shapes: rgb pixels, tok_rgb (64 codes) and caption, in that order, from a
-  SentencePiece model trained on 300 captions and an untrained small rgb tokenizer."""
+  SentencePiece model trained on 300 captions and an untrained small rgb tokenizer; and
+  <dir>/mmjax_tokens/captions: 16 captions alone."""
   root = str(tmp_path_factory.mktemp("tokens"))
   cfg = mmconfig.load(os.path.join(ROOT, "configs/tokenizers/shapes_text.py"))
   sentences = [s for pair in text.shapes_sentences(300, split="train", seed=0, image_size=64,
@@ -49,6 +67,9 @@ def data_dir(tmp_path_factory):
                "validation": shapes.SceneSource(8, split="validation")},
       tokenizers={"tok_rgb": pretokenize.ImageModalityTokenizer(registry["tok_rgb"], rgb,
                                                                 batch_size=8)})
+  config.data.name = "captions"
+  config.modalities = ml_collections.ConfigDict(dict(caption=config.modalities.caption))
+  pretokenize.run_prepare_tokens(config, root, progress=False, sources={"train": Captions(16)})
   return root
 
 
@@ -85,6 +106,59 @@ def test_mismatched_vocabulary_is_a_config_error(data_dir):
   objective = get_objective(decoder_config(data_dir, "--config.modalities.tok_rgb.vocab_size=1024"))
   with pytest.raises(ConfigError, match="modalities.tok_rgb .* vocab_size 1024.* vocab_size 64"):
     objective.make_iterator("train", 0, 1)
+
+
+def test_tokens_of_another_tokenizer_are_an_error(data_dir, tmp_path):
+  shutil.copytree(os.path.join(data_dir, "mmjax_tokens", "shapes"),
+                  tmp_path / "mmjax_tokens" / "shapes")
+  path = tmp_path / "mmjax_tokens" / "shapes" / "1.0.0" / "metadata.json"
+  meta = json.loads(path.read_text())
+  meta["fingerprints"]["caption"] = "f" * 64
+  path.write_text(json.dumps(meta))
+  text_dir = os.path.join(data_dir, "tokenizers", "shapes_text")
+  config = decoder_config(tmp_path, f"--config.data.tokenizers_dir={os.path.dirname(text_dir)}")
+  with pytest.raises(UserError, match=rf"{tmp_path}/mmjax_tokens/shapes/1.0.0 does not match the "
+                                      rf"tokenizers: caption: tokens made by tokenizer ffffffffffff"
+                                      rf", the config's is [0-9a-f]{{12}} \(in {text_dir}\)"):
+    get_objective(config).make_iterator("train", 0, 1)
+
+
+def _documents(batches, vocab):
+  """Whether each document of the batches' rows holds an image."""
+  out = []
+  for batch in batches:
+    for tokens, segment in zip(batch["tokens"], batch["segment"]):
+      for s in np.unique(segment[segment > 0]):
+        out.append(vocab.begin_image("tok_rgb") in tokens[segment == s])
+  return np.array(out)
+
+
+def test_mixture_with_a_text_corpus_and_skipped_bad_records(data_dir):
+  mixture = (dict(name="shapes", weight=3), dict(name="captions"))
+  # A caption-only template: both datasets' records give documents.
+  config = decoder_config(data_dir, "--config.sequences.templates=(('caption', 'tok_rgb'), "
+                          "('caption',))", "--config.sequences.probabilities=(0.9, 0.1)")
+  config.data.mixture = mixture
+  objective = get_objective(config)
+  it = objective.make_iterator("train", 0, 1)
+  images = _documents([next(it) for _ in range(6)], objective.vocab)
+  assert it.bad_records == 0 and images.any() and 0.2 < (~images).mean() < 0.5
+  # With image templates only, a caption record fits none: an error naming it, or skipped.
+  config = decoder_config(data_dir)
+  config.data.mixture = mixture
+  with pytest.raises(UserError, match=r"record \d+: no template applies; it has \['caption'\]"):
+    next(get_objective(config).make_iterator("train", 0, 1))
+  config.data.bad_records = "skip"
+  objective = get_objective(config)
+  it = objective.make_iterator("train", 0, 1)
+  batch = next(it)
+  assert _documents([batch], objective.vocab).all()
+  # The first pack window held 64 records of the stream, every fourth a caption record.
+  assert it.bad_records == 16 and it.get_state()["bad_records"] == 16
+  state = it.get_state()
+  resumed = objective.make_iterator("train", 0, 1)
+  resumed.set_state(state)
+  assert all((next(resumed)["tokens"] == next(it)["tokens"]).all() for _ in range(2))
 
 
 def test_run_train_on_pretokenized_data(data_dir, tmp_path):
