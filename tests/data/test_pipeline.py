@@ -153,8 +153,26 @@ def test_dataset_mixture_weights_and_missing_modality(records):
   ids = [stream[i][0] for i in range(400)]
   assert abs(np.mean(np.array(ids) == 0) - 0.75) < 0.03
   it = pipeline.make_iterator(config, specs, process_index=0, process_count=1)
-  batch = next(it)
-  assert batch["enc_valid"].any()
+  batches = [next(it) for _ in range(10)]
+  assert it.bad_records == 0
+  # Row b of batch k is position 8k + b of the record stream (seeded by data.shuffle_seed).
+  row_ids = np.array([pipeline.record_dataset(specs, seed=3)[i][0] for i in range(80)])
+  text_rows = row_ids == 1
+  assert text_rows.mean() == 0.25  # 3 : 1, interleaved exactly in every period of 4
+  registry = modalities.from_config(MODS)
+  images = [registry.index("tok_rgb"), registry.index("tok_depth")]
+  caption = registry.index("caption")
+  for side in ("enc", "dec"):
+    valid = np.concatenate([b[f"{side}_valid"] for b in batches])
+    mods = np.concatenate([b[f"{side}_modality"] for b in batches])
+    image_slot = valid & np.isin(mods, images)
+    assert not image_slot[text_rows].any()  # the missing image modalities are empty
+    assert image_slot[~text_rows].any(1).mean() > 0.9
+  # Text rows are masked text: every one has caption targets; inputs only outside rgb->all (half
+  # of 4M-7, whose sole input modality the text dataset lacks).
+  dec = np.concatenate([b["dec_valid"] & (b["dec_modality"] == caption) for b in batches])
+  enc = np.concatenate([b["enc_valid"] & (b["enc_modality"] == caption) for b in batches])
+  assert dec[text_rows].any(1).all() and 0.2 < enc[text_rows].any(1).mean() < 0.8
 
 
 def test_bad_records_error_and_counted_skip(records):
