@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mmjax import modalities
-from mmjax.data import fourm_batch, mixtures
+from mmjax.data import fourm_batch, masking, mixtures
 from mmjax.data.bench import synthetic_records
 from mmjax.data.fourm_transform import BadRecord, FourMTransform, patchify
 from mmjax.tokenizers import special
@@ -121,6 +121,60 @@ def test_4m7_mixture_is_half_rgb_to_all():
   targets = [(batch["dec_modality"] == registry.index(n)) & batch["dec_valid"]
              for n in ("tok_rgb", "tok_semseg", "caption")]
   assert all(t[only_rgb].any(1).mean() > 0.5 for t in targets)  # targets from every modality
+
+
+def test_4m21_mixture_components_shares_and_budgets(monkeypatch):
+  registry, transform = _make("4m21", N=24, M=24)
+  mix = transform.mixture
+  assert mix.names == ("all2all_a0.01", "all2all_a0.1", "all2all_a1", "all2all_a10", "rgb2all",
+                       "caption_bias")
+  np.testing.assert_allclose(mix.weights, np.array([1, 1, 1, 1, 1, 0.5]) / 5.5)
+  with_t5 = dict(MODS, t5_caption=dict(kind="sequence", vocab_size=300, max_length=12))
+  assert mixtures.from_config(dict(mixture="4m21"), modalities.from_config(with_t5)).names[-2:] \
+      == ("caption_bias", "t5_caption_bias")
+  # Each row's input alphas (the first Dirichlet draw) name the component it drew.
+  draws = []
+  original = masking.dirichlet_budgets
+
+  def spy(rng, alpha_BK, total, cap_BK):
+    budget = original(rng, alpha_BK, total, cap_BK)
+    draws.append((np.asarray(alpha_BK), total, np.asarray(cap_BK), budget))
+    return budget
+
+  monkeypatch.setattr(masking, "dirichlet_budgets", spy)
+  records = synthetic_records(registry, 4000, seed=3)
+  batch, bad = transform(records, np.random.default_rng(3))
+  assert bad == 0 and len(draws) == 2
+  (alpha_in, _, cap_in, in_BK), (alpha_tgt, _, cap_tgt, tgt_BK) = draws
+  comp_B = np.array([np.flatnonzero((mix.input_alpha == a).all(1))[0] for a in alpha_in])
+  share = np.bincount(comp_B, minlength=6) / len(comp_B)
+  np.testing.assert_allclose(share, mix.weights, atol=0.02)
+  # Every component draws valid budgets: within N / M and the caps, nothing where alpha is 0.
+  for alpha, cap, budget in ((alpha_in, cap_in, in_BK), (alpha_tgt, cap_tgt, tgt_BK)):
+    assert (budget >= 0).all() and (budget <= cap).all() and (budget.sum(1) <= 24).all()
+    assert (budget[alpha == 0] == 0).all()
+  G = registry["tok_rgb"].num_tokens
+  for name in ("tok_rgb", "tok_semseg"):
+    k = registry.index(name)
+    assert (in_BK[:, k] + tgt_BK[:, k] <= G).all()  # disjoint cells of one grid
+  # Every row has inputs; only near-one-hot alphas (0.01, 0.1) can aim the targets at the cells
+  # the inputs took (the excess is not redistributed), leaving a few rows without targets.
+  assert batch["enc_valid"].any(1).all()
+  has_target = batch["dec_valid"].any(1)
+  assert has_target[comp_B >= 2].all() and has_target[comp_B < 2].mean() > 0.8
+  k_rgb, k_cap = registry.index("rgb"), registry.index("caption")
+  enc = batch["enc_valid"], batch["enc_modality"]
+  dec = batch["dec_valid"], batch["dec_modality"]
+  # rgb->all: the input is the 16 rgb patches only.
+  rgb2all = comp_B == 4
+  assert ((enc[1] == k_rgb) | ~enc[0])[rgb2all].all() and (enc[0][rgb2all].sum(1) == 16).all()
+  # Caption-biased: caption is never a target and is kept whole (keep "all") as the main input.
+  biased = comp_B == 5
+  assert not (dec[0] & (dec[1] == k_cap))[biased].any()
+  caption_in = (enc[0] & (enc[1] == k_cap)).sum(1)
+  full = np.array([len(r["caption"]) + 1 for r in records])  # + EOS
+  assert (caption_in[biased] == full[biased]).mean() > 0.95
+  assert (caption_in[~biased] == full[~biased]).mean() < 0.5
 
 
 def test_budgets_fill_n_for_images_with_room():
