@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import ml_collections
 
+# Where `mmjax demo` (and `bash launch/local.sh`) write their token set; training configs whose
+# data.data_dir is empty read it.
+DEMO_TOKENS = "runs/demo/tokens"
+
 
 def train(**overrides) -> ml_collections.ConfigDict:
   """The optimisation and loop section (`config.train`)."""
@@ -61,7 +65,8 @@ def shapes_data(**overrides) -> ml_collections.ConfigDict:
   """The embedded shapes dataset (`config.data`); `mmjax prepare shapes` writes it to `data_dir`."""
   section = ml_collections.ConfigDict(dict(
       name="shapes",          # tfds builder name
-      data_dir="",            # where the prepared data lives; "" means <workdir>/data
+      data_dir="",            # where the prepared data lives; "": `mmjax prepare tokens` reads
+                              # <workdir>/data, training reads DEMO_TOKENS (`mmjax demo` writes it)
       tokenizers_dir="",      # trained tokenizers, <dir>/<tokenizer config stem>, used to decode
                               # generated tokens; "" means <data_dir>/tokenizers
       image_size=64,          # side of the square scenes

@@ -43,7 +43,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from mmjax import modalities
+from mmjax import defaults, modalities
 from mmjax.config import ConfigError
 from mmjax.data import mixtures
 from mmjax.data.fourm_transform import FourMTransform
@@ -374,10 +374,18 @@ def mixture_from_config(data) -> list[TokenSet]:
     raise ConfigError(f"config key 'data.mixture' must be a tuple of dicts (data_dir, name, "
                       f"weight, missing), got {entries!r}")
   if not entries:
-    if not data.get("data_dir"):
-      raise ConfigError("config key 'data.data_dir' is empty: point it at the pre-tokenized data "
-                        "(`mmjax prepare tokens`), or list datasets in 'data.mixture'")
-    return [TokenSet(str(data.data_dir), str(data.name))]
+    data_dir = str(data.get("data_dir", "") or "")
+    if not data_dir:
+      from mmjax.data import tokens_tfds  # late: tfds import is slow
+      data_dir = defaults.DEMO_TOKENS
+      if not os.path.isdir(tokens_tfds.dataset_dir(data_dir, str(data.name))):
+        raise ConfigError(
+            f"config key 'data.data_dir' is empty and {data_dir}/ (the token set `mmjax demo` "
+            "writes) holds no dataset: run `bash launch/local.sh` first, or point data.data_dir at "
+            "the workdir of `mmjax prepare tokens` (configs/tokens/shapes.py), or list datasets "
+            "in 'data.mixture'")
+      print(f"mmjax: data.data_dir is empty; reading the demo's tokens in {data_dir}/", flush=True)
+    return [TokenSet(data_dir, str(data.name))]
   sets, seen = [], {}
   for k, entry in enumerate(entries):
     where = f"data.mixture[{k}]"

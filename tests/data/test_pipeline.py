@@ -1,6 +1,7 @@
 """The Grain pipeline: determinism, per-host shards, exact resume, mixtures, files, bad records."""
 
 import io
+import os
 
 import ml_collections
 import numpy as np
@@ -235,3 +236,18 @@ def test_worker_processes_give_the_same_batches_and_resume(records):
     assert _equal(want[3], next(resumed)) and _equal(want[4], next(resumed))
   finally:
     resumed.close()
+
+
+def test_empty_data_dir_reads_the_demo_tokens_or_says_how_to_make_them(tmp_path, monkeypatch):
+  from mmjax import defaults
+  from mmjax.config import ConfigError
+  from mmjax.data import tokens_tfds
+
+  demo_tokens = tmp_path / "runs" / "demo" / "tokens"
+  monkeypatch.setattr(defaults, "DEMO_TOKENS", str(demo_tokens))
+  data = ml_collections.ConfigDict(dict(data_dir="", name="shapes", mixture=()))
+  with pytest.raises(ConfigError, match=r"data\.data_dir' is empty.*launch/local\.sh"):
+    pipeline.mixture_from_config(data)
+  os.makedirs(tokens_tfds.dataset_dir(demo_tokens, "shapes"))
+  (token_set,) = pipeline.mixture_from_config(data)
+  assert token_set.data_dir == str(demo_tokens) and token_set.name == "shapes"
