@@ -153,9 +153,19 @@ def make_tokenizer_objective(config: ml_collections.ConfigDict) -> TokenizerObje
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str) -> ImageTokenizer:
-  """The tokenizer of the latest checkpoint in `workdir`, on the host's default device."""
+  """The tokenizer of the latest checkpoint in `workdir`, on the host's default device, with the
+  architecture it was trained with (the model section of the run's config file), whatever
+  `config.model` says: a tokenizer config argument such as `runlocal` need not be repeated."""
   from mmjax.train.checkpoint import load_model
+  from mmjax.train.loop import CONFIG_FILE
 
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.isfile(path):
+    with open(path) as f:
+      trained = json.load(f).get("model", {})
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model = ml_collections.ConfigDict(
+        {k: tuple(v) if isinstance(v, list) else v for k, v in trained.items()})
   return load_model(config, workdir)[0]
 
 

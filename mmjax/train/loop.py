@@ -34,6 +34,8 @@ from mmjax.train.metrics import MetricsWriter
 from mmjax.train.objective import get_objective
 
 NAN_POLICIES = ("stop", "skip")
+# The config of the run, beside its checkpoints (what restores a model without its config file).
+CONFIG_FILE = "config.json"
 
 
 class NonFiniteLossError(UserError):
@@ -128,6 +130,9 @@ def _run(config, workdir, stream, preemption: _Preemption) -> dict[str, Any]:
   except BaseException:
     checkpointer.close()
     raise
+  if jax.process_index() == 0:  # after the restore: a checkpoint of another config stopped us there
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   stop = preemption.agreed()
   if restored:
     state, start = restored
