@@ -55,8 +55,9 @@ TPU_KINDS = {
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 # Model variables whose "auto" choice follows jax.default_backend(), which is the CPU here: a TPU
-# program must take the TPU choice (grouped matmuls as ragged_dot), so aot sets them explicitly.
-_TPU_MODEL_CHOICES = {"heads_impl": "ragged", "grouped_impl": "ragged"}
+# program must take the TPU choice (grouped matmuls as ragged_dot, bf16 compute), so aot sets them
+# explicitly, also when it lowers over CPU devices for want of libtpu.
+_TPU_MODEL_CHOICES = {"heads_impl": "ragged", "grouped_impl": "ragged", "dtype": "bfloat16"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,7 +86,7 @@ def test_lowering_needs_enough_cpu_devices():
 
 def test_tpu_choices_replace_the_cpu_auto_choices():
   config = mmconfig.load("configs/fourm/shapes.py:tiny,runlocal")
-  assert aot._target_tpu(config) == {"model.heads_impl": "ragged"}
-  assert config.model.heads_impl == "ragged"
+  assert aot._target_tpu(config) == {"model.heads_impl": "ragged", "model.dtype": "bfloat16"}
+  assert config.model.heads_impl == "ragged" and config.model.dtype == "bfloat16"
   config.model.heads_impl = "chunked"   # an explicit choice is kept
   assert aot._target_tpu(config) == {}
