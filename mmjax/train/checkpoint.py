@@ -183,10 +183,17 @@ class Checkpointer:
         try:
           state = self.manager.restore(step, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(abstract_state)))["state"]
-          self.manager.restore(step, args=ocp.args.Composite(
-              iter=grain.checkpoint.CheckpointRestore(iterator)))
         except Exception as e:  # noqa: BLE001 -- a failed read means this checkpoint is unusable.
           outcome, detail = (_MISMATCH if _is_shape_error(e) else _CORRUPT), _one_line(e)
+      if outcome == _OK:
+        try:
+          self.manager.restore(step, args=ocp.args.Composite(
+              iter=grain.checkpoint.CheckpointRestore(iterator)))
+        except Exception as e:  # noqa: BLE001 -- the params read: the data pipeline has changed.
+          outcome = _MISMATCH
+          detail = (f"its data iterator state does not fit the current data pipeline (changed "
+                    f"data.num_workers, data.mixture, host count or iterator format?): "
+                    f"{_one_line(e)}")
       agreed = _agree(outcome)
       if agreed == _MISMATCH:
         raise _mismatch_error(self.directory, step, detail if outcome == _MISMATCH else "")

@@ -114,3 +114,27 @@ def test_sigterm_during_restore_exits_0_and_changes_no_checkpoint(workdir):
   assert summary["preempted"] and "SIGTERM before the first step" in proc.stderr
   assert summary["start_step"] == summary["step"] == 6 and summary["checkpoints"] == [3, 6]
   assert _tree(workdir / "checkpoints") == before
+
+
+class _IteratorOfAnotherPipeline:
+  """Rejects the saved position, as an iterator of a changed data pipeline does."""
+
+  def get_state(self):
+    return {}
+
+  def set_state(self, state):
+    raise KeyError("grain")
+
+
+def test_iterator_state_of_another_pipeline_is_a_clear_error_and_touches_nothing(written,
+                                                                                workdir):
+  _, _, setup = written
+  before = _tree(workdir / "checkpoints")
+  saver = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=3)
+  try:
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="data iterator state"):
+      saver.restore_latest(setup.abstract_state, _IteratorOfAnotherPipeline())
+  finally:
+    saver.close()
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+  assert _tree(workdir / "checkpoints") == before
