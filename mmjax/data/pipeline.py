@@ -366,6 +366,19 @@ def _name_list(value: Any, where: str) -> tuple[str, ...]:
   raise ConfigError(f"config key '{where}' must be comma-separated modality names, got {value!r}")
 
 
+def use_demo_tokens_if_unset(config) -> None:
+  """An empty data.data_dir (and no data.mixture) means the demo's token set when it exists, for
+  training, evaluation and generation alike (which also find its tokenizers beside it)."""
+  data = config.get("data")
+  if data is None or data.get("data_dir", None) != "" or data.get("mixture", ()):
+    return
+  from mmjax.data import tokens_tfds  # late: tfds import is slow
+  if os.path.isdir(tokens_tfds.dataset_dir(defaults.DEMO_TOKENS, str(data.get("name", "")))):
+    data.data_dir = defaults.DEMO_TOKENS
+    print(f"mmjax: data.data_dir is empty; reading the demo's tokens in {defaults.DEMO_TOKENS}/",
+          flush=True)
+
+
 def mixture_from_config(data) -> list[TokenSet]:
   """The datasets of `config.data`: its `mixture` entries, validated, or when that is empty the
   one dataset data.data_dir / data.name."""
@@ -374,18 +387,13 @@ def mixture_from_config(data) -> list[TokenSet]:
     raise ConfigError(f"config key 'data.mixture' must be a tuple of dicts (data_dir, name, "
                       f"weight, missing), got {entries!r}")
   if not entries:
-    data_dir = str(data.get("data_dir", "") or "")
-    if not data_dir:
-      from mmjax.data import tokens_tfds  # late: tfds import is slow
-      data_dir = defaults.DEMO_TOKENS
-      if not os.path.isdir(tokens_tfds.dataset_dir(data_dir, str(data.name))):
-        raise ConfigError(
-            f"config key 'data.data_dir' is empty and {data_dir}/ (the token set `mmjax demo` "
-            "writes) holds no dataset: run `bash launch/local.sh` first, or point data.data_dir at "
-            "the workdir of `mmjax prepare tokens` (configs/tokens/shapes.py), or list datasets "
-            "in 'data.mixture'")
-      print(f"mmjax: data.data_dir is empty; reading the demo's tokens in {data_dir}/", flush=True)
-    return [TokenSet(data_dir, str(data.name))]
+    if not data.get("data_dir"):
+      raise ConfigError(
+          f"config key 'data.data_dir' is empty and {defaults.DEMO_TOKENS}/ (the token set "
+          "`mmjax demo` writes) holds no dataset: run `bash launch/local.sh` first, or point "
+          "data.data_dir at the workdir of `mmjax prepare tokens` (configs/tokens/shapes.py), or "
+          "list datasets in 'data.mixture'")
+    return [TokenSet(str(data.data_dir), str(data.name))]
   sets, seen = [], {}
   for k, entry in enumerate(entries):
     where = f"data.mixture[{k}]"

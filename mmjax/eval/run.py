@@ -46,6 +46,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, *, out_dir: str,
   if objective == "tokenizer":
     result = _eval_tokenizer(config, workdir, out_dir, grid_rows)
   elif objective in ("fourm", "decoder"):
+    from mmjax.data.pipeline import use_demo_tokens_if_unset
+    use_demo_tokens_if_unset(config)
     result = _eval_tokens_model(config, workdir, out_dir, num_scenes=num_scenes, seed=seed,
                                 max_val_batches=max_val_batches, grid_rows=grid_rows,
                                 tasks=tasks)

@@ -16,9 +16,12 @@ from mmjax.errors import UserError
 def run_generate(config, workdir: str, inputs: Mapping[str, str], targets: Sequence[str], *,
                  out_dir: str, seed: int = 0, num_samples: int = 1,
                  allow_random_init: bool = False) -> dict[str, Any]:
+  from mmjax.data.pipeline import use_demo_tokens_if_unset
+
   objective = config.get("objective", "")
   kwargs = dict(out_dir=out_dir, seed=seed, num_samples=num_samples,
                 allow_random_init=allow_random_init)
+  use_demo_tokens_if_unset(config)  # tokenizers are found beside the tokens
   if objective == "fourm":
     from mmjax.generate import fourm_run
     return fourm_run.generate_fourm(config, workdir, inputs, targets, **kwargs)

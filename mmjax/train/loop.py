@@ -23,6 +23,7 @@ import numpy as np
 
 from mmjax import config as mmconfig
 from mmjax import sharding as mmsharding
+from mmjax.data import pipeline
 from mmjax.errors import UserError
 from mmjax.models.configs import MODEL_CONFIGS
 from mmjax.models.layers import resolve_dtype_name
@@ -77,7 +78,9 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   `mmjax aot` passes the devices of a TPU topology description)."""
   devices = list(jax.devices() if devices is None else devices)
   mmconfig.validate(config, num_devices=len(devices))
-  if config.get("objective") in MODEL_CONFIGS:  # "auto": the platform the run compiles for decides
+  if config.get("objective") in MODEL_CONFIGS:
+    pipeline.use_demo_tokens_if_unset(config)
+    # "auto": the platform the run compiles for decides.
     with config.model.unlocked():
       config.model.dtype = resolve_dtype_name(config.model.get("dtype", "auto"),
                                               devices[0].platform)

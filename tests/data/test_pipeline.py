@@ -245,9 +245,11 @@ def test_empty_data_dir_reads_the_demo_tokens_or_says_how_to_make_them(tmp_path,
 
   demo_tokens = tmp_path / "runs" / "demo" / "tokens"
   monkeypatch.setattr(defaults, "DEMO_TOKENS", str(demo_tokens))
-  data = ml_collections.ConfigDict(dict(data_dir="", name="shapes", mixture=()))
+  config = ml_collections.ConfigDict(dict(data=dict(data_dir="", name="shapes", mixture=())))
+  pipeline.use_demo_tokens_if_unset(config)  # no demo tokens: nothing changes
   with pytest.raises(ConfigError, match=r"data\.data_dir' is empty.*launch/local\.sh"):
-    pipeline.mixture_from_config(data)
+    pipeline.mixture_from_config(config.data)
   os.makedirs(tokens_tfds.dataset_dir(demo_tokens, "shapes"))
-  (token_set,) = pipeline.mixture_from_config(data)
+  pipeline.use_demo_tokens_if_unset(config)
+  (token_set,) = pipeline.mixture_from_config(config.data)
   assert token_set.data_dir == str(demo_tokens) and token_set.name == "shapes"
