@@ -306,8 +306,8 @@ def make_iterator(config, specs: Sequence[DatasetSpec], *, batch_size: int | Non
       raise ConfigError(f"train.batch_size ({config.train.batch_size}) must divide over "
                         f"{process_count} hosts")
     batch_size = config.train.batch_size // process_count
-  declared = [config.data.get("missing", "")]
-  optional = [tuple(s.missing) + tuple(n for n in declared[0].split(",") if n) for s in specs]
+  declared = _name_list(config.data.get("missing", "") or "", "data.missing")
+  optional = [tuple(s.missing) + declared for s in specs]
   transform = transform_from_config(config, optional=optional, registry=registry)
   ds = build_dataset(specs, transform, batch_size=batch_size, seed=int(config.data.shuffle_seed),
                      process_index=process_index, process_count=process_count,
