@@ -451,8 +451,11 @@ def run_prepare_tokens(config, workdir: str, *, sources: Mapping[str, Any] | Non
   if not reused:
     metadata = {key: summary[key] for key in ("fingerprints", "absent_modalities", "gt_fields",
                                               "splits", "bad_samples", "too_long")}
+    # The text tokenizers' sentinel counts: 4M's masking.num_sentinels is checked against them.
+    sentinels = {n: int(t.tokenizer.special.num_sentinels) for n, t in job.tokenizers.items()
+                 if registry[n].is_sequence}
     metadata.update(modalities=tokens_tfds.modality_specs(registry), source=dict(described),
-                    shard_size=cfg.shard_size,
+                    shard_size=cfg.shard_size, num_sentinels=sentinels,
                     layout="one record per sample; sequences unpadded, without EOS; absent "
                            "modalities have present[k] = 0 and an empty field")
     lengths = {split: [manifest["shards"][split][str(k)]["records"]
