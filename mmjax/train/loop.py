@@ -214,7 +214,8 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
       pending.append((number, metrics))
       last = number == train.steps
       do_eval = (eval_every and number % eval_every == 0) or last
-      do_save = number % train.checkpoint_every == 0 or last or preemption.requested
+      stop = preemption.agreed()  # every host saves and stops at the same step
+      do_save = number % train.checkpoint_every == 0 or last or stop
       if do_eval or do_save:
         fetch()
       if do_eval:
@@ -225,7 +226,7 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
         checkpointer.save(number, state, it)
       if do_eval or do_save:
         clock["time"] = time.perf_counter()  # step times exclude evaluation and saving
-      if preemption.requested:
+      if stop:
         checkpointer.wait()
         writer.message(f"mmjax: SIGTERM: saved the checkpoint of step {number}; stopping")
         summary["preempted"] = True
