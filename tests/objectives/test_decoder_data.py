@@ -3,9 +3,7 @@ modalities, another order) feeds it, its "val" split is the dataset's "validatio
 vocabularies and tokenizers are errors, a mixture with a text corpus reads both (bad records
 skipped and counted on request), and `run_train` trains, evaluates and checkpoints on it."""
 
-import json
 import os
-import shutil
 
 import ml_collections
 import numpy as np
@@ -19,21 +17,9 @@ from mmjax.errors import UserError
 from mmjax.tokenizers import image, text
 from mmjax.train import loop
 from mmjax.train.objective import get_objective
+from tests.objectives.token_sets import Captions, tampered
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class Captions:
-  """Scenes reduced to their captions: a text corpus."""
-
-  def __init__(self, n):
-    self.base = shapes.SceneSource(n, split="train")
-
-  def __len__(self):
-    return len(self.base)
-
-  def __getitem__(self, i):
-    return {"caption": self.base[i]["caption"]}
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +95,7 @@ def test_mismatched_vocabulary_is_a_config_error(data_dir):
 
 
 def test_tokens_of_another_tokenizer_are_an_error(data_dir, tmp_path):
-  shutil.copytree(os.path.join(data_dir, "mmjax_tokens", "shapes"),
-                  tmp_path / "mmjax_tokens" / "shapes")
-  path = tmp_path / "mmjax_tokens" / "shapes" / "1.0.0" / "metadata.json"
-  meta = json.loads(path.read_text())
-  meta["fingerprints"]["caption"] = "f" * 64
-  path.write_text(json.dumps(meta))
+  tampered(data_dir, tmp_path, fingerprints={"caption": "f" * 64})
   text_dir = os.path.join(data_dir, "tokenizers", "shapes_text")
   config = decoder_config(tmp_path, f"--config.data.tokenizers_dir={os.path.dirname(text_dir)}")
   with pytest.raises(UserError, match=rf"{tmp_path}/mmjax_tokens/shapes/1.0.0 does not match the "

@@ -3,22 +3,20 @@ order, the dataset is checked against the config when the iterator is made (moda
 vocabularies, tokenizer fingerprints, sentinels), and `data.mixture` mixes datasets that lack
 modalities."""
 
-import json
 import os
-import shutil
 
 import ml_collections
 import numpy as np
 import pytest
 
 from mmjax import config as mmconfig
-from mmjax import modalities as mod
 from mmjax.config import ConfigError
 from mmjax.data import pipeline, pretokenize, shapes, tokens_tfds
 from mmjax.data.fourm_transform import patchify
 from mmjax.errors import UserError
 from mmjax.tokenizers import text
 from mmjax.train.objective import get_objective
+from tests.objectives.token_sets import Captions, tampered
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEXT = "configs/tokenizers/shapes_text.py"
@@ -51,19 +49,6 @@ class WithoutDet:
     return scene
 
 
-class TextOnly:
-  """Scenes reduced to their captions: a text corpus."""
-
-  def __init__(self, n):
-    self.base = shapes.SceneSource(n, split="train")
-
-  def __len__(self):
-    return len(self.base)
-
-  def __getitem__(self, i):
-    return {"caption": self.base[i]["caption"]}
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """<dir>/tokenizers/shapes_text (SentencePiece, 64 sentinels) and two token sets made by it:
@@ -79,7 +64,7 @@ def data_dir(tmp_path_factory):
            {"train": shapes.SceneSource(24, split="train"),
             "validation": WithoutDet(shapes.SceneSource(8, split="validation"), (2, 5))},
            missing="det")
-  _prepare(root, "captions", dict(caption=CAPTION), {"train": TextOnly(16)})
+  _prepare(root, "captions", dict(caption=CAPTION), {"train": Captions(16)})
   return root
 
 
@@ -92,19 +77,6 @@ def fourm_config(data_dir, *overrides, modalities=None):
     config.modalities = ml_collections.ConfigDict(
         modalities or dict(rgb=RGB, caption=CAPTION, det=DET), sort_keys=False)
   return config
-
-
-def tampered(data_dir, tmp_path, name="shapes", **metadata):
-  """A copy of token set `name` in tmp_path whose metadata.json has `metadata` merged in."""
-  src = os.path.join(data_dir, tokens_tfds.NAME, name)
-  shutil.copytree(src, os.path.join(tmp_path, tokens_tfds.NAME, name))
-  path = os.path.join(tokens_tfds.dataset_dir(tmp_path, name), "metadata.json")
-  meta = tokens_tfds.read_json(path)
-  for key, value in metadata.items():
-    meta[key] = {**meta[key], **value} if isinstance(value, dict) else value
-  with open(path, "w") as f:
-    json.dump(meta, f)
-  return str(tmp_path)
 
 
 def test_records_are_read_by_the_datasets_own_modality_order(data_dir):
@@ -149,6 +121,13 @@ def test_a_mismatch_with_the_config_is_a_clear_error_at_training_time(data_dir, 
   next(get_objective(config).make_iterator("train", 0, 1))
 
   objective = get_objective(fourm_config(data_dir, "--config.masking.num_sentinels=100"))
+  with pytest.raises(ConfigError, match=f"masking.num_sentinels is 100, but for modality caption "
+                                        f"the data {ds_dir} records 64 sentinels"):
+    objective.make_iterator("train", 0, 1)
+  unrecorded = tampered(data_dir, tmp_path / "unrecorded", num_sentinels=None)  # older data
+  objective = get_objective(fourm_config(
+      unrecorded, "--config.masking.num_sentinels=100",
+      f"--config.data.tokenizers_dir={os.path.dirname(text_dir)}"))
   with pytest.raises(ConfigError, match=f"masking.num_sentinels is 100, but for modality caption "
                                         f"its tokenizer in {text_dir} has 64 sentinels"):
     objective.make_iterator("train", 0, 1)

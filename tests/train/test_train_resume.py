@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "run_toy.py")
 
