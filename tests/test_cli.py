@@ -59,7 +59,8 @@ def test_aot_lower_only_prints_one_json_line(tmp_path, capsys):
   assert code == 0
   result = json.loads(out.strip().splitlines()[-1])
   assert result["aot"] == "v5e:2x2" and result["mesh"]["data"] == 4 and not result["compiled"]
-  assert result["overrides"] == {"model.heads_impl": "ragged"}  # the TPU choice, not the CPU's
+  # The TPU choices, not the CPU's.
+  assert result["overrides"] == {"model.heads_impl": "ragged", "model.dtype": "bfloat16"}
   assert (tmp_path / "step.stablehlo.mlir").stat().st_size > 0
 
 

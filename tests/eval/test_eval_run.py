@@ -7,7 +7,7 @@ import pytest
 
 from mmjax import cli, modalities
 from mmjax import config as mmconfig
-from mmjax.data import shapes
+from mmjax.data import modality_tokenizers, shapes
 from mmjax.errors import UserError
 from mmjax.eval import fourm_eval, run
 
@@ -28,6 +28,13 @@ def test_eval_of_a_tokenizer_checkpoint(tmp_path, capsys):
   assert written["metrics"]["recon/num_images"] == 4.0
   assert 0.0 < written["metrics"]["recon/psnr"] < 80.0
   assert (tmp_path / "tok" / "eval" / "reconstructions_rgb.png").stat().st_size > 1000
+  # The run's config file fixes the architecture: this `runlocal` tokenizer loads through the
+  # full-size config that the 4M configs name by default.
+  registry = modalities.from_config({"tok_rgb": dict(
+      kind="image_tokens", source="rgb", vocab_size=1024, grid=(8, 8),
+      tokenizer="configs/tokenizers/shapes_rgb.py")})
+  tok = modality_tokenizers.load_modality_tokenizer(registry["tok_rgb"], workdir)
+  assert tok.tokenizer.cfg.width == mmconfig.load(TOKENIZER).model.width == 64
 
 
 def test_eval_without_a_checkpoint_is_a_user_error(tmp_path, capsys):

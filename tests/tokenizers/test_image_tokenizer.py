@@ -218,20 +218,3 @@ def test_tokenizer_iterator_is_deterministic_and_resumable():
   np.testing.assert_array_equal(next(again)["image"], expected)
   assert expected.shape == (8, 16, 16, 3) and expected.dtype == np.uint8
 
-
-def test_a_trained_tokenizer_loads_with_its_own_architecture(tmp_path, capsys):
-  """The run's config file, not the modality's tokenizer argument, fixes the architecture: a
-  `runlocal` tokenizer loads through the full-size config the 4M configs name by default."""
-  from mmjax import cli, modalities
-  from mmjax.data import modality_tokenizers
-
-  workdir = tmp_path / "tokenizers" / "shapes_rgb"
-  assert cli.main(["train", "--config=configs/tokenizers/shapes_rgb.py:runlocal",
-                   "--workdir", str(workdir), "--config.model.width=32",
-                   "--config.train.steps=1", "--config.train.warmup_steps=0"]) == 0
-  capsys.readouterr()
-  registry = modalities.from_config({"tok_rgb": dict(
-      kind="image_tokens", source="rgb", vocab_size=1024, grid=(8, 8),
-      tokenizer="configs/tokenizers/shapes_rgb.py")})
-  tok = modality_tokenizers.load_modality_tokenizer(registry["tok_rgb"], str(workdir))
-  assert tok.tokenizer.cfg.width == 32 and tok.tokenizer.cfg.encoder_layers == 1
