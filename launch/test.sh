@@ -9,4 +9,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
-exec .venv/bin/python -m pytest "$@"
+# Two workers: much of a test is a single-threaded XLA compile, so two keep both cores busy.
+# Arguments come after, so `-n 0` runs in one process.
+exec .venv/bin/python -m pytest -n "${MMJAX_TEST_WORKERS:-2}" "$@"

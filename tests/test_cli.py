@@ -104,6 +104,7 @@ def test_prepare_shapes_bad_parameter_is_a_user_error(tmp_path, capsys):
   assert code == 2 and "image_size" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_every_stage_then_resumes(tmp_path, capsys):
   """The whole pipeline at smoke-test sizes; a second run skips every finished stage."""
   import json

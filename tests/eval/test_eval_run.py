@@ -16,6 +16,7 @@ TINY = ["--config.train.steps=1", "--config.train.warmup_steps=0", "--config.tra
         "--config.eval.batch_size=4", "--config.eval.grid_images=2"]
 
 
+@pytest.mark.slow
 def test_eval_of_a_tokenizer_checkpoint(tmp_path, capsys):
   workdir = str(tmp_path / "tok")
   assert cli.main(["train", f"--config={TOKENIZER}", "--workdir", workdir, *TINY]) == 0

@@ -28,6 +28,7 @@ def test_nan_stop_names_step_and_losses_and_saves_nothing_after(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # not 4 nor later
 
 
+@pytest.mark.slow
 def test_nan_skip_then_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
   config = _config(nan_policy="skip", eval_every=3)
   config.toy.nan_at_step = 2

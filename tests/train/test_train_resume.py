@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "run_toy.py")
 
@@ -50,6 +51,7 @@ STEPS = 12
 TRAIN = {"steps": STEPS, "checkpoint_every": 3, "keep_checkpoints": 2, "eval_every": 0}
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bitwise_exact(tmp_path):
   env = _env(tmp_path / "cache")
   reference, _ = _finish(_start(tmp_path / "ref", {"train": TRAIN}, env))
