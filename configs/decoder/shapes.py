@@ -42,7 +42,7 @@ SIZES = {
     "tiny": dict(d_model=256, num_layers=4, num_heads=4),
     "1B": dict(d_model=2048, num_layers=22, num_heads=16, num_kv_heads=4),
     # Chameleon-7B (specs/mixed_modal.md): qk-norm, z-loss 1e-5, residual dropout 0.1 (7B only),
-    # context 4096; norm re-ordering and GQA are 34B-only, so pre-norm and full multi-head attention.
+    # context 4096; norm re-ordering and GQA are 34B-only: pre-norm, full multi-head attention.
     "7B": dict(d_model=4096, num_layers=32, num_heads=32, qk_norm=True, z_loss=1e-5,
                residual_dropout=0.1, norm_order="pre", max_length=4096),
 }

@@ -118,12 +118,15 @@ def _low_precision_einsum_bwd(spec, residuals, g):
 
 
 def _batched_matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """The einsum as one [batch, M, K] @ [batch, K, N] matmul of materialised operands, fp32 result.
+  """The einsum with an fp32 result; on CPU as one [batch, M, K] @ [batch, K, N] matmul of
+  materialised operands.
 
   XLA:CPU runs bf16 x bf16 -> fp32 only on operands in this standard layout; a transposed one
   (e.g. the attention backward's contraction over queries) fails with "Unsupported element type
-  for DotThunk::Execute".
+  for DotThunk::Execute". TPUs and GPUs take any layout, so there the einsum stays as it is.
   """
+  if jax.default_backend() != "cpu":
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
   inputs, out = spec.split("->")
   spec_a, spec_b = inputs.split(",")
   batch = [i for i in out if i in spec_a and i in spec_b]
@@ -137,8 +140,9 @@ def _batched_matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     count = lambda names: int(np.prod([size[i] for i in names], dtype=np.int64))  # noqa: E731
     return x.reshape(count(batch), count(first), count(second))
 
-  y = jax.lax.dot_general(arrange(a, spec_a, free_a, contract), arrange(b, spec_b, contract, free_b),
-                          (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  lhs, rhs = arrange(a, spec_a, free_a, contract), arrange(b, spec_b, contract, free_b)
+  y = jax.lax.dot_general(lhs, rhs, (((2,), (1,)), ((0,), (0,))),
+                          preferred_element_type=jnp.float32)
   y = y.reshape([size[i] for i in batch + free_a + free_b])
   return jnp.transpose(y, [(batch + free_a + free_b).index(i) for i in out])
 

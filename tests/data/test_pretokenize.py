@@ -181,8 +181,8 @@ def test_shapes_round_trip_through_tfds_shards(tmp_path, tokenizers_dir, image_t
                                   np.asarray(tok.detokenize(fresh)))
   # The training pipeline reads the shards.
   meta = tokens_tfds.read_metadata(summary["path"])
-  text_tokenizer = text.TextTokenizer.load(os.path.join(tokenizers_dir, "shapes_text", "text.model"))
-  sentinels = text_tokenizer.special.num_sentinels
+  text_model = os.path.join(tokenizers_dir, "shapes_text", "text.model")
+  sentinels = text.TextTokenizer.load(text_model).special.num_sentinels
   assert meta["num_sentinels"] == {"caption": sentinels, "det": sentinels}
   source = tokens_tfds.load_tokens(tmp_path, "shapes", "train")
   it = pipeline.make_iterator(
