@@ -93,8 +93,8 @@ def _check_tree(step_dir: str, abstract_state: TrainState) -> tuple[int, str]:
   """(_OK | _CORRUPT | _MISMATCH, detail) of the saved state tree in `step_dir` against
   `abstract_state`, from the metadata alone (no array is read)."""
   handler = ocp.StandardCheckpointHandler()
-  try:
-    saved = _leaves(handler.metadata(epath.Path(step_dir) / "state"))
+  try:  # Orbax wants absolute paths
+    saved = _leaves(handler.metadata(epath.Path(os.path.abspath(step_dir)) / "state"))
   except Exception as e:  # noqa: BLE001 -- unreadable metadata: the checkpoint is corrupt.
     return _CORRUPT, _one_line(e)
   finally:
@@ -240,8 +240,8 @@ def load_model(config: Any, workdir: str, *, allow_random_init: bool = False) ->
   from mmjax.train.loop import build
 
   _, setup = build(config)
-  directory = os.path.join(workdir, "checkpoints")
-  manager = ocp.CheckpointManager(os.path.abspath(directory)) if os.path.isdir(directory) else None
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  manager = ocp.CheckpointManager(directory) if os.path.isdir(directory) else None
   state, step = None, 0
   try:
     for candidate in reversed(sorted(manager.all_steps()) if manager else []):
