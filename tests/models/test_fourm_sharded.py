@@ -1,7 +1,6 @@
 """4M on 8 fake CPU devices: loss and grads equal single-device under several mesh shapes."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
