@@ -34,6 +34,7 @@ def train(**overrides) -> ml_collections.ConfigDict:
       keep_checkpoints=3,     # retention: the newest this many
       eval_batches=4,         # validation batches per evaluation
       param_dtype="float32",  # dtype of parameters and optimizer moments (compute dtype: model's)
+      profile_steps="",       # "a,b": a jax.profiler trace of steps a..b into <workdir>/profile
   ))
   section.update(overrides)
   return section

@@ -1,5 +1,8 @@
 """mmjax sets its XLA:CPU default flags on import, without overriding the user's own choice."""
 
+import importlib.machinery
+import importlib.metadata
+import importlib.util
 import os
 
 import mmjax
@@ -28,3 +31,32 @@ def test_unset_environment(monkeypatch):
 def test_this_process_runs_with_the_default():
   # conftest sets only the device count; importing mmjax added the fusion flag before JAX started.
   assert mmjax.YNN_FUSION_FLAG in os.environ["XLA_FLAGS"]
+
+
+def test_not_set_when_jax_leaves_the_cpu_out(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+  mmjax._set_default_xla_flags()
+  assert os.environ["XLA_FLAGS"] == ""
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+  mmjax._set_default_xla_flags()
+  assert mmjax.YNN_FUSION_FLAG in os.environ["XLA_FLAGS"]
+
+
+def test_a_jaxlib_without_the_flag_gets_none(monkeypatch, tmp_path):
+  """An unknown flag in XLA_FLAGS aborts XLA: a jaxlib other than the measured one gets the flag
+  only if its libraries name it."""
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setattr(importlib.metadata, "version", lambda name: "99.0.0")
+  package = tmp_path / "jaxlib"
+  package.mkdir()
+  (package / "libxla.so").write_bytes(b"\0other_flags\0" * 100)
+  spec = importlib.machinery.ModuleSpec("jaxlib", None, is_package=True)
+  spec.submodule_search_locations = [str(package)]
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  mmjax._set_default_xla_flags()
+  assert os.environ["XLA_FLAGS"] == ""
+  (package / "libxla.so").write_bytes(b"\0" + mmjax.YNN_FUSION_FLAG[2:].encode() + b"\0")
+  mmjax._set_default_xla_flags()
+  assert os.environ["XLA_FLAGS"] == f"{mmjax.YNN_FUSION_FLAG}={mmjax.YNN_FUSION_DEFAULT}"

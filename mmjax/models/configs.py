@@ -10,6 +10,43 @@ import dataclasses
 
 from mmjax.config import ConfigDict, ConfigError, to_dataclass
 
+PLATFORMS = ("cpu", "gpu", "tpu")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+# Remat policies of the scanned stacks, by MaxText's names (mmjax.models.layers.remat_policy).
+REMAT_NAMES = ("none", "full", "minimal", "save_dots", "save_qkv_proj", "save_out_proj",
+               "save_dot_except_mlp", "save_dot_except_mlpwi")
+
+
+def platform_of(device_platform: str) -> str:
+  """A JAX device's platform as a model target: cpu, gpu (cuda, rocm) or tpu."""
+  name = device_platform.lower()
+  return "gpu" if name in ("gpu", "cuda", "rocm") else name
+
+
+def resolve_dtype_name(name: str, platform: str) -> str:
+  """"auto" is bf16 on accelerators (TPU, GPU) and fp32 on CPUs, whose fp32 path is the default."""
+  if name != "auto":
+    return name
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
+def _resolve_target(cfg) -> None:
+  """Fixes `platform` ("auto": the platform of the default devices; the trainer and `mmjax aot`
+  set it from the devices they compile for) and the compute dtype that follows from it."""
+  platform = cfg.platform
+  if platform == "auto":
+    import jax  # noqa: PLC0415 -- only a config built without a target needs the devices
+    platform = platform_of(jax.devices()[0].platform)
+  if platform not in PLATFORMS:
+    raise ConfigError(f"model.platform must be auto, cpu, gpu or tpu, got {cfg.platform!r}")
+  object.__setattr__(cfg, "platform", platform)
+  object.__setattr__(cfg, "dtype", resolve_dtype_name(cfg.dtype, platform))
+  if cfg.attention_impl not in ATTENTION_IMPLS:
+    raise ConfigError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, "
+                      f"got {cfg.attention_impl!r}")
+  if cfg.remat not in REMAT_NAMES:
+    raise ConfigError(f"model.remat must be one of {REMAT_NAMES}, got {cfg.remat!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class FourMConfig:
@@ -29,15 +66,19 @@ class FourMConfig:
   num_target_tokens: int = 128    # decoder slots M
   dtype: str = "auto"             # compute dtype; "auto": bfloat16 on TPU/GPU, float32 on CPU
   param_dtype: str = "float32"
-  remat: str = "none"             # named remat policy of the scanned blocks
+  remat: str = "none"             # remat policy of the scanned blocks, by name (REMAT_NAMES)
   # Added for the model/loss (issue 5): output heads and loss options.
   heads_impl: str = "auto"        # "chunked" (CPU: modality-aligned chunks), "ragged" (ragged_dot), "auto"
   head_chunk: int = 128           # chunked heads: tokens per chunk (each chunk holds one modality)
   loss_weighting: str = "mod"     # "mod": mean per modality, then over modalities; "token": per token
   label_smoothing: float = 0.0    # spec default 0
   z_loss: float = 0.0             # weight of lse^2 per target token; spec default 0
+  # Added for accelerator targets (issue 18):
+  platform: str = "auto"          # target of every implementation choice: cpu, gpu, tpu ("auto")
+  attention_impl: str = "auto"    # xla (einsum), cudnn (GPU), splash (TPU); "auto": by platform
 
   def __post_init__(self):
+    _resolve_target(self)
     if self.heads_impl not in ("auto", "chunked", "ragged"):
       raise ConfigError(f"model.heads_impl must be 'auto', 'chunked' or 'ragged', "
                         f"got {self.heads_impl!r}")
@@ -88,7 +129,7 @@ class DecoderConfig:
   balance_loss: float = 0.01      # moe load-balance loss weight
   dtype: str = "auto"             # compute dtype; "auto": bfloat16 on TPU/GPU, float32 on CPU
   param_dtype: str = "float32"
-  remat: str = "none"
+  remat: str = "none"             # remat policy of the scanned blocks, by name (REMAT_NAMES)
   # Added for the decoder model (issue 6):
   capacity_factor: float = 1.25   # moe: per-expert capacity ceil(cf * tokens * top_k / experts)
   expert_hidden: int = 0          # moma/moe expert width; 0: equal active compute with dense
@@ -98,13 +139,18 @@ class DecoderConfig:
   loss_weights: tuple = ()        # per-modality loss weights as {name: weight}; missing names: 1.0
   grouped_impl: str = "auto"      # grouped matmuls: "ragged" (TPU/GPU), "chunked" (CPU), "auto"
   group_chunk: int = 64           # chunked: rows per chunk (padding is at most one chunk per group)
+  # Added for accelerator targets (issue 18):
+  platform: str = "auto"          # target of every implementation choice: cpu, gpu, tpu ("auto")
+  attention_impl: str = "auto"    # xla (einsum), cudnn (GPU), splash (TPU); "auto": by platform
+  loss_chunk: int = 512           # the loss computes logits for this many positions at a time
 
   def __post_init__(self):
+    _resolve_target(self)
+    if self.loss_chunk <= 0:
+      raise ConfigError(f"model.loss_chunk must be positive, got {self.loss_chunk}")
     if self.d_model % self.num_heads:
       raise ConfigError(f"model.num_heads ({self.num_heads}) must divide model.d_model "
                         f"({self.d_model})")
-    if self.remat not in ("none", "full", "dots", "dots_no_batch"):
-      raise ConfigError(f"model.remat must be none, full, dots or dots_no_batch, got {self.remat!r}")
     if self.grouped_impl not in ("auto", "ragged", "chunked"):
       raise ConfigError(f"model.grouped_impl must be auto, ragged or chunked, "
                         f"got {self.grouped_impl!r}")

@@ -19,18 +19,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmjax.models import grouped
+from mmjax.models.attention import Mask
 from mmjax.models.configs import DecoderConfig
 from mmjax.models.decoder_attention import Attention, attention_mask
 from mmjax.models.decoder_layers import RMSNorm, dropout, param
 from mmjax.models.experts import MoMaFFN, SwiGLU, TokenChoiceMoE
-from mmjax.models.layers import constrain, dtype_of
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+from mmjax.models.layers import activation_dtype, constrain, dtype_of, remat, target
 
 
 def ffn_hidden(cfg: DecoderConfig) -> int:
@@ -56,8 +50,8 @@ class Block(nnx.Module):
     self.cfg = cfg
     groups = num_modalities if cfg.sparsity == "mot" else 1
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-    common = dict(impl=cfg.grouped_impl, chunk=cfg.group_chunk, dtype=dtype, param_dtype=pdtype,
-                  rngs=rngs)
+    common = dict(impl=grouped.resolve_impl(cfg.grouped_impl, cfg.platform), chunk=cfg.group_chunk,
+                  dtype=dtype, param_dtype=pdtype, rngs=rngs)
     norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps, groups=groups, param_dtype=pdtype,
                            rngs=rngs)
     self.attn_norm, self.ffn_norm = norm(), norm()
@@ -83,33 +77,41 @@ class Block(nnx.Module):
       return self.ffn(x, modality_BL, valid_BL, causal=causal)
     return self.ffn(x, valid_BL, causal=causal)
 
-  def __call__(self, x_BLD, position_BL, modality_BL, valid_BL, mask_BLS, routing, *, cache=None,
-               cache_index=None, causal=False, key=None):
+  def __call__(self, x_BLD, position_BL, modality_BL, valid_BL, mask: Mask, routing, *, cache=None,
+               cache_index=None, causal=False, key=None, attention_impl="xla"):
     keys = (None, None) if key is None else tuple(jax.random.split(key))
     rate = self.cfg.residual_dropout
     if self.cfg.norm_order == "pre":
-      a, new_cache = self.attn(self.attn_norm(x_BLD, routing), position_BL, mask_BLS, routing,
-                               cache, cache_index)
+      a, new_cache = self.attn(self.attn_norm(x_BLD, routing), position_BL, mask, routing,
+                               cache, cache_index, attention_impl)
       h = x_BLD + dropout(a, rate, keys[0])
       f, aux = self._ffn(self.ffn_norm(h, routing), modality_BL, valid_BL, routing, causal)
       out = h + dropout(f, rate, keys[1])
     else:
-      a, new_cache = self.attn(x_BLD, position_BL, mask_BLS, routing, cache, cache_index)
+      a, new_cache = self.attn(x_BLD, position_BL, mask, routing, cache, cache_index,
+                               attention_impl)
       h = x_BLD + dropout(self.attn_norm(a, routing), rate, keys[0])
       f, aux = self._ffn(h, modality_BL, valid_BL, routing, causal)
       out = h + dropout(self.ffn_norm(f, routing), rate, keys[1])
     out = constrain(out, ("batch", "length", "embed"))
     # Chameleon: growth of output norms predicts divergence; log the mean over valid tokens.
-    norms = jnp.sqrt(jnp.sum(jnp.square(out), axis=-1))
+    norms = jnp.sqrt(jnp.sum(jnp.square(out.astype(jnp.float32)), axis=-1))
     aux = dict(aux, layer_out_norm=jnp.sum(norms * valid_BL) / jnp.maximum(jnp.sum(valid_BL), 1))
     return out, aux, new_cache
 
 
 class Decoder(nnx.Module):
-  """Token embedding, a scanned stack of `Block`s, a final norm and the output head."""
+  """Token embedding, a scanned stack of `Block`s, a final norm and the output head.
 
-  def __init__(self, cfg: DecoderConfig, *, vocab_size: int, num_modalities: int, rngs: nnx.Rngs):
+  `bidirectional_blocks`: whether rows may hold bidirectional image blocks
+  (`sequences.image_blocks_bidirectional`); without them the attention mask is causal within
+  segments, which the fused TPU kernel takes.
+  """
+
+  def __init__(self, cfg: DecoderConfig, *, vocab_size: int, num_modalities: int,
+               bidirectional_blocks: bool = False, rngs: nnx.Rngs):
     self.cfg, self.vocab_size, self.num_modalities = cfg, vocab_size, num_modalities
+    self.bidirectional_blocks = bidirectional_blocks
     self.groups = num_modalities if cfg.sparsity == "mot" else 1
     pdtype = dtype_of(cfg.param_dtype)
     std = cfg.d_model ** -0.5  # tied or not, logits start with unit scale
@@ -137,33 +139,65 @@ class Decoder(nnx.Module):
                 segment=jnp.zeros((batch, length), jnp.int32),
                 block=jnp.zeros((batch, length), jnp.int32))
 
-  def __call__(self, batch: dict, *, cache: dict | None = None, cache_index=0, causal: bool = False,
-               dropout_key: jax.Array | None = None, embeddings: jax.Array | None = None
-               ) -> tuple[jax.Array, dict, dict | None]:
-    """Logits [B, L, V] in fp32, aux (MoE/MoMa losses, per-layer norms) and the updated cache.
+  def head_weight(self) -> tuple[jax.Array, str]:
+    """The output head and its einsum with the final hidden states [B, L, D] into logits."""
+    if self.head is None:
+      return self.embed[...], "bld,vd->blv"
+    return self.head[...], "bld,dv->blv"
+
+  def __call__(self, batch: dict, **kwargs) -> tuple[jax.Array, dict, dict | None]:
+    """Logits [B, L, V] in fp32, aux and the updated cache (`hidden`'s arguments)."""
+    x_BLD, aux, cache = self.hidden(batch, **kwargs)
+    w, spec = self.head_weight()
+    with target(self.cfg.platform):
+      logits = grouped.dot(spec, x_BLD, w, dtype_of(self.cfg.dtype), jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab")), aux, cache
+
+  def hidden(self, batch: dict, *, cache: dict | None = None, cache_index=0, causal: bool = False,
+             dropout_key: jax.Array | None = None, embeddings: jax.Array | None = None
+             ) -> tuple[jax.Array, dict, dict | None]:
+    """The final-normed hidden states [B, L, D] (the head's input), aux (MoE/MoMa losses, per-layer
+    norms) and the updated cache.
 
     `embeddings` [B, L, D] replaces the token embedding lookup (gradient tests of the mask).
     `causal`: route MoMa with its auxiliary router and MoE without capacity drops, so a token's
     output depends only on itself and the past (decoding, and its full-recomputation reference).
     """
-    cfg = self.cfg
-    tokens, segment, block = batch["tokens"], batch["segment"], batch["block"]
-    position, modality = batch["position"], batch["modality"]
-    b, l = tokens.shape
-    valid_BL = segment > 0
+    with target(self.cfg.platform):
+      return self._hidden(batch, cache, cache_index, causal, dropout_key, embeddings)
+
+  def _attention_mask(self, batch: dict, cache: dict | None, cache_index) -> tuple[Mask, str]:
+    """The mask and the attention kernel: the configured one for a whole row, XLA for a cache."""
+    segment, block = batch["segment"], batch["block"]
+    b, l = segment.shape
     q_index = jnp.broadcast_to(cache_index + jnp.arange(l, dtype=jnp.int32), (b, l))
-    if cache is None:
-      mask_BLS = attention_mask(segment, block, q_index, segment, block, q_index)
-    else:
-      at = (0, cache_index)
-      cache = dict(cache, segment=jax.lax.dynamic_update_slice(cache["segment"], segment, at),
-                   block=jax.lax.dynamic_update_slice(cache["block"], block, at))
+    if cache is not None:
       s = cache["segment"].shape[1]
       k_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-      mask_BLS = attention_mask(segment, block, q_index, cache["segment"], cache["block"], k_index)
+      dense = attention_mask(segment, block, q_index, cache["segment"], cache["block"], k_index)
+      return Mask(dense), "xla"
+    dense = attention_mask(segment, block, q_index, segment, block, q_index)
+    if self.bidirectional_blocks:
+      mask = Mask(dense, why_not_segments="the decoder's bidirectional image blocks (they depend "
+                  "on the data)")
+    else:  # padding (segment 0) attends to padding only: its rows are never empty
+      mask = Mask(dense, causal=True, q_segment_BQ=segment, kv_segment_BS=segment)
+    return mask, self.cfg.attention_impl
+
+  def _hidden(self, batch, cache, cache_index, causal, dropout_key, embeddings):
+    cfg = self.cfg
+    tokens, segment = batch["tokens"], batch["segment"]
+    position, modality = batch["position"], batch["modality"]
+    valid_BL = segment > 0
+    if cache is not None:
+      at = (0, cache_index)
+      cache = dict(cache, segment=jax.lax.dynamic_update_slice(cache["segment"], segment, at),
+                   block=jax.lax.dynamic_update_slice(cache["block"], batch["block"], at))
+    mask, attention_impl = self._attention_mask(batch, cache, cache_index)
     routing = grouped.make_routing(modality, self.groups) if self.groups > 1 else None
     x_BLD = self.embed[...][tokens].astype(jnp.float32) if embeddings is None else embeddings
-    x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
+    x_BLD = constrain(x_BLD.astype(activation_dtype(dtype_of(cfg.dtype))),
+                      ("batch", "length", "embed"))
 
     graphdef, state = nnx.split(self.blocks)
     keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
@@ -172,22 +206,15 @@ class Decoder(nnx.Module):
     def body(x, xs):
       layer_state, key, layer_cache = xs
       blk = nnx.merge(graphdef, layer_state)
-      x, aux, new_cache = blk(x, position, modality, valid_BL, mask_BLS, routing, cache=layer_cache,
-                              cache_index=cache_index, causal=causal, key=key)
-      return x, (aux, new_cache)
+      y, aux, new_cache = blk(x, position, modality, valid_BL, mask, routing, cache=layer_cache,
+                              cache_index=cache_index, causal=causal, key=key,
+                              attention_impl=attention_impl)
+      return y.astype(x.dtype), (aux, new_cache)
 
-    policy = REMAT_POLICIES[cfg.remat]
-    if cfg.remat != "none":
-      body = jax.checkpoint(body, policy=policy)
-    x_BLD, (aux_layers, new_caches) = jax.lax.scan(body, x_BLD, (state, keys, layer_caches))
-
+    x_BLD, (aux_layers, new_caches) = jax.lax.scan(remat(body, cfg.remat), x_BLD,
+                                                   (state, keys, layer_caches))
     x_BLD = self.final_norm(x_BLD, routing)
-    if self.head is None:
-      logits = grouped.dot("bld,vd->blv", x_BLD, self.embed[...], dtype_of(cfg.dtype))
-    else:
-      logits = grouped.dot("bld,dv->blv", x_BLD, self.head[...], dtype_of(cfg.dtype))
-    logits = constrain(logits, ("batch", "length", "vocab"))
     aux = {name: (v if name == "layer_out_norm" else jnp.mean(v)) for name, v in aux_layers.items()}
     if cache is not None:
       cache = dict(cache, k=new_caches[0], v=new_caches[1])
-    return logits, aux, cache
+    return x_BLD, aux, cache

@@ -2,23 +2,21 @@
 
 The mask is `(causal OR same_block) AND same_segment AND valid` (specs/mixed_modal.md); causality is
 over slot indices in the packed row, so packing, bidirectional image blocks and cached decoding are
-one code path. Masked logits take the most negative finite fp32 value, so a fully masked (padding)
-row gives a uniform softmax instead of NaN.
+one code path. The kernel (mmjax.models.attention) follows `model.attention_impl`; splash takes the
+mask as segment ids and a causal mask when the rows have no bidirectional blocks.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from mmjax.models import grouped
+from mmjax.models.attention import Mask, attend
 from mmjax.models.decoder_layers import HeadLayerNorm
 from mmjax.models.experts import ModalLinear
 from mmjax.models.grouped import Routing
+from mmjax.models.layers import checkpoint_name
 from mmjax.models.rope import apply_rope
-
-MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
 def attention_mask(q_segment_BQ: jax.Array, q_block_BQ: jax.Array, q_index_BQ: jax.Array,
@@ -52,14 +50,14 @@ class Attention(nnx.Module):
       self.q_norm = nnx.data(HeadLayerNorm(num_heads, k, **nkw))
       self.k_norm = nnx.data(HeadLayerNorm(num_kv_heads, k, **nkw))
 
-  def __call__(self, x_BLD: jax.Array, position_BL: jax.Array, mask_BLS: jax.Array,
+  def __call__(self, x_BLD: jax.Array, position_BL: jax.Array, mask: Mask,
                routing: Routing | None, cache: tuple[jax.Array, jax.Array] | None = None,
-               cache_index: jax.Array | None = None
+               cache_index: jax.Array | None = None, impl: str = "xla"
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Returns the output and, with a cache, the cache with this call's keys/values written."""
-    q_BLHK = self.q(x_BLD, routing)
-    k_BLGK = self.k(x_BLD, routing)
-    v_BLGK = self.v(x_BLD, routing)
+    q_BLHK = checkpoint_name(self.q(x_BLD, routing), "query_proj")
+    k_BLGK = checkpoint_name(self.k(x_BLD, routing), "key_proj")
+    v_BLGK = checkpoint_name(self.v(x_BLD, routing), "value_proj")
     if self.q_norm is not None:
       q_BLHK, k_BLGK = self.q_norm(q_BLHK, routing), self.k_norm(k_BLGK, routing)
     rope = dict(theta=self.rope_theta, layout=self.rope_layout)
@@ -74,12 +72,5 @@ class Attention(nnx.Module):
       new_cache = (k_BSGK, v_BSGK)
     else:
       k_BSGK, v_BSGK = k_BLGK, v_BLGK
-    b, l = x_BLD.shape[:2]
-    g, r = self.kv_heads, self.heads // self.kv_heads
-    q_BLGRK = (q_BLHK * self.head_dim ** -0.5).reshape(b, l, g, r, self.head_dim)
-    logits_BGRLS = grouped.dot("blgrk,bsgk->bgrls", q_BLGRK, k_BSGK, self.dtype)
-    logits_BGRLS = jnp.where(mask_BLS[:, None, None], logits_BGRLS, MASK_VALUE)
-    probs_BGRLS = jax.nn.softmax(logits_BGRLS, axis=-1)
-    out_BLGRK = grouped.dot("bgrls,bsgk->blgrk", probs_BGRLS, v_BSGK, self.dtype)
-    out_BLHK = out_BLGRK.reshape(b, l, self.heads, self.head_dim)
-    return self.o(out_BLHK, routing), new_cache
+    out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask, impl=impl, dtype=self.dtype)
+    return checkpoint_name(self.o(out_BLHK, routing), "out_proj"), new_cache

@@ -4,17 +4,57 @@ Every slot's weight is `loss_weight · w[target modality]`; the loss is Σ weigh
 so a modality weight scales that modality's share. The target modality of a slot is the modality of
 the next slot of the same document (the token it predicts; the last slot of a document keeps its own).
 z-loss `z · log²Z` is computed in fp32 on the same weights (Chameleon: z = 1e-5).
+
+The logits are never held whole: `chunked_token_stats` computes them [B, c, V] (fp32) for c
+positions at a time under remat, keeping only log Z, the target's logit and whether the argmax hit
+it; the backward pass recomputes each chunk's logits. At 4096 positions and a 65k vocabulary that
+is 1 GiB of fp32 logits per sequence not kept (nor its gradient).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from mmjax.config import ConfigError
+from mmjax.models import layers
 from mmjax.models.configs import DecoderConfig
+
+
+class TokenStats(NamedTuple):
+  """Per position [B, L]: log Z of the logits, the target's logit, 1.0 where argmax == target."""
+  logz_BL: jax.Array
+  target_logit_BL: jax.Array
+  correct_BL: jax.Array
+
+
+def token_stats(logits_BLV: jax.Array, targets_BL: jax.Array) -> TokenStats:
+  logits = logits_BLV.astype(jnp.float32)
+  target_logit = jnp.take_along_axis(logits, targets_BL[..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(logits, axis=-1) == targets_BL).astype(jnp.float32)
+  return TokenStats(jax.nn.logsumexp(logits, axis=-1), target_logit, correct)
+
+
+def chunked_token_stats(x_BLD: jax.Array, w: jax.Array, spec: str, targets_BL: jax.Array, dtype,
+                        chunk: int) -> TokenStats:
+  """`token_stats(einsum(spec, x, w))` for `chunk` positions at a time, recomputed backward."""
+  b, l, d = x_BLD.shape
+  c = min(chunk, l)
+  n = -(-l // c)
+  pad = n * c - l
+  x = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, d).swapaxes(0, 1)
+  t = jnp.pad(targets_BL, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(x_BcD, t_Bc):
+    logits = layers.einsum(spec, x_BcD, w, dtype, out_dtype=jnp.float32)
+    return token_stats(layers.constrain(logits, ("batch", "length", "vocab")), t_Bc)
+
+  stats = jax.lax.map(lambda xt: one(*xt), (x, t))
+  return TokenStats(*(v.swapaxes(0, 1).reshape(b, n * c)[:, :l] for v in stats))
 
 
 def modality_weights(cfg: DecoderConfig, names: Sequence[str]) -> jax.Array:
@@ -32,15 +72,12 @@ def target_modality(modality_BL: jax.Array, segment_BL: jax.Array) -> jax.Array:
   return jnp.where(nxt_seg == segment_BL, nxt_mod, modality_BL)
 
 
-def decoder_loss(logits_BLV: jax.Array, batch: dict, aux: dict, cfg: DecoderConfig,
+def decoder_loss(stats: TokenStats, batch: dict, aux: dict, cfg: DecoderConfig,
                  names: Sequence[str]) -> tuple[jax.Array, dict]:
-  """Scalar loss and metrics (per-modality loss, accuracy, log Z and token counts included)."""
-  logits = logits_BLV.astype(jnp.float32)
-  targets = batch["targets"]
-  logz_BL = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  ce_BL = logz_BL - target_logit
-  correct_BL = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  """Scalar loss and metrics (per-modality loss, accuracy, log Z and token counts included) from
+  the per-position statistics of the logits (`token_stats` or `chunked_token_stats`)."""
+  logz_BL, correct_BL = stats.logz_BL, stats.correct_BL
+  ce_BL = logz_BL - stats.target_logit_BL
   tmod_BL = jnp.clip(target_modality(batch["modality"], batch["segment"]), 0, len(names) - 1)
   lw_BL = batch["loss_weight"].astype(jnp.float32)
   w_BL = lw_BL * modality_weights(cfg, names)[tmod_BL]

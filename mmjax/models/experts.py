@@ -152,7 +152,7 @@ class MoMaFFN(nnx.Module):
   def aux_logits(self, x_ND: jax.Array) -> jax.Array:
     h = jax.nn.silu(grouped.dot("nd,dh->nh", jax.lax.stop_gradient(x_ND), self.aux_in[...],
                                 self.dtype))
-    return grouped.dot("nh,he->ne", h, self.aux_out[...], self.dtype)
+    return grouped.dot("nh,he->ne", h, self.aux_out[...], self.dtype, jnp.float32)
 
   def __call__(self, x_BLD: jax.Array, modality_BL: jax.Array, valid_BL: jax.Array, *,
                causal: bool) -> tuple[jax.Array, dict]:
@@ -160,7 +160,7 @@ class MoMaFFN(nnx.Module):
     n = b * l
     x_ND = x_BLD.reshape(n, d)
     modality_N, valid_N = modality_BL.reshape(n), valid_BL.reshape(n)
-    scores_NE = grouped.dot("nd,de->ne", x_ND, self.router[...], self.dtype)
+    scores_NE = grouped.dot("nd,de->ne", x_ND, self.router[...], self.dtype, jnp.float32)
     num_experts = scores_NE.shape[1]
     aux = {}
     if causal:
@@ -216,7 +216,8 @@ class TokenChoiceMoE(nnx.Module):
     b, l, d = x_BLD.shape
     n, e, k = b * l, self.num_experts, self.top_k
     x_ND, valid_N = x_BLD.reshape(n, d), valid_BL.reshape(n)
-    probs_NE = jax.nn.softmax(grouped.dot("nd,de->ne", x_ND, self.router[...], self.dtype), axis=-1)
+    probs_NE = jax.nn.softmax(grouped.dot("nd,de->ne", x_ND, self.router[...], self.dtype,
+                                          jnp.float32), axis=-1)
     top_p, top_i = jax.lax.top_k(probs_NE, k)
     if k > 1:
       top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)

@@ -22,12 +22,23 @@ import numpy as np
 from flax import nnx
 
 from mmjax.modalities import Registry
+from mmjax.models.attention import Mask, attend, key_padding_mask, xla_attention
 from mmjax.models.configs import FourMConfig
-from mmjax.models.layers import (Linear, Mlp, Norm, attention, constrain, dtype_of, einsum,
-                                 matmul, normalize, param, scan_layers, sincos_1d, sincos_2d)
+from mmjax.models.layers import (Linear, Mlp, Norm, activation_dtype, checkpoint_name, constrain,
+                                 dtype_of, einsum, matmul, normalize, param, scan_layers, sincos_1d,
+                                 sincos_2d, target)
 
 EMBED_INIT = nnx.initializers.normal(0.02)
 ACT = ("batch", "length", "embed")
+
+
+def _targeted(method):
+  """Traces a FourM entry point for the model's target platform (`model.platform`)."""
+  @functools.wraps(method)
+  def wrapper(self, *args, **kwargs):
+    with target(self.cfg.platform):
+      return method(self, *args, **kwargs)
+  return wrapper
 
 
 def _norm(cfg: FourMConfig, layers: int, rngs: nnx.Rngs, dim: int | None = None,
@@ -54,22 +65,23 @@ class SelfAttention(nnx.Module):
 
   def __init__(self, cfg: FourMConfig, layers: int, rngs: nnx.Rngs):
     d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
-    self.dtype = dtype_of(cfg.dtype)
+    self.dtype, self.impl = dtype_of(cfg.dtype), cfg.attention_impl
     self.qkv = Linear((d,), (3, h, k), ("embed",), (None, "heads", "kv"), **_linear_kw(cfg, layers, rngs))
     self.proj = Linear((h, k), (d,), ("heads", "kv"), ("embed",), **_linear_kw(cfg, layers, rngs))
     self.qk_norm = QKNorm(cfg, layers, rngs) if cfg.qk_norm else None
 
   def _qkv(self, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    qkv = self.qkv(x_BLD)
+    qkv = checkpoint_name(self.qkv(x_BLD), "qkv_proj")
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.qk_norm is not None:
       q, k = self.qk_norm.q(q), self.qk_norm.k(k)
     return q, k, v
 
-  def __call__(self, x_BLD: jax.Array, mask_BQS: jax.Array) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, mask: Mask) -> jax.Array:
     q, k, v = self._qkv(x_BLD)
-    out_BLHK = attention(q, k, v, mask_BQS, self.dtype)
-    return self.proj(constrain(out_BLHK, ("batch", "length", "heads", "kv")))
+    out_BLHK = attend(q, k, v, mask, impl=self.impl, dtype=self.dtype)
+    out = self.proj(constrain(out_BLHK, ("batch", "length", "heads", "kv")))
+    return checkpoint_name(out, "out_proj")
 
   def cached(self, x_BTD: jax.Array, cache_k_BSHK: jax.Array, cache_v_BSHK: jax.Array,
              index: jax.Array, mask_BTS: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -80,7 +92,8 @@ class SelfAttention(nnx.Module):
                                                   index, axis=1)
     cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v_BSHK, v.astype(cache_v_BSHK.dtype),
                                                   index, axis=1)
-    out_BTHK = attention(q, cache_k, cache_v, mask_BTS, self.dtype)
+    scale = q.shape[-1] ** -0.5
+    out_BTHK = xla_attention(q * scale, cache_k, cache_v, mask_BTS, self.dtype)
     return self.proj(out_BTHK), cache_k, cache_v
 
 
@@ -89,19 +102,21 @@ class CrossAttention(nnx.Module):
 
   def __init__(self, cfg: FourMConfig, layers: int, rngs: nnx.Rngs):
     d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
-    self.dtype = dtype_of(cfg.dtype)
+    self.dtype, self.impl = dtype_of(cfg.dtype), cfg.attention_impl
     self.q = Linear((d,), (h, k), ("embed",), ("heads", "kv"), **_linear_kw(cfg, layers, rngs))
     self.kv = Linear((d,), (2, h, k), ("embed",), (None, "heads", "kv"), **_linear_kw(cfg, layers, rngs))
     self.proj = Linear((h, k), (d,), ("heads", "kv"), ("embed",), **_linear_kw(cfg, layers, rngs))
     self.qk_norm = QKNorm(cfg, layers, rngs) if cfg.qk_norm else None
 
-  def __call__(self, x_BLD: jax.Array, kv_BN2HK: jax.Array, mask_BQS: jax.Array) -> jax.Array:
-    q = self.q(x_BLD)
+  def __call__(self, x_BLD: jax.Array, kv_BN2HK: jax.Array, mask: Mask,
+               impl: str | None = None) -> jax.Array:
+    q = checkpoint_name(self.q(x_BLD), "query_proj")
     k, v = kv_BN2HK[:, :, 0], kv_BN2HK[:, :, 1]
     if self.qk_norm is not None:
       q, k = self.qk_norm.q(q), self.qk_norm.k(k)
-    out_BLHK = attention(q, k, v, mask_BQS, self.dtype)
-    return self.proj(constrain(out_BLHK, ("batch", "length", "heads", "kv")))
+    out_BLHK = attend(q, k, v, mask, impl=impl or self.impl, dtype=self.dtype)
+    out = self.proj(constrain(out_BLHK, ("batch", "length", "heads", "kv")))
+    return checkpoint_name(out, "out_proj")
 
 
 class EncoderBlocks(nnx.Module):
@@ -115,8 +130,8 @@ class EncoderBlocks(nnx.Module):
                    dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), layers=layers,
                    rngs=rngs)
 
-  def block(self, x_BLD: jax.Array, mask_BQS: jax.Array) -> jax.Array:
-    x_BLD = x_BLD + self.attn(self.norm1(x_BLD), mask_BQS)
+  def block(self, x_BLD: jax.Array, mask: Mask) -> jax.Array:
+    x_BLD = x_BLD + self.attn(self.norm1(x_BLD), mask)
     x_BLD = x_BLD + self.mlp(self.norm2(x_BLD))
     return constrain(x_BLD, ACT)
 
@@ -150,18 +165,20 @@ class DecoderBlocks(nnx.Module):
       out = out + bias[:, None, None].astype(jnp.float32)
     return out
 
-  def block(self, x_BLD, kv_BN2HK, self_mask_BQS, cross_mask_BQS) -> jax.Array:
-    x_BLD = x_BLD + self.self_attn(self.norm1(x_BLD), self_mask_BQS)
-    x_BLD = x_BLD + self.cross_attn(self.query_norm(x_BLD), kv_BN2HK, cross_mask_BQS)
+  def block(self, x_BLD, kv_BN2HK, self_mask: Mask, cross_mask: Mask) -> jax.Array:
+    x_BLD = x_BLD + self.self_attn(self.norm1(x_BLD), self_mask)
+    x_BLD = x_BLD + self.cross_attn(self.query_norm(x_BLD), kv_BN2HK, cross_mask)
     x_BLD = x_BLD + self.mlp(self.norm2(x_BLD))
     return constrain(x_BLD, ACT)
 
-  def block_cached(self, x_BTD, kv_BN2HK, cache_k, cache_v, index, self_mask_BTS, cross_mask_BQS):
-    """`block` for T new slots at `index`, reading and extending the self-attention K/V cache."""
+  def block_cached(self, x_BTD, kv_BN2HK, cache_k, cache_v, index, self_mask_BTS, cross_mask_BN):
+    """`block` for T new slots at `index`, reading and extending the self-attention K/V cache
+    (XLA attention: a few query slots per step)."""
     attn, cache_k, cache_v = self.self_attn.cached(self.norm1(x_BTD), cache_k, cache_v, index,
                                                    self_mask_BTS)
     x_BTD = x_BTD + attn
-    x_BTD = x_BTD + self.cross_attn(self.query_norm(x_BTD), kv_BN2HK, cross_mask_BQS)
+    cross = key_padding_mask(x_BTD.shape[1], cross_mask_BN)
+    x_BTD = x_BTD + self.cross_attn(self.query_norm(x_BTD), kv_BN2HK, cross, impl="xla")
     x_BTD = x_BTD + self.mlp(self.norm2(x_BTD))
     return x_BTD, cache_k, cache_v
 
@@ -229,7 +246,7 @@ class FourM(nnx.Module):
   def logits(self, y_BLD: jax.Array, name: str) -> jax.Array:
     """Dense logits [..., V] of modality `name`'s head at every given position (fp32)."""
     w, transposed = self.head_weight(name)
-    return matmul(y_BLD, w.T if transposed else w, 1, self.dtype)
+    return matmul(y_BLD, w.T if transposed else w, 1, self.dtype, out_dtype=jnp.float32)
 
   # ---- embeddings --------------------------------------------------------------------------------
 
@@ -289,41 +306,58 @@ class FourM(nnx.Module):
 
   # ---- masks -------------------------------------------------------------------------------------
 
-  def decoder_self_mask(self, modality_BM: jax.Array, valid_BM: jax.Array) -> jax.Array:
-    """[B, M, M]: same modality, both valid; bidirectional for images, causal for sequences."""
+  def decoder_self_mask(self, modality_BM: jax.Array, valid_BM: jax.Array) -> Mask:
+    """[B, M, M]: same modality, both valid; bidirectional for images, causal for sequences.
+
+    As segment ids (the modality; padding its own id): causal when every target is a sequence,
+    full when every target is an image; a mix of both is no kernel mask type."""
     m = modality_BM.shape[1]
     same = modality_BM[:, :, None] == modality_BM[:, None, :]
     both = valid_BM[:, :, None] & valid_BM[:, None, :]
     causal = jnp.arange(m)[None, :] <= jnp.arange(m)[:, None]
     image_q = jnp.asarray(self._is_image)[modality_BM][:, :, None]
-    return same & both & (image_q | causal[None])
+    dense = same & both & (image_q | causal[None])
+    kinds = {m.is_image for m in self.registry.targets()}
+    if len(kinds) > 1:
+      return Mask(dense, why_not_segments="4M's decoder self-attention over both image "
+                  "(bidirectional) and sequence (causal) targets")
+    ids = jnp.where(valid_BM, modality_BM + 1, 0).astype(jnp.int32)
+    return Mask(dense, causal=not kinds.pop(), q_segment_BQ=ids, kv_segment_BS=ids)
 
   # ---- forward -----------------------------------------------------------------------------------
 
+  @_targeted
   def encode(self, batch) -> tuple[jax.Array, jax.Array]:
-    """The context the decoder attends to: proj(encoder_norm(enc_out)) + enc_emb, [B, N, D]."""
+    """The context the decoder attends to, proj(encoder_norm(enc_out)) + enc_emb [B, N, D], and
+    the keys the decoder may attend to, `enc_valid` [B, N]."""
     x, emb = self.embed_encoder(batch)
     h = constrain(x + emb, ACT)
-    mask = batch["enc_valid"][:, None, :]
-    h = scan_layers(self.encoder, h, None, lambda blk, c, _: blk.block(c, mask), self.cfg.remat)
+    valid = batch["enc_valid"]
+    mask = key_padding_mask(valid.shape[1], valid)
+    h = scan_layers(self.encoder, h, None, lambda blk, c, _: blk.block(c, mask), self.cfg.remat,
+                    activation_dtype(self.dtype))
     ctx = self.context_proj(self.encoder_norm(h)) + emb
-    return constrain(ctx, ACT), mask
+    return constrain(ctx, ACT), valid
 
-  def decode(self, batch, ctx_BND: jax.Array, cross_mask: jax.Array) -> jax.Array:
+  def decode(self, batch, ctx_BND: jax.Array, enc_valid_BN: jax.Array) -> jax.Array:
     x, emb = self.embed_decoder(batch)
-    return self.decode_inputs(x + emb, batch, ctx_BND, cross_mask)
+    return self.decode_inputs(x + emb, batch, ctx_BND, enc_valid_BN)
 
+  @_targeted
   def decode_inputs(self, h_BMD: jax.Array, batch, ctx_BND: jax.Array,
-                    cross_mask: jax.Array) -> jax.Array:
+                    enc_valid_BN: jax.Array) -> jax.Array:
     """The decoder stack and final norm from the decoder's block input (content + emb)."""
     y = constrain(h_BMD, ACT)
     self_mask = self.decoder_self_mask(batch["dec_modality"], batch["dec_valid"])
+    cross_mask = key_padding_mask(y.shape[1], enc_valid_BN)
     kv_LBN2HK = self.decoder.context_kv(ctx_BND, self.dtype)
     kv_LBN2HK = constrain(kv_LBN2HK, ("layers", "batch", "length", None, "heads", "kv"))
     y = scan_layers(self.decoder, y, kv_LBN2HK,
-                    lambda blk, c, kv: blk.block(c, kv, self_mask, cross_mask), self.cfg.remat)
+                    lambda blk, c, kv: blk.block(c, kv, self_mask, cross_mask), self.cfg.remat,
+                    activation_dtype(self.dtype))
     return constrain(self.decoder_norm(y), ACT)
 
+  @_targeted
   def __call__(self, batch) -> jax.Array:
     """Normalised decoder output y [B, M, D] (fp32), ready for the heads."""
     ctx, mask = self.encode(batch)
@@ -331,6 +365,7 @@ class FourM(nnx.Module):
 
   # ---- cached decoding (generation of sequences) -------------------------------------------------
 
+  @_targeted
   def context_kv(self, ctx_BND: jax.Array) -> jax.Array:
     """Cross-attention k, v of every decoder block [L, B, N, 2, H, K]: computed once per context,
     then reused by every `decode_cached` step."""
@@ -341,7 +376,8 @@ class FourM(nnx.Module):
     shape = (self.cfg.decoder_layers, batch, length, self.cfg.num_heads, self.cfg.head_dim)
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
-  def decode_cached(self, h_BTD: jax.Array, kv_LBN2HK: jax.Array, cross_mask: jax.Array,
+  @_targeted
+  def decode_cached(self, h_BTD: jax.Array, kv_LBN2HK: jax.Array, enc_valid_BN: jax.Array,
                     cache: tuple[jax.Array, jax.Array], index: jax.Array
                     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """The decoder for T new slots of one sequence target at slots [index, index + T) (block
@@ -356,7 +392,8 @@ class FourM(nnx.Module):
     def step(x, inputs):
       layer_state, kv, cache_k, cache_v = inputs
       blk = nnx.merge(graphdef, layer_state)
-      x, cache_k, cache_v = blk.block_cached(x, kv, cache_k, cache_v, index, mask_BTS, cross_mask)
+      x, cache_k, cache_v = blk.block_cached(x, kv, cache_k, cache_v, index, mask_BTS,
+                                             enc_valid_BN)
       return x, (cache_k, cache_v)
 
     y, cache = jax.lax.scan(step, h_BTD.astype(jnp.float32), (state, kv_LBN2HK, *cache))

@@ -204,8 +204,8 @@ def head_sums(model: FourM, y_BMD: jax.Array, batch, impl: str | None = None):
   counts over the batch's loss tokens."""
   cfg = model.cfg
   impl = impl or cfg.heads_impl
-  if impl == "auto":
-    impl = "chunked" if jax.default_backend() == "cpu" else "ragged"
+  if impl == "auto":  # ragged_dot is a grouped matmul on TPU/GPU, G dense matmuls on CPU
+    impl = "chunked" if cfg.platform == "cpu" else "ragged"
   table, targets = _target_table(model)
   b, m, d = y_BMD.shape
   y_TD = y_BMD.reshape(b * m, d)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from mmjax.models import layers
 
 
-# einsum with inputs in the compute dtype and fp32 accumulation and result.
+# einsum with inputs in the compute dtype, fp32 accumulation, the result in the activation dtype.
 dot = layers.einsum
 
 
@@ -47,9 +47,10 @@ def make_routing(modality_BL: jax.Array, num_groups: int) -> Routing:
   return Routing(modality_N, order_N, inverse_N, sizes_G)
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+  """"auto": "chunked" on CPU, "ragged" on TPU/GPU (`platform`, default: the traced target)."""
   if impl == "auto":
-    return "chunked" if jax.default_backend() == "cpu" else "ragged"
+    return "chunked" if (platform or layers.target_platform()) == "cpu" else "ragged"
   if impl not in ("ragged", "chunked"):
     raise ValueError(f"grouped matmul impl must be auto, ragged or chunked, got {impl!r}")
   return impl
@@ -61,7 +62,8 @@ def grouped_matmul(x_NK: jax.Array, w_GKF: jax.Array, sizes_G: jax.Array, *, imp
   impl = resolve_impl(impl)
   if impl == "ragged":
     return jax.lax.ragged_dot(x_NK.astype(dtype), w_GKF.astype(dtype), sizes_G,
-                              preferred_element_type=jnp.float32)
+                              preferred_element_type=jnp.float32
+                              ).astype(layers.activation_dtype(dtype))
   n, k = x_NK.shape
   g, _, f = w_GKF.shape
   ends = jnp.cumsum(sizes_G)

@@ -2,13 +2,18 @@
 sin-cos position tables, sharding constraints and scanned stacks of layers.
 
 Conventions: parameters are fp32 (or `param_dtype`) with logical axis names; matmuls take inputs in the
-compute dtype and accumulate in fp32 (`preferred_element_type=jnp.float32`), so the residual stream
-stays fp32 and bf16 only feeds the matmul units. A module built with `layers=L` holds every parameter
-with a leading `layers` axis of size L; `scan_layers` runs such a stack under `jax.lax.scan`.
+compute dtype and accumulate in fp32. What a matmul returns follows the target platform (`target`,
+set once per model call from `model.platform`): fp32 on CPUs, where the fast bf16 kernels produce
+fp32 and the residual stream stays fp32; the compute dtype on TPUs and GPUs, where activations
+between blocks are bf16 and only softmax, norm statistics and the loss run in fp32. A module built
+with `layers=L` holds every parameter with a leading `layers` axis of size L; `scan_layers` runs
+such a stack under `jax.lax.scan`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Sequence
 
@@ -18,6 +23,7 @@ import numpy as np
 from flax import nnx
 from flax.core import meta
 from flax.core import spmd as core_spmd
+from jax.ad_checkpoint import checkpoint_name
 
 from mmjax.sharding import logical_to_spec
 
@@ -25,16 +31,31 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 Names = tuple[str | None, ...]
 
+# The platform the traced program targets (cpu, gpu, tpu). Outside a model call: "cpu", whose
+# choices (standard-layout matmuls, fp32 activations) are correct on every platform.
+_TARGET = contextvars.ContextVar("mmjax_target_platform", default="cpu")
 
-def resolve_dtype_name(name: str, platform: str | None = None) -> str:
-  """"auto" is bf16 on accelerators (TPU, GPU) and fp32 on CPUs, whose fp32 path is the default."""
-  if name != "auto":
-    return name
-  return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
+
+@contextlib.contextmanager
+def target(platform: str):
+  """Traces the enclosed model code for `platform` (a resolved `model.platform`)."""
+  token = _TARGET.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
+def target_platform() -> str:
+  return _TARGET.get()
+
+
+def activation_dtype(dtype) -> jnp.dtype:
+  """What matmuls return and the residual stream carries: fp32 on CPUs, `dtype` elsewhere."""
+  return jnp.dtype(jnp.float32) if target_platform() == "cpu" else jnp.dtype(dtype)
 
 
 def dtype_of(name: str) -> jnp.dtype:
-  name = resolve_dtype_name(name)
   if name not in DTYPES:
     raise ValueError(f"unknown dtype {name!r}; known: {sorted(DTYPES)}")
   return DTYPES[name]
@@ -84,8 +105,9 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
 # Matmuls, linears and norms.
 
 
-def einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
-  """`jnp.einsum(spec, a, b)` with inputs in the compute dtype, fp32 accumulation and result.
+def einsum(spec: str, a: jax.Array, b: jax.Array, dtype, out_dtype=None) -> jax.Array:
+  """`jnp.einsum(spec, a, b)` with inputs in the compute dtype and fp32 accumulation; the result in
+  `out_dtype` (default: `activation_dtype(dtype)`; pass fp32 for logits that feed a softmax).
 
   Below fp32 the backward matmuls take compute-dtype inputs too: JAX's own transpose of a
   bf16 x bf16 -> fp32 einsum upcasts the bf16 operand to meet the fp32 cotangent, which runs two
@@ -93,40 +115,43 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
   other operand or the output (true of matmuls and attention).
   """
   a, b = a.astype(dtype), b.astype(dtype)
+  out_dtype = jnp.dtype(activation_dtype(dtype) if out_dtype is None else out_dtype)
   if jnp.dtype(dtype) == jnp.float32:
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-  return _low_precision_einsum(spec, a, b)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+  return _low_precision_einsum(spec, target_platform(), out_dtype, a, b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _low_precision_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  return _batched_matmul(spec, a, b)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _low_precision_einsum(spec: str, platform: str, out_dtype, a: jax.Array,
+                          b: jax.Array) -> jax.Array:
+  return _batched_matmul(spec, a, b, platform, out_dtype)
 
 
-def _low_precision_einsum_fwd(spec, a, b):
-  return _batched_matmul(spec, a, b), (a, b)
+def _low_precision_einsum_fwd(spec, platform, out_dtype, a, b):
+  return _batched_matmul(spec, a, b, platform, out_dtype), (a, b)
 
 
-def _low_precision_einsum_bwd(spec, residuals, g):
+def _low_precision_einsum_bwd(spec, platform, out_dtype, residuals, g):
+  del out_dtype
   a, b = residuals
   inputs, out = spec.split("->")
   spec_a, spec_b = inputs.split(",")
   g = g.astype(a.dtype)  # what JAX's transpose would round the operand's gradient to anyway
-  da = _batched_matmul(f"{out},{spec_b}->{spec_a}", g, b)
-  db = _batched_matmul(f"{spec_a},{out}->{spec_b}", a, g)
+  da = _batched_matmul(f"{out},{spec_b}->{spec_a}", g, b, platform, jnp.float32)
+  db = _batched_matmul(f"{spec_a},{out}->{spec_b}", a, g, platform, jnp.float32)
   return da.astype(a.dtype), db.astype(b.dtype)
 
 
-def _batched_matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """The einsum with an fp32 result; on CPU as one [batch, M, K] @ [batch, K, N] matmul of
+def _batched_matmul(spec: str, a: jax.Array, b: jax.Array, platform: str, out_dtype) -> jax.Array:
+  """The einsum with fp32 accumulation; on CPU as one [batch, M, K] @ [batch, K, N] matmul of
   materialised operands.
 
   XLA:CPU runs bf16 x bf16 -> fp32 only on operands in this standard layout; a transposed one
   (e.g. the attention backward's contraction over queries) fails with "Unsupported element type
   for DotThunk::Execute". TPUs and GPUs take any layout, so there the einsum stays as it is.
   """
-  if jax.default_backend() != "cpu":
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+  if platform != "cpu":
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
   inputs, out = spec.split("->")
   spec_a, spec_b = inputs.split(",")
   batch = [i for i in out if i in spec_a and i in spec_b]
@@ -144,19 +169,19 @@ def _batched_matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   y = jax.lax.dot_general(lhs, rhs, (((2,), (1,)), ((0,), (0,))),
                           preferred_element_type=jnp.float32)
   y = y.reshape([size[i] for i in batch + free_a + free_b])
-  return jnp.transpose(y, [(batch + free_a + free_b).index(i) for i in out])
+  return jnp.transpose(y, [(batch + free_a + free_b).index(i) for i in out]).astype(out_dtype)
 
 
 _low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
 
 
-def matmul(x: jax.Array, w: jax.Array, contract: int, dtype) -> jax.Array:
-  """Contracts the last `contract` axes of x with the first `contract` axes of w; fp32 result."""
+def matmul(x: jax.Array, w: jax.Array, contract: int, dtype, out_dtype=None) -> jax.Array:
+  """Contracts the last `contract` axes of x with the first `contract` axes of w (`einsum`)."""
   letters = "abcdefghijklmnopqrstuvwxyz"
   keep, inner = x.ndim - contract, w.ndim - contract
   x_spec = letters[:x.ndim]
   w_spec = x_spec[keep:] + letters[x.ndim:x.ndim + inner]
-  return einsum(f"{x_spec},{w_spec}->{x_spec[:keep]}{w_spec[contract:]}", x, w, dtype)
+  return einsum(f"{x_spec},{w_spec}->{x_spec[:keep]}{w_spec[contract:]}", x, w, dtype, out_dtype)
 
 
 class Linear(nnx.Module):
@@ -176,7 +201,7 @@ class Linear(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     y = matmul(x, self.kernel[...], self.contract, self.dtype)
     if self.bias is not None:
-      y = y + self.bias[...].astype(jnp.float32)
+      y = y + self.bias[...].astype(y.dtype)
     return y
 
 
@@ -207,21 +232,6 @@ class Norm(nnx.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Attention.
-
-
-def attention(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, mask_BQS: jax.Array,
-              dtype) -> jax.Array:
-  """softmax(q k^T / sqrt(d)) v. Masked logits take fp32's most negative finite value (never -inf),
-  so a fully masked row is uniform, not NaN. `mask_BQS` broadcasts over heads."""
-  scale = q_BQHK.shape[-1] ** -0.5
-  logits = einsum("bqhk,bshk->bhqs", q_BQHK * scale, k_BSHK, dtype)
-  logits = jnp.where(mask_BQS[:, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  return einsum("bhqs,bshk->bqhk", probs, v_BSHK, dtype)
-
-
-# ---------------------------------------------------------------------------------------------------
 # MLPs.
 
 
@@ -241,10 +251,11 @@ class Mlp(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     names = ("batch", "length", "mlp")
     if self.fc3 is not None:
-      h = jax.nn.silu(self.fc1(x)) * self.fc3(x)
+      h = jax.nn.silu(checkpoint_name(self.fc1(x), "mlpwi_0")) * checkpoint_name(self.fc3(x),
+                                                                                  "mlpwi_1")
     else:
-      h = jax.nn.gelu(self.fc1(x), approximate=False)
-    return self.fc2(constrain(h, names))
+      h = jax.nn.gelu(checkpoint_name(self.fc1(x), "mlpwi"), approximate=False)
+    return checkpoint_name(self.fc2(constrain(h, names)), "mlpwo")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,29 +287,46 @@ def sincos_2d(rows: int, cols: int, dim: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # Scanned stacks.
 
+# Remat policies by MaxText's names. The named ones save the tagged projections
+# (`checkpoint_name`: query_proj, key_proj, value_proj, qkv_proj, out_proj, mlpwi*, mlpwo) and
+# recompute the rest in the backward pass.
+_QKV = ("query_proj", "key_proj", "value_proj", "qkv_proj")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(*_QKV),
+    "save_out_proj": jax.checkpoint_policies.save_only_these_names("out_proj"),
+    "save_dot_except_mlp": jax.checkpoint_policies.save_only_these_names(*_QKV, "out_proj"),
+    "save_dot_except_mlpwi": jax.checkpoint_policies.save_only_these_names(*_QKV, "out_proj",
+                                                                          "mlpwo"),
 }
 
 
-def scan_layers(stack: nnx.Module, carry, xs, body: Callable, remat: str):
+def remat(fn: Callable, name: str) -> Callable:
+  """`fn` under the named remat policy ("none": as it is)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {name!r}; known: {sorted(REMAT_POLICIES)}")
+  if name == "none":
+    return fn
+  return jax.checkpoint(fn, policy=REMAT_POLICIES[name], prevent_cse=False)
+
+
+def scan_layers(stack: nnx.Module, carry: jax.Array, xs, body: Callable, remat_name: str,
+                carry_dtype=None):
   """Runs `body(layer_module, carry, x) -> carry` over the leading `layers` axis of `stack`'s params.
 
-  `xs` is a pytree of per-layer inputs with the same leading axis (or None). Under `remat` the body's
-  activations are recomputed in the backward pass according to the named policy.
+  `xs` is a pytree of per-layer inputs with the same leading axis (or None). Under `remat_name` the
+  body's activations are recomputed in the backward pass according to the named policy. The carry
+  (the residual stream) travels in `carry_dtype` (default: its own).
   """
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat policy {remat!r}; known: {sorted(REMAT_POLICIES)}")
   graphdef, state = nnx.split(stack)
+  carry_dtype = carry.dtype if carry_dtype is None else carry_dtype
 
   def step(c, inputs):
     layer_state, x = inputs
-    return body(nnx.merge(graphdef, layer_state), c, x), None
+    return body(nnx.merge(graphdef, layer_state), c, x).astype(carry_dtype), None
 
-  if remat != "none":
-    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
-  carry, _ = jax.lax.scan(step, carry, (state, xs))
+  carry, _ = jax.lax.scan(remat(step, remat_name), carry.astype(carry_dtype), (state, xs))
   return carry

@@ -20,7 +20,8 @@ from mmjax.data.sequences import SharedVocab
 from mmjax.models.configs import model_config
 from mmjax.models.decoder import Decoder
 from mmjax.models.decoder_flops import decoder_train_flops_per_token
-from mmjax.models.decoder_loss import decoder_loss
+from mmjax.models.decoder_loss import chunked_token_stats, decoder_loss
+from mmjax.models.layers import dtype_of, target
 from mmjax.train.objective import register_objective
 
 # The trainer's split names -> the split names `mmjax prepare tokens` writes.
@@ -37,14 +38,19 @@ class DecoderObjective:
     self.vocab = SharedVocab.from_registry(self.registry)
 
   def create_model(self, rngs: nnx.Rngs) -> Decoder:
+    bidirectional = bool(self.config.get("sequences", {}).get("image_blocks_bidirectional", False))
     return Decoder(self.cfg, vocab_size=self.vocab.size, num_modalities=len(self.registry),
-                   rngs=rngs)
+                   bidirectional_blocks=bidirectional, rngs=rngs)
 
   def loss(self, model: Decoder, batch, rng):
     fields = {k: batch[k] for k in ("tokens", "modality", "segment", "block", "position")}
     key = rng if self.cfg.residual_dropout > 0 else None
-    logits, aux, _ = model(fields, dropout_key=key)
-    return decoder_loss(logits, batch, aux, self.cfg, self.registry.names)
+    x_BLD, aux, _ = model.hidden(fields, dropout_key=key)
+    w, spec = model.head_weight()
+    with target(self.cfg.platform):
+      stats = chunked_token_stats(x_BLD, w, spec, batch["targets"], dtype_of(self.cfg.dtype),
+                                  self.cfg.loss_chunk)
+    return decoder_loss(stats, batch, aux, self.cfg, self.registry.names)
 
   def batch_axes(self):
     return {name: ("batch", "length") for name in sequence_batch.FIELDS}

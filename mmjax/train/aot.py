@@ -29,11 +29,11 @@ import ml_collections
 import numpy as np
 
 from mmjax.errors import UserError
+from mmjax.models.configs import MODEL_CONFIGS
 from mmjax.train import flops as mmflops
 from mmjax.train import state as trainstate
 from mmjax.train import step as trainstep
 from mmjax.train.loop import build
-from mmjax.train.objective import get_objective
 
 GIB = 2 ** 30
 
@@ -54,12 +54,6 @@ TPU_KINDS = {
     "v6e": TpuKind("v6e", "TPU v6 lite", 32 * GIB, 2),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
-# Model variables whose "auto" choice follows jax.default_backend(), which is the CPU here: a TPU
-# program must take the TPU choice (grouped matmuls as ragged_dot, bf16 compute), so aot sets them
-# explicitly, also when it lowers over CPU devices for want of libtpu.
-_TPU_MODEL_CHOICES = {"heads_impl": "ragged", "grouped_impl": "ragged", "dtype": "bfloat16"}
-
-
 @dataclasses.dataclass(frozen=True)
 class Topology:
   kind: TpuKind
@@ -142,18 +136,14 @@ def cpu_devices(count: int) -> list[jax.Device]:
 
 
 def _target_tpu(config: ml_collections.ConfigDict) -> dict[str, str]:
-  """Sets the model's backend-dependent "auto" choices to their TPU values; returns what it set."""
-  cfg = getattr(get_objective(config), "cfg", None)
-  if cfg is None or not dataclasses.is_dataclass(cfg):
+  """Makes the TPU the model's target (`model.platform`), which every implementation choice
+  follows (attention kernel, grouped matmuls, heads, compute dtype), also when the step is lowered
+  over CPU devices for want of libtpu; returns what it set."""
+  if "model" not in config or config.get("objective") not in MODEL_CONFIGS:
     return {}
-  fields = {f.name for f in dataclasses.fields(cfg)}
-  changed = {}
-  for key, value in _TPU_MODEL_CHOICES.items():
-    if key in fields and getattr(cfg, key) == "auto":
-      with config.unlocked():
-        config.model[key] = value
-      changed[f"model.{key}"] = value
-  return changed
+  with config.unlocked():
+    config.model.platform = "tpu"
+  return {"model.platform": "tpu"}
 
 
 def _abstract_batch(objective, setup: trainstate.Setup, batch_size: int) -> dict[str, Any]:
@@ -188,6 +178,37 @@ def _memory(compiled) -> dict[str, int]:
   return memory
 
 
+_EXHAUSTED = re.compile(r"required for ([\w ]+?) \(([0-9.]+[KMGT]?)\) exceeds available "
+                        r"([\w ]+?) \(([0-9.]+[KMGT]?)\)")
+_TENSOR = re.compile(r"tensor<((?:[0-9]+x)+)(bf16|f16|f32|f64|i1|i8|i16|i32|i64|ui32)>")
+_ITEM_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "i1": 1, "i8": 1, "i16": 2, "i32": 4,
+               "i64": 8, "ui32": 4}
+
+
+def largest_values(stablehlo: str, count: int = 3) -> list[str]:
+  """The largest distinct array types of a lowered program (global shapes, before partitioning)."""
+  sizes = {}
+  for dims, dtype in set(_TENSOR.findall(stablehlo)):
+    shape = [int(d) for d in dims.rstrip("x").split("x")]
+    sizes[f"{dtype}[{','.join(map(str, shape))}]"] = math.prod(shape) * _ITEM_BYTES[dtype]
+  top = sorted(sizes.items(), key=lambda kv: -kv[1])[:count]
+  return [f"{name} {size / GIB:.1f} GiB" for name, size in top]
+
+
+def does_not_fit(message: str, topo: Topology, stablehlo: str) -> str:
+  """One line from the TPU compiler's out-of-memory error: needed vs available per chip, and
+  the program's largest values."""
+  match = _EXHAUSTED.search(message)
+  if match:
+    what, needed, where, available = match.groups()
+    head = (f"the train step does not fit {topo.name}: {what} need {needed} per chip, "
+            f"{where} has {available}")
+  else:
+    head = f"the train step does not fit {topo.name}: {message.splitlines()[0]}"
+  return (f"{head}; largest values (global shapes): {', '.join(largest_values(stablehlo))} "
+          f"(try a larger slice, more fsdp, model.remat or a smaller train.batch_size)")
+
+
 def _lowered_flops(lowered) -> float | None:
   try:
     cost = lowered.cost_analysis()
@@ -217,7 +238,12 @@ def run_aot(config: ml_collections.ConfigDict, topology: str, *, out_dir: str | 
     compiled, compile_s = None, None
     if compile_step:
       start = time.perf_counter()
-      compiled = lowered.compile()
+      try:
+        compiled = lowered.compile()
+      except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        raise UserError(does_not_fit(str(e), topo, lowered.as_text())) from None
       compile_s = time.perf_counter() - start
 
   chips = topo.chips
@@ -260,6 +286,10 @@ def run_aot(config: ml_collections.ConfigDict, topology: str, *, out_dir: str | 
         hbm_fraction=round(memory["total_bytes"] / hbm, 4),
         xla_flops_per_chip=xla_flops,
         xla_flops_per_step=None if xla_flops is None else xla_flops * chips,
+        # Compiled over analytic model FLOPs (loop bodies counted per iteration); above 1: the
+        # remat recomputation, elementwise work and what the analytic count leaves out.
+        flops_ratio=None if not xla_flops or not model_flops
+        else round(xla_flops * chips / model_flops, 4),
     )
   else:
     hlo_flops = _lowered_flops(lowered)

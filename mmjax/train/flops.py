@@ -12,6 +12,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from mmjax.train import hlo_flops
+
 # Dense bf16 peak FLOP/s per chip (vendor figures).
 PEAK_BF16 = {
     "TPU v4": 275e12,
@@ -77,7 +79,8 @@ def mfu(model_flops_per_s: float, peak: float) -> float:
 
 
 def compiled_flops(compiled) -> float | None:
-  """XLA's FLOP count of a compiled computation (per device on a sharded program)."""
+  """XLA's FLOP count of a compiled computation (per device on a sharded program), with the
+  matmuls of loop bodies (the scanned layers) counted once per iteration, not once in all."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # noqa: BLE001 -- some backends do not implement it.
@@ -86,4 +89,4 @@ def compiled_flops(compiled) -> float | None:
     cost = cost[0] if cost else None
   if not cost or "flops" not in cost:
     return None
-  return float(cost["flops"])
+  return hlo_flops.loop_scaled_flops(float(cost["flops"]), compiled.as_text())

@@ -25,14 +25,14 @@ from mmjax import config as mmconfig
 from mmjax import sharding as mmsharding
 from mmjax.data import pipeline
 from mmjax.errors import UserError
-from mmjax.models.configs import MODEL_CONFIGS
-from mmjax.models.layers import resolve_dtype_name
+from mmjax.models.configs import MODEL_CONFIGS, platform_of, resolve_dtype_name
 from mmjax.train import flops as mmflops
 from mmjax.train import state as trainstate
 from mmjax.train import step as trainstep
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.metrics import MetricsWriter
 from mmjax.train.objective import get_objective
+from mmjax.train.profiling import StepProfiler
 
 NAN_POLICIES = ("stop", "skip")
 # The config of the run, beside its checkpoints (what restores a model without its config file).
@@ -80,10 +80,12 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   mmconfig.validate(config, num_devices=len(devices))
   if config.get("objective") in MODEL_CONFIGS:
     pipeline.use_demo_tokens_if_unset(config)
-    # "auto": the platform the run compiles for decides.
+    # "auto": the platform the run compiles for decides every implementation choice.
     with config.model.unlocked():
-      config.model.dtype = resolve_dtype_name(config.model.get("dtype", "auto"),
-                                              devices[0].platform)
+      platform = config.model.get("platform", "auto")
+      if platform == "auto":
+        platform = config.model.platform = platform_of(devices[0].platform)
+      config.model.dtype = resolve_dtype_name(config.model.get("dtype", "auto"), platform)
   policy = config.train.nan_policy
   if policy not in NAN_POLICIES:
     raise mmconfig.ConfigError(f"config key 'train.nan_policy' must be one of {NAN_POLICIES}, "
@@ -173,6 +175,7 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
   eval_every = train.eval_every
   pending: list[tuple[int, Any]] = []
   clock = {"time": None, "step": start}
+  profiler = StepProfiler(train.get("profile_steps", ""), summary["workdir"])
 
   def fetch() -> None:
     while pending:
@@ -209,7 +212,9 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
     for number in range(start + 1, train.steps + 1):
       if number > start + 1:
         batch = mmsharding.global_batch(next(it), setup.batch_shardings)
+      profiler.before(number)
       state, metrics = step_fn(state, batch)
+      profiler.after(number, metrics)
       fetch()  # step number - 1: the device is busy with `number` meanwhile
       pending.append((number, metrics))
       last = number == train.steps
@@ -232,3 +237,4 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
         summary["preempted"] = True
         break
     fetch()
+    profiler.stop()  # a run that ended inside the profiled steps

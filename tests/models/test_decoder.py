@@ -9,7 +9,7 @@ from flax import nnx
 from mmjax.models import rope
 from mmjax.models.configs import DecoderConfig
 from mmjax.models.decoder import Decoder
-from mmjax.models.decoder_loss import decoder_loss
+from mmjax.models.decoder_loss import decoder_loss, token_stats
 
 V, M = 40, 2
 
@@ -38,10 +38,11 @@ def make_batch(segment, block=None, modality=None, seed=0):
               loss_weight=jnp.asarray(segment > 0, jnp.float32))
 
 
-def make_model(cfg, seed=0):
+def make_model(cfg, seed=0, **kwargs):
   """The model with random parameters filled on the host: compiling the random initializers costs
   about a second each on this machine, and these tests only need some weights."""
-  abstract = nnx.eval_shape(lambda: Decoder(cfg, vocab_size=V, num_modalities=M, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, vocab_size=V, num_modalities=M, rngs=nnx.Rngs(0),
+                                            **kwargs))
   graphdef, state = nnx.split(abstract)
   rng = np.random.RandomState(seed)
   fill = lambda x: jnp.asarray(rng.normal(0.0, 0.3, x.shape), x.dtype)
@@ -153,7 +154,8 @@ def test_fully_padded_rows_give_finite_gradients_and_remat_changes_nothing():
 
     def f(p, graphdef=graphdef, cfg=model.cfg):
       logits, aux, _ = nnx.merge(graphdef, p)(batch)
-      return decoder_loss(logits, batch, aux, cfg, ("text", "image"))[0]
+      stats = token_stats(logits, batch["targets"])
+      return decoder_loss(stats, batch, aux, cfg, ("text", "image"))[0]
 
     results.append(jax.jit(jax.value_and_grad(f))(params))
   (loss, grads), (loss_remat, grads_remat) = results
@@ -171,7 +173,8 @@ def test_loss_matches_hand_computed_values():
   # Row: text text text image image | padding. Target modality = next slot's modality.
   batch = make_batch([[1, 1, 1, 1, 1, 0]], modality=[[0, 0, 0, 1, 1, 0]])
   logits, aux, _ = jax.jit(lambda m: m(batch))(model)
-  loss, metrics = decoder_loss(logits, batch, aux, cfg, ("text", "image"))
+  loss, metrics = decoder_loss(token_stats(logits, batch["targets"]), batch, aux, cfg,
+                               ("text", "image"))
   # target modalities of the 5 real slots: text, text, image, image, image.
   weights = np.array([1, 1, 2, 2, 2], np.float32)
   log_v = np.log(V)

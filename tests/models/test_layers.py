@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmjax.models import layers
+from mmjax.config import ConfigError
+from mmjax.models import attention, configs, layers
 
 
 def test_sincos_1d_matches_hand_values():
@@ -42,7 +43,7 @@ def test_attention_masking_and_fully_masked_row():
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.standard_normal((1, 3, 2, 4)), jnp.float32) for _ in range(3))
   mask = jnp.asarray([[[True, False, True], [True, True, True], [False, False, False]]])
-  out = layers.attention(q, k, v, mask, jnp.float32)
+  out = attention.xla_attention(q * 0.5, k, v, mask, jnp.float32)  # pre-scaled: 1 / sqrt(4)
   # Row 0 against a hand softmax over keys 0 and 2.
   logits = np.einsum("hk,shk->hs", np.asarray(q[0, 0]), np.asarray(k[0])) / 2.0
   logits[:, 1] = -np.inf
@@ -125,8 +126,48 @@ def grads_under_scan(spec, a, b, ct):
 
 
 def test_auto_compute_dtype_is_bf16_on_accelerators_and_fp32_on_cpu():
-  assert layers.resolve_dtype_name("auto", "tpu") == "bfloat16"
-  assert layers.resolve_dtype_name("auto", "gpu") == "bfloat16"
-  assert layers.resolve_dtype_name("auto", "cpu") == "float32"
-  assert layers.resolve_dtype_name("bfloat16", "cpu") == "bfloat16"  # an explicit choice stays
-  assert layers.dtype_of("auto") == jnp.float32  # these tests run on CPU devices
+  assert configs.resolve_dtype_name("auto", "tpu") == "bfloat16"
+  assert configs.resolve_dtype_name("auto", "gpu") == "bfloat16"
+  assert configs.resolve_dtype_name("auto", "cpu") == "float32"
+  assert configs.resolve_dtype_name("bfloat16", "cpu") == "bfloat16"  # an explicit choice stays
+  cfg = configs.FourMConfig()  # "auto" platform: these tests run on CPU devices
+  assert (cfg.platform, cfg.dtype) == ("cpu", "float32")
+  cfg = configs.DecoderConfig(platform="gpu")
+  assert (cfg.platform, cfg.dtype) == ("gpu", "bfloat16")
+  assert configs.platform_of("cuda") == "gpu" and configs.platform_of("TPU") == "tpu"
+  with pytest.raises(ConfigError, match="model.platform"):
+    configs.FourMConfig(platform="metal")
+  with pytest.raises(ConfigError, match="model.remat"):
+    configs.DecoderConfig(remat="dots")
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_matmul_layout_and_result_dtype_follow_the_target(platform):
+  a = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
+  b = jax.random.normal(jax.random.key(1), (2, 7, 3, 4))
+
+  def f(a, b):
+    with layers.target(platform):
+      return layers.einsum("bqhk,bshk->bhqs", a, b, jnp.bfloat16)
+
+  out = jax.eval_shape(f, a, b)
+  hlo = jax.jit(f).lower(a, b).as_text()
+  if platform == "cpu":  # XLA:CPU: standard-layout operands (transposes), an fp32 result
+    assert out.dtype == jnp.float32 and "stablehlo.transpose" in hlo
+  else:  # accelerators: the einsum as it is, activations in the compute dtype
+    assert out.dtype == jnp.bfloat16 and "stablehlo.transpose" not in hlo
+  np.testing.assert_allclose(np.asarray(jax.jit(f)(a, b), np.float32),
+                             jnp.einsum("bqhk,bshk->bhqs", a, b), atol=0.1)
+
+
+def test_remat_policies_by_name_give_the_same_gradients():
+  mlp = layers.Mlp(8, 16, kind="swiglu", use_bias=False, dtype=jnp.float32, layers=2,
+                   rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 8)), jnp.float32)
+  grad = lambda name: jax.grad(lambda x: layers.scan_layers(  # noqa: E731
+      mlp, x, None, lambda blk, c, _: c + blk(c), name).sum())(x)
+  reference = grad("none")
+  for name in configs.REMAT_NAMES:
+    np.testing.assert_allclose(grad(name), reference, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown remat policy"):
+    layers.remat(lambda x: x, "dots")

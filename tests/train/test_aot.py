@@ -6,6 +6,7 @@ import pytest
 
 from mmjax import config as mmconfig
 from mmjax.errors import UserError
+from mmjax.models.configs import model_config
 from mmjax.train import aot, toy
 
 
@@ -84,9 +85,10 @@ def test_lowering_needs_enough_cpu_devices():
     aot.run_aot(toy.toy_config(batch_size=16), "v6e:4x4", lower_only=True)
 
 
-def test_tpu_choices_replace_the_cpu_auto_choices():
+def test_the_topology_is_the_model_target():
   config = mmconfig.load("configs/fourm/shapes.py:tiny,runlocal")
-  assert aot._target_tpu(config) == {"model.heads_impl": "ragged", "model.dtype": "bfloat16"}
-  assert config.model.heads_impl == "ragged" and config.model.dtype == "bfloat16"
-  config.model.heads_impl = "chunked"   # an explicit choice is kept
-  assert aot._target_tpu(config) == {}
+  assert aot._target_tpu(config) == {"model.platform": "tpu"}
+  cfg = model_config(config)
+  assert (cfg.platform, cfg.dtype) == ("tpu", "bfloat16")  # "auto" dtype follows the target
+  config.model.dtype = "float32"   # an explicit choice is kept
+  assert model_config(config).dtype == "float32"
