@@ -88,3 +88,13 @@ def shapes_data(**overrides) -> ml_collections.ConfigDict:
   ))
   section.update(overrides)
   return section
+
+
+def model_target() -> dict:
+  """Model keys both families share: the target and how the step runs there (`config.model`;
+  mmjax/models/configs.py)."""
+  return dict(
+      platform="auto",        # cpu, gpu or tpu; auto: the platform of the devices compiled for
+      attention_impl="auto",  # xla (einsum), cudnn (GPU), splash (TPU); auto: by platform
+      remat="none",           # remat of the scanned layers: none, full, minimal, save_dots,
+  )                           # save_qkv_proj, save_out_proj, save_dot_except_mlp(wi)

@@ -84,6 +84,8 @@ def get_config(arg=None):
   config.model.sparsity = arg.sparsity
   if "max_length" not in config.model:
     config.model.max_length = 256
+  config.model.update(defaults.model_target())
+  config.model.loss_chunk = 512  # the loss computes logits for this many positions at a time
 
   config.train = defaults.train(steps=2000, batch_size=16, lr=1e-3, warmup_steps=200,
                                 weight_decay=0.1, eps=1e-5, grad_clip=1.0)

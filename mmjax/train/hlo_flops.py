@@ -60,6 +60,9 @@ class _Module:
         name, shape, op, rest = match.groups()
         self.shapes[current][name] = shape
         self.computations[current].append((name, shape, op, rest))
+      elif self.computations[current]:  # an attribute continued on the next line (kernel configs)
+        name, shape, op, rest = self.computations[current][-1]
+        self.computations[current][-1] = (name, shape, op, rest + "\n" + line)
 
   def _operand_shape(self, computation: str, rest: str, index: int) -> list[int] | None:
     operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
@@ -68,6 +71,8 @@ class _Module:
     return _dims(self.shapes[computation].get(operands[index], ""))
 
   def _instruction_flops(self, computation: str, shape: str, op: str, rest: str) -> float:
+    if op == "custom-call" and SPLASH_SCOPE in rest and self.kernels:
+      return _splash_flops(rest)
     out = _dims(shape)
     if out is None:
       return 0.0
@@ -87,8 +92,6 @@ class _Module:
       per_output = math.prod(kernel) / kernel[labels.group(1).index("o")]
       del groups  # grouped convolutions: each output reads its group's inputs, as counted here
       return 2.0 * math.prod(out) * per_output
-    if op == "custom-call" and SPLASH_SCOPE in rest and self.kernels:
-      return _splash_flops(rest)
     return 0.0
 
   def _trip_count(self, rest: str) -> int:
@@ -131,11 +134,12 @@ class _Module:
 def _splash_flops(rest: str) -> float:
   """Matmul FLOPs of one splash kernel call from its q, k shapes [B, H, L, D], [B, G, S, D]."""
   name = re.search(r'op_name="[^"]*/(splash_mha_(?:fwd|dq|dkv))', rest)
-  layouts = re.search(r"operand_layout_constraints=\{(.*?)\}, ", rest)
-  if not name or not layouts:
+  at = rest.find("operand_layout_constraints={")
+  shapes = [[int(d) for d in dims.split(",") if d] for dims in _SHAPE.findall(rest[at:])]
+  operands = [s for s in shapes if len(s) == 4][:2]
+  if not name or at < 0 or len(operands) < 2:
     return 0.0
-  shapes = [[int(d) for d in dims.split(",") if d] for dims in _SHAPE.findall(layouts.group(1))]
-  q, k = [s for s in shapes if len(s) == 4][:2]
+  q, k = operands
   b, h, lq, d = q
   s = k[2]
   blocks = max(1, lq // SPLASH_BLOCK)

@@ -167,6 +167,7 @@ def test_remat_policies_by_name_give_the_same_gradients():
   grad = lambda name: jax.grad(lambda x: layers.scan_layers(  # noqa: E731
       mlp, x, None, lambda blk, c, _: c + blk(c), name).sum())(x)
   reference = grad("none")
+  assert set(configs.REMAT_NAMES) == set(layers.REMAT_POLICIES)
   for name in configs.REMAT_NAMES:
     np.testing.assert_allclose(grad(name), reference, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="unknown remat policy"):

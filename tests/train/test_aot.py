@@ -1,13 +1,18 @@
 """mmjax aot: topology names, a real TPU compile through libtpu, and the lowered-only fallback."""
 
 import json
+import re
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+from mmjax import cli
 from mmjax import config as mmconfig
 from mmjax.errors import UserError
 from mmjax.models.configs import model_config
-from mmjax.train import aot, toy
+from mmjax.train import aot, hlo_flops, toy
+from mmjax.train import flops as mmflops
 
 
 @pytest.mark.parametrize("text, name, chips", [
@@ -92,3 +97,49 @@ def test_the_topology_is_the_model_target():
   assert (cfg.platform, cfg.dtype) == ("tpu", "bfloat16")  # "auto" dtype follows the target
   config.model.dtype = "float32"   # an explicit choice is kept
   assert model_config(config).dtype == "float32"
+
+
+@pytest.mark.slow
+def test_compiled_flops_count_every_layer_and_splash_runs_on_tpu(tmp_path):
+  """The scanned layers' loop body and the splash kernels count once per execution: compiled
+  FLOPs land within 10% above the analytic model FLOPs."""
+  config = mmconfig.load("configs/decoder/shapes.py:tiny", ["--config.train.batch_size=8",
+                                                            "--config.model.d_model=512"])
+  result = aot.run_aot(config, "v5e:2x2", out_dir=str(tmp_path))
+  assert 1.0 <= result["flops_ratio"] <= 1.10, result["flops_ratio"]
+  hlo = (tmp_path / "step.hlo.txt").read_text()
+  assert "splash_mha_fwd" in hlo and "splash_mha_dkv" in hlo
+
+
+def test_a_step_that_does_not_fit_is_one_line(tmp_path, capsys):
+  path = tmp_path / "too_big.py"
+  path.write_text(
+      "from mmjax.train import toy\n\n\n"
+      "def get_config(arg=None):\n"
+      "  config = toy.toy_config(batch_size=4096)\n"
+      "  config.toy.update(dict(vocab=4096, embed=256, mlp=8192, length=1024))\n"
+      "  config.mesh.shape.update(dict(data=-1, fsdp=1, tensor=1))\n"
+      "  return config\n")
+  code = cli.main(["aot", f"--config={path}", "--topology=v5e:2x2"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code != 0
+  lines = [line for line in err if line.startswith("mmjax:")]
+  assert len(lines) == 1 and "Traceback" not in "\n".join(err)
+  assert re.fullmatch(r"mmjax: error: the train step does not fit v5e:2x2: HLO temporaries need "
+                      r"[0-9.]+G per chip, HBM has 15.75G; largest values \(global shapes\): "
+                      r"f32\[4096,1024,8192\] 128.0 GiB, .*", lines[0]), lines[0]
+
+
+def test_hlo_flops_scale_loop_bodies_by_their_trip_counts():
+  def f(x, ws):  # 5 layers, each an inner loop of 3 matmuls
+    def layer(c, w):
+      return jax.lax.scan(lambda c2, _: (jnp.tanh(c2 @ w), None), c, None, length=3)[0], None
+    return jax.lax.scan(layer, x, ws)[0].sum()
+
+  x, ws = jnp.ones((8, 64)), jnp.ones((5, 64, 64))
+  compiled = jax.jit(jax.grad(f, argnums=1)).lower(x, ws).compile()
+  once, every = hlo_flops.loop_flops(compiled.as_text())
+  matmuls = 2 * 8 * 64 * 64 * 5 * 3 * 3  # forward and two backward matmuls per iteration
+  assert every == matmuls and once == matmuls / 15
+  xla = compiled.cost_analysis()["flops"]
+  assert xla < matmuls / 10 and mmflops.compiled_flops(compiled) >= matmuls
