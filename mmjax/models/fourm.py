@@ -243,6 +243,7 @@ class FourM(nnx.Module):
       return self.dec_tokens[name][...], True
     return self.heads[name][...], False
 
+  @_targeted
   def logits(self, y_BLD: jax.Array, name: str) -> jax.Array:
     """Dense logits [..., V] of modality `name`'s head at every given position (fp32)."""
     w, transposed = self.head_weight(name)

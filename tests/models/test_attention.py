@@ -118,6 +118,7 @@ def _decoder_step(model, batch):
   return jax.jit(jax.value_and_grad(loss))(state)
 
 
+@pytest.mark.slow
 def test_decoder_with_splash_attention_matches_xla():
   """The whole decoder (packed rows, GQA, qk-norm, RoPE): loss and every parameter's gradient."""
   segment = [[1] * 60 + [2] * 50 + [3] * 18, [1] * 100 + [0] * 28]
@@ -141,6 +142,7 @@ def test_decoder_blocks_fall_back_to_xla(caplog):
   np.testing.assert_allclose(out, xla(batch)[0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_fourm_with_splash_attention_matches_xla_when_targets_are_images():
   """4M's encoder (key padding), cross-attention and, with image targets only, its bidirectional
   decoder self-attention all run as splash kernels; 128 slots fill one tile."""
