@@ -153,6 +153,9 @@ def _add_convert_commands(commands) -> None:
                           "and modalities come from the checkpoint (default configs/fourm/4m.py)")
   fourm.add_argument("--drop-modality", action="append", default=[], metavar="NAME",
                      help="leave a reference modality out (e.g. a T5-embedding input; repeatable)")
+  fourm.add_argument("--text-tokenizer", default="", metavar="TOKENIZER_JSON",
+                     help="4M's WordPiece tokenizer.json: copied into the workdir and used by the "
+                          "sequence modalities (prepare tokens, generate)")
   chameleon = kinds.add_parser("chameleon", help="a Hugging Face Chameleon directory "
                                "(config.json + safetensors shards)")
   chameleon.add_argument("--config", metavar="PATH[:ARG]", default="configs/decoder/shapes.py",
@@ -177,7 +180,8 @@ def _run_import_fourm(args: argparse.Namespace) -> int:
   from mmjax.convert import fourm
 
   base = _load_config(args)
-  summary = fourm.run_import(args.source, base, args.workdir, tuple(args.drop_modality))
+  summary = fourm.run_import(args.source, base, args.workdir, tuple(args.drop_modality),
+                             args.text_tokenizer)
   print(json.dumps(summary, default=str))
   return 0
 

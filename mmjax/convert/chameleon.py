@@ -31,9 +31,12 @@ Vocabulary: HF ids mix text and image tokens (`vocabulary_map`: image codes are 
 `IMGIMG<digits as letters A-J>Z`; begin/end of image are `<racm3:break>` / `<eoss>`; BOS/EOS are
 `bos_token_id` / `eos_token_id`). mmjax's shared decoder vocabulary (data/sequences.SharedVocab) is
 [text | image codes | begin-image, end-image | BOS, EOS]: the import reorders embedding and head
-rows into it (text = every other id, in id order; the special rows are copied from their HF ids);
-the export writes ids in mmjax order with a vocabulary_map naming image codes and specials as above,
-so import(export(x)) == x exactly.
+rows into it (text = every id but image codes and markers, PAD, UNK, BOS, EOS first: the order of
+the tokenizer.json kind, mmjax/tokenizers/hf_text.py; the four decoder specials are copies of their
+HF rows, so V grows by 2). A tokenizer.json beside the weights is copied into the workdir and becomes
+the text modality's tokenizer. The export writes ids in mmjax order with a vocabulary_map naming
+image codes and specials as above, plus `mmjax_vocabulary` (the text size) so that the import keeps
+that order: import(export(x)) == x exactly.
 """
 
 from __future__ import annotations
@@ -45,13 +48,16 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mmjax.convert.common import (ConvertError, Tensors, config_from_json, params_of_workdir,
-                                  read_json, read_safetensors, write_workdir)
+from mmjax.convert.common import (ConvertError, Tensors, config_from_json, copy_tokenizer,
+                                  params_of_workdir, read_json, read_safetensors, write_workdir)
+from mmjax.tokenizers.hf_text import text_order
 
 IMAGE_PREFIX = "IMGIMG"
 BEGIN_IMAGE, END_IMAGE = "<racm3:break>", "<eoss>"
 QK_NORM_EPS = 1e-5  # HF's ChameleonLayerNorm uses a fixed eps
 VQ_DOWNSAMPLE = 16  # Chameleon's VQ-GAN: 5 resolution levels, 512 px -> 32 x 32 codes
+MMJAX_LAYOUT = "mmjax_vocabulary"  # config key of an exported model: ids already in mmjax order
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def _code_of(name: str) -> int | None:
@@ -91,12 +97,20 @@ def vocabulary_order(hf: dict[str, Any], where: str) -> tuple[np.ndarray, int, i
       raise ConvertError(f"{where}: config has no valid {what} (got {index!r})")
     specials.append(int(index))
   image_ids = [codes[c] for c in range(len(codes))]
-  taken = set(image_ids) | set(specials)
-  if len(taken) != len(image_ids) + 4 or max(taken) >= vocab:
-    raise ConvertError(f"{where}: image tokens and special tokens of vocabulary_map overlap or lie "
-                       f"outside vocab_size {vocab}")
-  text = [i for i in range(vocab) if i not in taken]
-  return np.array(text + image_ids + specials), len(text), len(image_ids)
+  layout = hf.get(MMJAX_LAYOUT)
+  if layout:  # written by `mmjax export chameleon`: ids are already in mmjax's order
+    text_size = int(layout["text"])
+    if image_ids + specials != list(range(text_size, vocab)):
+      raise ConvertError(f"{where}: config {MMJAX_LAYOUT} says {text_size} text ids, but the image "
+                         "and special ids do not follow them")
+    return np.arange(vocab), text_size, len(image_ids)
+  if set(image_ids) & {specials[0], specials[1]} or max(image_ids) >= vocab:
+    raise ConvertError(f"{where}: image tokens and begin/end-image tokens of vocabulary_map overlap "
+                       f"or lie outside vocab_size {vocab}")
+  # Text: every id but the image codes and markers, with PAD, UNK, BOS, EOS first (the order of
+  # the tokenizer kind of tokenizer.json, so its ids index these rows).
+  text = text_order(mapping, vocab, bos=specials[2], eos=specials[3], where=where)
+  return np.concatenate([text, image_ids, specials]), len(text), len(image_ids)
 
 
 def _names(base: ml_collections.ConfigDict) -> tuple[str, str]:
@@ -194,6 +208,10 @@ def convert(source: str, base: ml_collections.ConfigDict
 
 def run_import(source: str, base: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   config, params = convert(source, base)
+  tokenizer = os.path.join(source, TOKENIZER_FILE)
+  if os.path.isfile(tokenizer):  # the reference text tokenizer becomes the text modality's
+    text_name = next(n for n, m in config.modalities.items() if m.kind == "sequence")
+    config.modalities[text_name].tokenizer = copy_tokenizer(tokenizer, workdir)
   summary = write_workdir(config, params, workdir, source)
   summary.update(modalities=list(config.modalities.keys()), skipped=config.imported_skipped)
   return summary
@@ -279,7 +297,7 @@ def export(config: ml_collections.ConfigDict, params: dict[str, np.ndarray]
       attention_dropout=0.0, swin_norm=cfg.norm_order == "post",
       tie_word_embeddings=cfg.tie_embeddings, bos_token_id=vocab.bos, eos_token_id=vocab.eos,
       pad_token_id=None, model_parallel_size=1, initializer_range=0.02, torch_dtype="float32",
-      vocabulary_map=names,
+      vocabulary_map=names, **{MMJAX_LAYOUT: dict(text=vocab.text_size, image=image.vocab_size)},
       vq_config=dict(num_embeddings=image.vocab_size, resolution=image.grid[0] * VQ_DOWNSAMPLE,
                      channel_multiplier=[1, 1, 2, 2, 4]))
   return hf, out

@@ -177,6 +177,27 @@ def fill_params(abstract: Mapping[str, tuple[tuple[int, ...], str]],
                        "does not have")
 
 
+def require_fresh_workdir(workdir: str) -> None:
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    raise ConvertError(f"{workdir}: already holds checkpoints; import into an empty --workdir")
+
+
+def copy_tokenizer(path: str, workdir: str) -> str:
+  """Copies a tokenizer.json into the workdir; returns its absolute path (for the config)."""
+  import shutil
+
+  if not os.path.isfile(path):
+    raise ConvertError(f"{path}: no such tokenizer file")
+  from mmjax.tokenizers.hf_text import HFTextTokenizer
+  HFTextTokenizer.load(path)  # refuse a file without the special tokens before writing anything
+  require_fresh_workdir(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  target = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
+  shutil.copyfile(path, target)
+  return target
+
+
 def write_workdir(config, params: Mapping[str, np.ndarray], workdir: str, source: str) -> dict:
   """Writes step 0 of `<workdir>/checkpoints` (the train state of `config` with `params` as its
   parameters and a fresh optimizer state), config.json and config.py. Returns a summary."""
@@ -186,10 +207,9 @@ def write_workdir(config, params: Mapping[str, np.ndarray], workdir: str, source
   from mmjax.train import state as trainstate
   from mmjax.train.loop import CONFIG_FILE, build
 
+  require_fresh_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise ConvertError(f"{workdir}: already holds checkpoints; import into an empty --workdir")
   config_json = config.to_json_best_effort(indent=2)  # before build() resolves dtype "auto"
   _, setup = build(config)
   abstract = checkpoint._leaves(setup.abstract_state["params"])

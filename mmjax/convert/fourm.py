@@ -53,7 +53,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mmjax.convert.common import ConvertError, Tensors, read_json, read_safetensors, write_workdir
+from mmjax.convert.common import (ConvertError, Tensors, copy_tokenizer, read_json, read_safetensors,
+                                  write_workdir)
 from mmjax.models.layers import sincos_1d, sincos_2d
 
 NORM_EPS = 1e-6  # every released 4M model: LayerNorm(eps=1e-6)
@@ -350,9 +351,15 @@ def _mmjax_config(base: ml_collections.ConfigDict, model: dict[str, Any], mods: 
 
 
 def run_import(source: str, base_config: ml_collections.ConfigDict, workdir: str,
-               drop: tuple[str, ...] = ()) -> dict[str, Any]:
-  """`mmjax import fourm`: converts and writes the workdir; returns a summary."""
+               drop: tuple[str, ...] = (), text_tokenizer: str = "") -> dict[str, Any]:
+  """`mmjax import fourm`: converts and writes the workdir; returns a summary. `text_tokenizer`
+  (4M's WordPiece tokenizer.json) is copied into the workdir and used by every sequence modality."""
   config, params = convert(source, base_config, drop)
+  if text_tokenizer:
+    path = copy_tokenizer(text_tokenizer, workdir)
+    for m in config.modalities.values():
+      if m.kind == "sequence":
+        m.tokenizer = path
   summary = write_workdir(config, params, workdir, source)
   summary.update(modalities=list(config.modalities.keys()),
                  tie_heads=bool(config.model.tie_heads),

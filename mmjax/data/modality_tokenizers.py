@@ -255,6 +255,9 @@ class ImageModalityTokenizer(ModalityTokenizer):
 
 
 def _load_text(modality: mod.Modality, tokenizer_dir: str):
+  if modality.tokenizer.endswith(".json"):  # a Hugging Face tokenizer.json, used as it is
+    from mmjax.tokenizers.hf_text import HFTextTokenizer
+    return HFTextTokenizer.load(resolve_config_path(modality.tokenizer))
   from mmjax.tokenizers.text import TextTokenizer
   path = tokenizer_dir if os.path.isfile(tokenizer_dir) else os.path.join(tokenizer_dir,
                                                                            "text.model")

@@ -12,11 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tokenizers import Tokenizer
 
 from mmjax import cli
 from mmjax import config as mmconfig
 from mmjax.convert import chameleon, common
+from mmjax.tokenizers.hf_text import HFTextTokenizer
 from mmjax.train.checkpoint import load_model
+from tests.tokenizers import test_hf_text as hf_text_fixtures
 
 BASE = "configs/decoder/shapes.py:tiny"
 TOLERANCE = 1e-4  # fp32 mmjax vs float64 numpy reference, max |difference| of logits
@@ -144,11 +147,12 @@ def test_import_matches_hf_forward_and_round_trips(tmp_path, swin, tied):
   config = common.config_from_json(os.path.join(workdir, "config.json"))
   assert config.model.norm_order == ("post" if swin else "pre") and config.model.num_kv_heads == G
   assert config.modalities.tok_rgb.vocab_size == CODES and config.modalities.tok_rgb.grid == (4, 4)
-  assert config.modalities.caption.vocab_size == hf["vocab_size"] - CODES - 4
+  assert config.modalities.caption.vocab_size == hf["vocab_size"] - CODES - 2
 
   perm, _, _ = chameleon.vocabulary_order(hf, "test")
   hf_ids = np.random.default_rng(1).integers(0, hf["vocab_size"], (2, 10))
-  inverse = np.argsort(perm)
+  inverse = np.zeros(hf["vocab_size"], np.int64)  # BOS/EOS rows occur twice: take the text one
+  inverse[perm[::-1]] = np.arange(len(perm))[::-1]
   got = mmjax_logits(workdir, inverse[hf_ids])
   want = hf_forward(tensors, hf, hf_ids)[..., perm]
   worst = float(np.max(np.abs(got - want)))
@@ -170,20 +174,36 @@ def test_import_matches_hf_forward_and_round_trips(tmp_path, swin, tied):
 
 
 @pytest.mark.slow
-def test_cli_import_export_and_interleaved(tmp_path, capsys):
-  hf = hf_config()
+def test_cli_import_export_tokenizer_and_interleaved(tmp_path, capsys):
+  # The HF directory holds a tokenizer.json (byte-level BPE in Chameleon's id layout) whose
+  # vocabulary is the config's vocabulary_map.
   source = str(tmp_path / "hf")
-  write_hf_dir(source, hf, hf_tensors(hf))
+  os.makedirs(source)
+  corpus = hf_text_fixtures.captions(40)
+  hf_text_fixtures.chameleon_bpe(os.path.join(source, "tokenizer.json"), corpus, codes=CODES)
+  vocab = Tokenizer.from_file(os.path.join(source, "tokenizer.json")).get_vocab()
+  hf = dict(hf_config(), vocabulary_map=vocab, vocab_size=len(vocab), bos_token_id=vocab["<s>"],
+            eos_token_id=vocab["</s>"])
+  tensors = hf_tensors(hf)
+  write_hf_dir(source, hf, tensors)
   workdir = str(tmp_path / "wd")
   assert cli.main(["import", "chameleon", "--from", source, "--workdir", workdir,
                    "--config", BASE]) == 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["params"] > 0
   config = mmconfig.load(os.path.join(workdir, "config.py"))  # what train/eval/generate take
   assert config.model.rope_layout == "rotate_half"
+  # The copied tokenizer's text ids index the imported rows of the same HF tokens.
+  assert config.modalities.caption.tokenizer == os.path.join(os.path.abspath(workdir),
+                                                             "tokenizer.json")
+  tok = HFTextTokenizer.load(config.modalities.caption.tokenizer)
+  params, _ = common.params_of_workdir(config, workdir)
+  local = tok.encode(corpus[0])
+  np.testing.assert_array_equal(params["embed.value"][local],
+                                tensors["model.embed_tokens.weight"][tok.hf_ids[local]])
   out = str(tmp_path / "out")
   assert cli.main(["export", "chameleon", "--workdir", workdir, "--out", out]) == 0
   exported = json.load(open(os.path.join(out, "config.json")))
-  assert exported["vocab_size"] == hf["vocab_size"] and exported["num_key_value_heads"] == G
+  assert exported["vocab_size"] == hf["vocab_size"] + 2 and exported["num_key_value_heads"] == G
 
   # An interleaved-RoPE mmjax model exports with its q/k dims permuted into the rotate-half layout:
   # the exported tensors, run by the reference forward, give the mmjax model's logits.
