@@ -1,9 +1,9 @@
-"""`mmjax import chameleon` / `mmjax export chameleon`: Hugging Face Chameleon <-> a dense mmjax decoder.
+"""`mmjax import chameleon` / `mmjax export chameleon`: HF Chameleon <-> a dense mmjax decoder.
 
-The HF layout (transformers `models/chameleon`: `modeling_chameleon.py`, `configuration_chameleon.py`;
-a directory of `config.json` + safetensors shards, `model.safetensors.index.json` when sharded).
-D = hidden_size, H = num_attention_heads, G = num_key_value_heads, K = D / H, F =
-intermediate_size, V = vocab_size, i = layer:
+The HF layout (transformers `models/chameleon`: `modeling_chameleon.py`,
+`configuration_chameleon.py`; a directory of `config.json` + safetensors shards,
+`model.safetensors.index.json` when sharded). D = hidden_size, H = num_attention_heads, G =
+num_key_value_heads, K = D / H, F = intermediate_size, V = vocab_size, i = layer:
 
   model.embed_tokens.weight [V, D]
   model.layers.{i}.input_layernorm.weight [D]          RMSNorm (rms_norm_eps)
@@ -22,8 +22,8 @@ intermediate_size, V = vocab_size, i = layer:
 
 Config: swin_norm (the 34B re-ordering, h = x + norm(f(x))) is mmjax `norm_order="post"`, with
 input_layernorm as the attention norm and post_attention_layernorm as the FFN norm; rope_theta,
-rms_norm_eps, GQA (G < H; kv head g serves q heads g*H/G ... in both) carry over. HF's q/k rows
-are already in the rotate-half layout (its conversion script permuted Meta's interleaved pairs), which
+rms_norm_eps, GQA (G < H; kv head g serves q heads g*H/G ... in both) carry over. HF's q/k rows are
+already in the rotate-half layout (its conversion script permuted Meta's interleaved pairs), which
 is mmjax's `rope_layout="rotate_half"`; exporting an "interleaved" mmjax model permutes q, k and the
 qk-norm parameters within each head into that layout.
 
@@ -33,10 +33,10 @@ Vocabulary: HF ids mix text and image tokens (`vocabulary_map`: image codes are 
 [text | image codes | begin-image, end-image | BOS, EOS]: the import reorders embedding and head
 rows into it (text = every id but image codes and markers, PAD, UNK, BOS, EOS first: the order of
 the tokenizer.json kind, mmjax/tokenizers/hf_text.py; the four decoder specials are copies of their
-HF rows, so V grows by 2). A tokenizer.json beside the weights is copied into the workdir and becomes
-the text modality's tokenizer. The export writes ids in mmjax order with a vocabulary_map naming
-image codes and specials as above, plus `mmjax_vocabulary` (the text size) so that the import keeps
-that order: import(export(x)) == x exactly.
+HF rows, so V grows by 2). A tokenizer.json beside the weights is copied into the workdir and
+becomes the text modality's tokenizer. The export writes ids in mmjax order with a vocabulary_map
+naming image codes and specials as above, plus `mmjax_vocabulary` (the text size) so that the import
+keeps that order: import(export(x)) == x exactly.
 """
 
 from __future__ import annotations
@@ -48,8 +48,16 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mmjax.convert.common import (ConvertError, Tensors, config_from_json, copy_tokenizer,
-                                  params_of_workdir, read_json, read_safetensors, write_workdir)
+from mmjax.convert.common import (
+  ConvertError,
+  Tensors,
+  config_from_json,
+  copy_tokenizer,
+  params_of_workdir,
+  read_json,
+  read_safetensors,
+  write_workdir,
+)
 from mmjax.tokenizers.hf_text import text_order
 
 IMAGE_PREFIX = "IMGIMG"
@@ -105,8 +113,8 @@ def vocabulary_order(hf: dict[str, Any], where: str) -> tuple[np.ndarray, int, i
                          "and special ids do not follow them")
     return np.arange(vocab), text_size, len(image_ids)
   if set(image_ids) & {specials[0], specials[1]} or max(image_ids) >= vocab:
-    raise ConvertError(f"{where}: image tokens and begin/end-image tokens of vocabulary_map overlap "
-                       f"or lie outside vocab_size {vocab}")
+    raise ConvertError(f"{where}: image tokens and begin/end-image tokens of vocabulary_map "
+                       f"overlap or lie outside vocab_size {vocab}")
   # Text: every id but the image codes and markers, with PAD, UNK, BOS, EOS first (the order of
   # the tokenizer kind of tokenizer.json, so its ids index these rows).
   text = text_order(mapping, vocab, bos=specials[2], eos=specials[3], where=where)
@@ -138,8 +146,9 @@ def convert(source: str, base: ml_collections.ConfigDict
       raise ConvertError(f"{os.path.join(source, 'config.json')}: missing config key {key!r}")
   if hf.get("hidden_act", "silu") != "silu":
     raise ConvertError(f"{where}: hidden_act {hf['hidden_act']!r}: mmjax's decoder is SwiGLU")
-  d, layers, h = int(hf["hidden_size"]), int(hf["num_hidden_layers"]), int(hf["num_attention_heads"])
-  g, f, v = int(hf.get("num_key_value_heads") or h), int(hf["intermediate_size"]), int(hf["vocab_size"])
+  d, layers = int(hf["hidden_size"]), int(hf["num_hidden_layers"])
+  h, f, v = int(hf["num_attention_heads"]), int(hf["intermediate_size"]), int(hf["vocab_size"])
+  g = int(hf.get("num_key_value_heads") or h)
   k = d // h
   perm, text_size, image_size = vocabulary_order(hf, where)
   t = Tensors(read_safetensors(source), where=where)
@@ -181,7 +190,8 @@ def convert(source: str, base: ml_collections.ConfigDict
 
   eps = float(hf.get("rms_norm_eps", 1e-5))
   if eps != QK_NORM_EPS:
-    raise ConvertError(f"{where}: rms_norm_eps {eps} differs from the qk-norm's fixed {QK_NORM_EPS}; "
+    raise ConvertError(f"{where}: rms_norm_eps {eps} differs from the qk-norm's fixed "
+                       f"{QK_NORM_EPS}; "
                        "mmjax's decoder uses one eps for both")
   vq = hf.get("vq_config") or {}
   levels = len(vq.get("channel_multiplier", [1, 1, 2, 2, 4]))
@@ -247,7 +257,8 @@ def export(config: ml_collections.ConfigDict, params: dict[str, np.ndarray]
   if not cfg.qk_norm:
     raise ConvertError("export chameleon: model.qk_norm is False; Chameleon always applies qk-norm")
   if cfg.norm_eps != QK_NORM_EPS:
-    raise ConvertError(f"export chameleon: model.norm_eps is {cfg.norm_eps}; HF Chameleon's qk-norm "
+    raise ConvertError(f"export chameleon: model.norm_eps is {cfg.norm_eps}; HF Chameleon's "
+                       "qk-norm "
                        f"eps is fixed at {QK_NORM_EPS}")
   registry = from_config(config.modalities)
   images = [m for m in registry if m.kind == "image_tokens"]

@@ -198,12 +198,37 @@ def copy_tokenizer(path: str, workdir: str) -> str:
   return target
 
 
+def _train_state(config, setup, params: Mapping[str, np.ndarray]) -> dict:
+  """The train state a fresh run of `config` would start from, with `params` as its parameters;
+  built without compiling the model's init (the optimizer's init is a cheap elementwise program)."""
+  import jax
+  import jax.numpy as jnp
+
+  from mmjax.train import checkpoint
+
+  abstract, shardings = setup.abstract_state, setup.state_shardings
+  if jax.tree.leaves(abstract["rest"]):  # non-parameter variables: take them from a real init
+    with setup.context():
+      rest = setup.init()["rest"]
+  else:
+    rest = abstract["rest"]
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract["params"])
+  values = [jax.device_put(np.asarray(params[checkpoint._path_name(path)], dtype=leaf.dtype),
+                           sharding)
+            for (path, leaf), sharding in zip(leaves, jax.tree.leaves(shardings["params"]))]
+  state = dict(step=jnp.zeros((), jnp.int32), params=jax.tree_util.tree_unflatten(treedef, values),
+               rest=rest, rng=jax.random.PRNGKey(int(config.seed) + 1),
+               skipped=jnp.zeros((), jnp.int32))
+  with setup.context():  # moments of the imported params: a fresh optimizer state
+    state["opt_state"] = jax.jit(setup.tx.init, out_shardings=shardings["opt_state"])(
+        state["params"])
+  return {k: state[k] for k in abstract}
+
+
 def write_workdir(config, params: Mapping[str, np.ndarray], workdir: str, source: str) -> dict:
   """Writes step 0 of `<workdir>/checkpoints` (the train state of `config` with `params` as its
   parameters and a fresh optimizer state), config.json and config.py. Returns a summary."""
-  import jax  # late: jax and the trainer are heavy
-
-  from mmjax.train import checkpoint
+  from mmjax.train import checkpoint  # late: the trainer is heavy
   from mmjax.train import state as trainstate
   from mmjax.train.loop import CONFIG_FILE, build
 
@@ -214,18 +239,7 @@ def write_workdir(config, params: Mapping[str, np.ndarray], workdir: str, source
   _, setup = build(config)
   abstract = checkpoint._leaves(setup.abstract_state["params"])
   fill_params(abstract, params, where=source)
-  with setup.context():
-    state = setup.init()
-  shardings = setup.state_shardings["params"]
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(state["params"])
-  new_leaves = []
-  for (path, leaf), sharding in zip(leaves, jax.tree.leaves(shardings)):
-    value = np.asarray(params[checkpoint._path_name(path)], dtype=leaf.dtype)
-    new_leaves.append(jax.device_put(value, sharding))
-  state["params"] = jax.tree_util.tree_unflatten(treedef, new_leaves)
-  with setup.context():  # moments of the imported params: a fresh optimizer state
-    state["opt_state"] = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(
-        state["params"])
+  state = _train_state(config, setup, params)
   checkpoint.save_state(ckpt_dir, 0, state)
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     f.write(config_json)
@@ -237,7 +251,8 @@ def write_workdir(config, params: Mapping[str, np.ndarray], workdir: str, source
 
 
 def params_of_workdir(config, workdir: str) -> tuple[dict[str, np.ndarray], int]:
-  """({leaf name: array}, step) of the latest checkpoint in `workdir` (as eval and generate load it)."""
+  """({leaf name: array}, step) of the latest checkpoint in `workdir`, loaded as eval and generate
+  load it."""
   import jax
   from flax import nnx
 

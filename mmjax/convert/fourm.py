@@ -53,8 +53,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mmjax.convert.common import (ConvertError, Tensors, copy_tokenizer, read_json, read_safetensors,
-                                  write_workdir)
+from mmjax.convert.common import (
+  ConvertError,
+  Tensors,
+  copy_tokenizer,
+  read_json,
+  read_safetensors,
+  write_workdir,
+)
 from mmjax.models.layers import sincos_1d, sincos_2d
 
 NORM_EPS = 1e-6  # every released 4M model: LayerNorm(eps=1e-6)
@@ -241,7 +247,8 @@ def convert(source: str, base_config: ml_collections.ConfigDict, drop: tuple[str
     if not (t.skip(f"encoder_embeddings.{name}.") + t.skip(f"decoder_embeddings.{name}.")):
       raise ConvertError(f"--drop-modality {name}: the checkpoint has no modality of that name")
   if int(ref.get("num_register_tokens", 0)) > 0 or "register_tokens" in t:
-    raise ConvertError(f"{source}: register tokens (num_register_tokens > 0) have no place in mmjax")
+    raise ConvertError(f"{source}: register tokens (num_register_tokens > 0) have no place in "
+                       "mmjax")
   domains = [m for m in dict.fromkeys(list(ref.get("domains_in", [])) +
                                       list(ref.get("domains_out", []))) if m not in drop]
   if not domains:

@@ -1,5 +1,5 @@
-"""Reference text tokenizers: a Hugging Face `tokenizer.json` (4M's WordPiece, Chameleon's BPE) behind
-the interface of the SentencePiece `TextTokenizer`, with mmjax's reserved-id layout.
+"""Reference text tokenizers: a Hugging Face `tokenizer.json` (4M's WordPiece, Chameleon's BPE)
+behind the interface of the SentencePiece `TextTokenizer`, with mmjax's reserved-id layout.
 
 A sequence modality uses one when its `tokenizer` names a `.json` file:
     config.modalities.caption = dict(kind="sequence", vocab_size=30000, max_length=256,
@@ -8,11 +8,11 @@ Nothing is trained: `mmjax prepare tokens` and `mmjax generate` load the file as
 
 Ids: mmjax's text ids are the file's ids reordered so that its special tokens sit where
 `mmjax.tokenizers.special` wants them: PAD 0, UNK 1, BOS 2, EOS 3 (found by name: [PAD]/<pad>,
-[UNK]/<unk>, [SOS]/<s>/[CLS], [EOS]/</s>/[SEP]), then the sentinels [S_0], [S_1], ... when the file has
-them, then every other token in the file's id order. Image tokens (Chameleon's `IMGIMG...Z`) and the
-begin/end-of-image markers (`<racm3:break>`, `<eoss>`) are not text: a mixed-modal decoder holds them
-as its image codes and its own begin/end-image ids (mmjax.data.sequences.SharedVocab), so they are
-left out here. 4M's tokenizer already has this layout, so its ids are unchanged.
+[UNK]/<unk>, [SOS]/<s>/[CLS], [EOS]/</s>/[SEP]), then the sentinels [S_0], [S_1], ... when the file
+has them, then every other token in the file's id order. Image tokens (Chameleon's `IMGIMG...Z`) and
+the begin/end-of-image markers (`<racm3:break>`, `<eoss>`) are not text: a mixed-modal decoder holds
+them as its image codes and its own begin/end-image ids (mmjax.data.sequences.SharedVocab), so they
+are left out here. 4M's tokenizer already has this layout, so its ids are unchanged.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def text_order(vocab: Mapping[str, int], size: int, *, bos: int | None = None,
   first = [_find(vocab, PAD_NAMES, None, "PAD", where), _find(vocab, UNK_NAMES, None, "UNK", where),
            _find(vocab, BOS_NAMES, bos, "BOS", where), _find(vocab, EOS_NAMES, eos, "EOS", where)]
   if len(set(first)) != 4:
-    raise UserError(f"{where}: PAD, UNK, BOS and EOS must be four different tokens, got ids {first}")
+    raise UserError(f"{where}: PAD, UNK, BOS and EOS must be four different tokens, got ids "
+                    f"{first}")
   k = 0
   while f"[S_{k}]" in vocab:
     first.append(int(vocab[f"[S_{k}]"]))
@@ -126,7 +127,8 @@ class HFTextTokenizer:
     ids = np.asarray(ids, np.int64).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
       bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
-      raise UserError(f"text tokenizer: id {int(bad)} outside the vocabulary [0, {self.vocab_size})")
+      raise UserError(f"text tokenizer: id {int(bad)} outside the vocabulary "
+                      f"[0, {self.vocab_size})")
     ids = ids[~np.isin(ids, (special.PAD, special.BOS, special.EOS))]
     return self._tok.decode(self._order[ids].tolist(), skip_special_tokens=False)
 

@@ -1,6 +1,6 @@
-"""`mmjax import chameleon` / `mmjax export chameleon`: HF-layout checkpoints written here from random
-tensors, the imported decoder's logits against a numpy forward with HF Chameleon's semantics, the
-exact round trip, the CLI, and the named errors."""
+"""`mmjax import chameleon` / `mmjax export chameleon`: HF-layout checkpoints written here from
+random tensors, the imported decoder's logits against a numpy forward with HF Chameleon's
+semantics, the exact round trip, the CLI, and the named errors."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from mmjax.train.checkpoint import load_model
 from tests.tokenizers import test_hf_text as hf_text_fixtures
 
 BASE = "configs/decoder/shapes.py:tiny"
-TOLERANCE = 1e-4  # fp32 mmjax vs float64 numpy reference, max |difference| of logits
+TOLERANCE = 5e-5  # fp32 mmjax vs float64 numpy reference, max |difference| of logits (seen 8.5e-6)
 D, H, G, F, LAYERS, CODES, THETA = 32, 4, 2, 64, 2, 16, 500.0
 
 
@@ -135,7 +135,8 @@ def mmjax_logits(workdir: str, tokens: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("swin,tied", [(False, False), (True, True)], ids=["7b_layout", "swin_tied"])
+@pytest.mark.parametrize("swin,tied", [(False, False), (True, True)],
+                         ids=["7b_layout", "swin_tied"])
 def test_import_matches_hf_forward_and_round_trips(tmp_path, swin, tied):
   hf = hf_config(swin=swin, tied=tied)
   tensors = hf_tensors(hf)
@@ -173,7 +174,6 @@ def test_import_matches_hf_forward_and_round_trips(tmp_path, swin, tied):
     np.testing.assert_array_equal(first[name], second[name], err_msg=name)
 
 
-@pytest.mark.slow
 def test_cli_import_export_tokenizer_and_interleaved(tmp_path, capsys):
   # The HF directory holds a tokenizer.json (byte-level BPE in Chameleon's id layout) whose
   # vocabulary is the config's vocabulary_map.
