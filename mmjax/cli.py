@@ -142,13 +142,20 @@ def _build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _shipped(config: str) -> str:
+  """A shipped config, relative to the working directory or else to the repository."""
+  if os.path.isfile(config):
+    return config
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), config)
+
+
 def _add_convert_commands(commands) -> None:
   """`mmjax import {fourm,chameleon}` and `mmjax export chameleon` (mmjax/convert/)."""
   importer = commands.add_parser("import", help="released weights (ml-4m 4M, HF Chameleon) into "
                                  "a workdir that train, eval and generate load")
   kinds = importer.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
   fourm = kinds.add_parser("fourm", help="an ml-4m checkpoint (safetensors + config.json)")
-  fourm.add_argument("--config", metavar="PATH[:ARG]", default="configs/fourm/4m.py",
+  fourm.add_argument("--config", metavar="PATH[:ARG]", default=_shipped("configs/fourm/4m.py"),
                      help="base config: its data, train and generate sections are kept; model "
                           "and modalities come from the checkpoint (default configs/fourm/4m.py)")
   fourm.add_argument("--drop-modality", action="append", default=[], metavar="NAME",
@@ -158,7 +165,8 @@ def _add_convert_commands(commands) -> None:
                           "sequence modalities (prepare tokens, generate)")
   chameleon = kinds.add_parser("chameleon", help="a Hugging Face Chameleon directory "
                                "(config.json + safetensors shards)")
-  chameleon.add_argument("--config", metavar="PATH[:ARG]", default="configs/decoder/shapes.py",
+  chameleon.add_argument("--config", metavar="PATH[:ARG]",
+                         default=_shipped("configs/decoder/shapes.py"),
                          help="base config: data, train and generate sections are kept; model, "
                               "modalities and sequence templates come from the checkpoint")
   for command, run in ((fourm, _run_import_fourm), (chameleon, _run_import_chameleon)):

@@ -208,6 +208,7 @@ def convert(source: str, base: ml_collections.ConfigDict
                                                 sort_keys=False)
   config.model.update(dict(
       d_model=d, num_layers=layers, num_heads=h, num_kv_heads=g, mlp_hidden=f, norm_eps=eps,
+      max_length=int(hf.get("max_position_embeddings", config.model.get("max_length", 4096))),
       rope_theta=float(hf.get("rope_theta", 10000.0)), rope_layout="rotate_half", qk_norm=True,
       norm_order="post" if hf.get("swin_norm", False) else "pre", tie_embeddings=tied,
       sparsity="dense"))

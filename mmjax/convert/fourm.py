@@ -174,8 +174,8 @@ def _model_section(ref: dict[str, Any], t: Tensors) -> dict[str, Any]:
 class _Mapper:
   """Takes reference tensors and produces mmjax leaves {name: array}."""
 
-  def __init__(self, t: Tensors, model: dict[str, Any], mlp_bias: bool):
-    self.t, self.m, self.mlp_bias = t, model, mlp_bias
+  def __init__(self, t: Tensors, model: dict[str, Any]):
+    self.t, self.m = t, model
     self.d, self.h = model["d_model"], model["num_heads"]
     self.k, self.f = self.d // self.h, model["mlp_hidden"]
     self.out: dict[str, np.ndarray] = {}
@@ -266,7 +266,7 @@ def convert(source: str, base_config: ml_collections.ConfigDict, drop: tuple[str
       tensors[f"decoder_embeddings.{m.name}.to_logits.weight"],
       tensors.get(f"decoder_embeddings.{m.name}.token_emb.weight")) for m in targets)
   model["tie_heads"] = tied
-  mapper = _Mapper(t, model, mlp_bias=model["mlp_type"] == "gelu")
+  mapper = _Mapper(t, model)
   put = mapper.put
 
   # Embeddings.
