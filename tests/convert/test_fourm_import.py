@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tokenizers import Tokenizer
 
 from mmjax import cli
 from mmjax import config as mmconfig
@@ -18,6 +19,7 @@ from mmjax.convert import common, fourm
 from mmjax.train.checkpoint import Checkpointer, load_model
 from mmjax.train.loop import build
 from tests.convert import fourm_reference as ref
+from tests.tokenizers import test_hf_text as hf_text_fixtures
 
 BASE = "configs/fourm/shapes.py:tiny"
 TOLERANCE = 2e-5  # fp32 mmjax vs float64 numpy reference, max |difference| of logits (seen 2.4e-6)
@@ -148,3 +150,25 @@ def test_drop_modality(tmp_path, capsys):
                    "--config", BASE, "--drop-modality", "det"]) == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary["modalities"] == ["caption", "rgb", "tok_rgb"] and summary["dropped"] == ["det"]
+
+
+def test_cli_generate_with_the_reference_text_tokenizer(tmp_path, capsys):
+  """`--text-tokenizer` (a WordPiece tokenizer.json in 4M's layout): `mmjax generate` encodes the
+  input caption and decodes the sampled title with it."""
+  tokenizer = hf_text_fixtures.wordpiece_4m(str(tmp_path / "tokenizer.json"))
+  vocab = Tokenizer.from_file(tokenizer).get_vocab_size()
+  spec = ref.Spec(modalities=(("caption", "seq", vocab, 12), ("title", "seq", vocab, 8)))
+  source = str(tmp_path / "ref")
+  ref.write_checkpoint(source, spec)
+  workdir = str(tmp_path / "wd")
+  assert cli.main(["import", "fourm", "--from", source, "--workdir", workdir, "--config", BASE,
+                   "--text-tokenizer", tokenizer]) == 0
+  capsys.readouterr()
+  out = str(tmp_path / "gen")
+  assert cli.main(["generate", "--config", os.path.join(workdir, "config.py"), "--workdir", workdir,
+                   "--input", "caption=a small red circle", "--target", "title",
+                   "--out", out]) == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary["step"] == 0 and not summary["random_init"]
+  with open(os.path.join(out, "title_0.txt")) as f:
+    assert f.read().strip() == summary["texts"]["title"][0].strip()
