@@ -155,6 +155,10 @@ def _load_config(args: argparse.Namespace):
   return mmconfig.load(args.config, args.overrides)
 
 
+# Each command imports its modules inside its handler: jax, tensorflow_datasets and matplotlib
+# take seconds to import, and `mmjax --help` or one command should pay only for what it uses.
+
+
 def _run_aot(args: argparse.Namespace) -> int:
   from mmjax.train import aot
 

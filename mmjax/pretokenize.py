@@ -1,4 +1,4 @@
-"""`mmjax prepare tokens`: a raw dataset -> pre-tokenized ArrayRecord shards (`tokens_tfds`).
+"""`mmjax prepare tokens`: a raw dataset -> pre-tokenized ArrayRecord shards (`tokens.records`).
 
   summary = run_prepare_tokens(config, workdir)   # config: modalities + data (+ optional tokens)
 

@@ -194,7 +194,7 @@ def test_shapes_round_trip_through_tfds_shards(tmp_path, tokenizers_dir, image_t
   source = tokens_tfds.load_tokens(tmp_path, "shapes", "train")
   it = fourm_pipeline.make_iterator(
       config, [stream.DatasetSpec("shapes", source,
-                                    decode=tokens_tfds.RecordDecoder(meta["modalities"]))],
+                                  decode=tokens_tfds.RecordDecoder(meta["modalities"]))],
       batch_size=4, process_index=0, process_count=1)
   batch = next(it)
   assert batch["enc_tokens"].shape[0] == 4 and it.bad_records == 0

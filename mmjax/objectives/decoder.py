@@ -17,7 +17,10 @@ from flax import nnx
 
 from mmjax import modalities as mm
 from mmjax.config import load
+from mmjax.data.pipeline import stream
 from mmjax.data.sequences import batch as sequence_batch
+from mmjax.data.sequences import documents as sequences
+from mmjax.data.sequences import packing
 from mmjax.data.sequences.documents import SharedVocab
 from mmjax.models.configs import model_config
 from mmjax.models.decoder import Decoder
@@ -52,10 +55,9 @@ class DecoderObjective:
     return {name: ("batch", "length") for name in sequence_batch.FIELDS}
 
   def make_iterator(self, split: str, process_index: int, process_count: int):
-    from mmjax.data.sequences import packing  # late: tfds import is slow
-    from mmjax.data.pipeline import stream
-    from mmjax.data.pipeline import token_sets
-    from mmjax.data.sequences import documents as sequences
+    # Late: token sets are read with tensorflow_datasets, seconds to import, and every command
+    # that builds an objective (bench, aot, tokenizer training) imports this module.
+    from mmjax.data.pipeline import token_sets  # noqa: PLC0415
     if split not in _SPLITS:
       raise ValueError(f"decoder objective: unknown split {split!r}; use 'train' or 'val'")
     data = self.config.data
@@ -63,8 +65,8 @@ class DecoderObjective:
     # Serialized records parsed straight from the proto: tfds' Python decoding is ~5x slower.
     specs = token_sets.token_datasets(self.config, _SPLITS[split], self.registry, needed)
     ds = stream.record_dataset(specs, seed=int(data.shuffle_seed), process_index=process_index,
-                                 process_count=process_count,
-                                 num_epochs=None if split == "train" else 1)
+                               process_count=process_count,
+                               num_epochs=None if split == "train" else 1)
     ds = ds.map(stream.untag).to_iter_dataset()
     builder = sequences.builder_from_config(self.config)
     ds = packing.PackedSequencesIterDataset(ds, builder, self.cfg.max_length,

@@ -17,6 +17,7 @@ from flax import nnx
 
 from mmjax import modalities
 from mmjax.data.fourm import batch as fourm_batch
+from mmjax.data.pipeline import fourm as fourm_pipeline
 from mmjax.models.configs import model_config
 from mmjax.models.flops import fourm_flops
 from mmjax.models.fourm import FourM
@@ -48,8 +49,9 @@ class FourMObjective:
             for name in fourm_batch.FIELDS}
 
   def make_iterator(self, split: str, process_index: int, process_count: int):
-    from mmjax.data.pipeline import fourm as fourm_pipeline
-    from mmjax.data.pipeline import token_sets
+    # Late: token sets are read with tensorflow_datasets, seconds to import, and every command
+    # that builds an objective (bench, aot, tokenizer training) imports this module.
+    from mmjax.data.pipeline import token_sets  # noqa: PLC0415
     if split not in _SPLITS:
       raise ValueError(f"fourm objective: unknown split {split!r}; use 'train' or 'val'")
     # Serialized records parsed straight from the proto: tfds' Python decoding is ~5x slower.
@@ -57,8 +59,8 @@ class FourMObjective:
         self.config, _SPLITS[split], self.registry, self.registry.names,
         num_sentinels=int(self.config.masking.get("num_sentinels", 100)))
     return fourm_pipeline.make_iterator(self.config, specs, process_index=process_index,
-                                  process_count=process_count, registry=self.registry,
-                                  num_epochs=None if split == "train" else 1)
+                                        process_count=process_count, registry=self.registry,
+                                        num_epochs=None if split == "train" else 1)
 
   def synthetic_batch(self, batch_size: int, seed: int) -> dict[str, np.ndarray]:
     return synthetic_batch(self.registry, batch_size, self.cfg.num_input_tokens,

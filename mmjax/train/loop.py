@@ -162,7 +162,7 @@ def _run(config, workdir, stream, preemption: _Preemption) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   it = objective.make_iterator("train", jax.process_index(), jax.process_count())
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                        keep=train.keep_checkpoints)
+                                         keep=train.keep_checkpoints)
   try:
     restored = checkpointer.restore_latest(setup.abstract_state, it)
   except BaseException:

@@ -94,7 +94,7 @@ def test_records_are_read_by_the_datasets_own_modality_order(data_dir):
   assert it.bad_records == 0 and batch["enc_tokens"].shape == (8, 32)
   # Row b is position b of the validation stream: its pixels are that scene's.
   specs = token_sets.token_datasets(config, "validation", objective.registry,
-                                  objective.registry.names)
+                                    objective.registry.names)
   stream = record_stream.record_dataset(specs, seed=int(config.data.shuffle_seed), num_epochs=1)
   index = np.array([stream[b][1] for b in range(8)])
   scenes = [shapes.generate_scene(i, split="validation") for i in index]

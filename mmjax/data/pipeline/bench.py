@@ -130,7 +130,7 @@ def run_bench_data(config, workdir: str | None = None, *, batch_size: int = 256,
 
   def pipeline_rates(spec: stream.DatasetSpec) -> tuple[float, float]:
     it = fourm_pipeline.make_iterator(config, [spec], batch_size=batch_size, process_index=0,
-                                process_count=1, num_workers=0, registry=registry)
+                                      process_count=1, num_workers=0, registry=registry)
     next(it)  # warm-up
     return _rates(lambda: [next(it) for _ in range(pipeline_batches)],
                   pipeline_batches * batch_size, 0.0)

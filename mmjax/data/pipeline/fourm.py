@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from mmjax import modalities
@@ -28,7 +29,6 @@ from mmjax.data.fourm import mixtures
 from mmjax.data.fourm.transform import FourMTransform
 from mmjax.data.pipeline.stream import (SEED_MOD, BatchIterator, DatasetSpec,
                                         ReadRecords, in_workers, make_stream)
-from mmjax.data.pipeline.token_sets import name_list
 
 
 class _ReadBatch:
@@ -100,14 +100,13 @@ def make_iterator(config, specs: Sequence[DatasetSpec], *, batch_size: int | Non
                   registry: modalities.Registry | None = None) -> BatchIterator:
   """This host's iterator of 4M batches; the batch is `train.batch_size / process_count`."""
   if process_index is None or process_count is None:
-    import jax  # noqa: PLC0415 -- late: Grain's worker processes import this module, not jax
     process_index, process_count = jax.process_index(), jax.process_count()
   if batch_size is None:
     if config.train.batch_size % process_count:
       raise ConfigError(f"train.batch_size ({config.train.batch_size}) must divide over "
                         f"{process_count} hosts")
     batch_size = config.train.batch_size // process_count
-  declared = name_list(config.data.get("missing", "") or "", "data.missing")
+  declared = modalities.name_list(config.data.get("missing", "") or "", "data.missing")
   optional = [tuple(s.missing) + declared for s in specs]
   transform = transform_from_config(config, optional=optional, registry=registry)
   ds = build_dataset(specs, transform, batch_size=batch_size, seed=int(config.data.shuffle_seed),

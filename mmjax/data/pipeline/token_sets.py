@@ -28,7 +28,7 @@ from mmjax.data.tokens import records as tokens_tfds
 
 @dataclasses.dataclass(frozen=True)
 class TokenSet:
-  """One pre-tokenized dataset of a config: `<data_dir>/mmjax_tokens/<name>` (`tokens_tfds`)."""
+  """One pre-tokenized dataset of a config: `<data_dir>/mmjax_tokens/<name>` (`tokens.records`)."""
   data_dir: str
   name: str
   weight: float = 1.0
@@ -36,15 +36,6 @@ class TokenSet:
 
 
 _ENTRY_KEYS = ("data_dir", "name", "weight", "missing")
-
-
-def name_list(value: Any, where: str) -> tuple[str, ...]:
-  """Modality names given comma-separated or as a sequence."""
-  if isinstance(value, str):
-    return tuple(n.strip() for n in value.split(",") if n.strip())
-  if isinstance(value, Sequence) and all(isinstance(n, str) for n in value):
-    return tuple(n.strip() for n in value if n.strip())
-  raise ConfigError(f"config key '{where}' must be comma-separated modality names, got {value!r}")
 
 
 def mixture_from_config(data) -> list[TokenSet]:
@@ -88,7 +79,7 @@ def mixture_from_config(data) -> list[TokenSet]:
                         f"{name}): give one entry a larger weight instead")
     seen[key] = k
     sets.append(TokenSet(data_dir, name, float(weight),
-                         name_list(entry.get("missing", ""), f"{where}.missing")))
+                         modalities.name_list(entry.get("missing", ""), f"{where}.missing")))
   return sets
 
 
@@ -107,7 +98,7 @@ def token_datasets(config, split: str, registry: modalities.Registry, names: Seq
   """
   data = config.data
   sets = mixture_from_config(data)
-  declared = set(name_list(data.get("missing", "") or "", "data.missing"))
+  declared = set(modalities.name_list(data.get("missing", "") or "", "data.missing"))
   for n in sorted(declared | {n for s in sets for n in s.missing}):
     if n not in registry:
       raise ConfigError(f"data.missing / data.mixture: unknown modality {n!r}; known: "

@@ -355,8 +355,8 @@ def find_tokenizer(m: mod.Modality, tokenizers_dir: str) -> tuple[str, str, int 
   count is a text tokenizer's [S_k] count, None for an image tokenizer, whose fingerprint is the
   one its training recorded beside its checkpoints (`tokenizer.json`): the weights are not read.
   Looked up once per process and state of its files."""
-  # Late: the tokenizers import jax, which Grain's worker processes (that unpickle this module's
-  # record parsers) never need.
+  # Late: the tokenizers import flax and sentencepiece (seconds), which Grain's worker processes,
+  # that unpickle this module's record parsers, never need.
   from mmjax.tokenizers import modality as mt  # noqa: PLC0415
   if m.kind == mod.IMAGE_PIXELS or not m.tokenizer or not tokenizers_dir:
     return None

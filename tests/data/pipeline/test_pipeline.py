@@ -61,7 +61,7 @@ def test_hosts_see_disjoint_complete_data(records):
   seen = []
   for host in range(3):
     stream = record_stream.record_dataset(spec, seed=1, process_index=host, process_count=3,
-                                     num_epochs=1)
+                                          num_epochs=1)
     seen.append([index for _, index, _ in stream])
   flat = sum(seen, [])
   assert len(flat) == len(set(flat)) == 40 and set(flat) == set(range(40))
@@ -105,7 +105,7 @@ def test_batches_read_the_record_stream_in_bulk(records):
 
   spec = [record_stream.DatasetSpec("syn", Source(records))]
   ds = fourm_pipeline.build_dataset(spec, _ids_transform, batch_size=8, seed=5, process_index=1,
-                              process_count=2)
+                                    process_count=2)
   stream = record_stream.record_dataset(spec, seed=5, process_index=1, process_count=2)
   for k in (0, 3, 7):  # 7 crosses into the second epoch (20 records per host)
     want = [int(stream[i][2]["id"]) for i in range(8 * k, 8 * k + 8)]
