@@ -45,7 +45,7 @@ from mmjax.eval import run as eval_run
 from mmjax.generate import run as generate_run
 from mmjax.objectives import text_tokenizer
 from mmjax.objectives import tokenizer
-from mmjax.tokenizers.modality import resolve_config_path
+from mmjax.tokenizers.modality import TRAINED_INFO, resolve_config_path
 from mmjax.train import loop
 
 IMAGE_TOKENIZERS = ("rgb", "depth", "semseg")
@@ -126,15 +126,16 @@ def _text_tokenizer(workdir: str, s: DemoSettings) -> dict[str, Any]:
 
 
 def _image_tokenizer(modality: str, workdir: str, s: DemoSettings) -> dict[str, Any]:
-  report = _read_json(os.path.join(workdir, "tokenizer_eval.json"))
-  if report and report.get("steps") == s.tokenizer_steps:
-    _say(f"{modality} tokenizer in {workdir} exists; skipped")
-    return report
-
   config = _config(f"configs/tokenizers/shapes_{modality}.py:{TOKENIZER_ARG}",
                    {"train.steps": s.tokenizer_steps, "data.num_train": s.num_train,
                     "train.checkpoint_every": s.tokenizer_steps,
                     "train.log_every": max(1, s.tokenizer_steps // 5)})
+  report = _read_json(os.path.join(workdir, "tokenizer_eval.json"))
+  if report and report.get("steps") == s.tokenizer_steps:
+    _say(f"{modality} tokenizer in {workdir} exists; skipped")
+    if not os.path.isfile(os.path.join(workdir, TRAINED_INFO)):  # trained before it was recorded
+      tokenizer.run_write_info(config, workdir)
+    return report
   return tokenizer.run_image_tokenizer_train(config, workdir)["tokenizer_eval"]
 
 
