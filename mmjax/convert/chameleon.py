@@ -29,14 +29,15 @@ qk-norm parameters within each head into that layout.
 
 Vocabulary: HF ids mix text and image tokens (`vocabulary_map`: image codes are the tokens named
 `IMGIMG<digits as letters A-J>Z`; begin/end of image are `<racm3:break>` / `<eoss>`; BOS/EOS are
-`bos_token_id` / `eos_token_id`). mmjax's shared decoder vocabulary (data/sequences.SharedVocab) is
-[text | image codes | begin-image, end-image | BOS, EOS]: the import reorders embedding and head
-rows into it (text = every id but image codes and markers, PAD, UNK, BOS, EOS first: the order of
-the tokenizer.json kind, mmjax/tokenizers/hf_text.py; the four decoder specials are copies of their
-HF rows, so V grows by 2). A tokenizer.json beside the weights is copied into the workdir and
-becomes the text modality's tokenizer. The export writes ids in mmjax order with a vocabulary_map
-naming image codes and specials as above, plus `mmjax_vocabulary` (the text size) so that the import
-keeps that order: import(export(x)) == x exactly.
+`bos_token_id` / `eos_token_id`). mmjax's shared decoder vocabulary
+(data/sequences/documents.SharedVocab) is [text | image codes | begin-image, end-image | BOS, EOS]:
+the import reorders embedding and head rows into it (text = every id but image codes and markers,
+PAD, UNK, BOS, EOS first: the order of the tokenizer.json kind, mmjax/tokenizers/hf_text.py; the
+four decoder specials are copies of their HF rows, so V grows by 2). A tokenizer.json beside the
+weights is copied into the workdir and becomes the text modality's tokenizer. The export writes ids
+in mmjax order with a vocabulary_map naming image codes and specials as above, plus
+`mmjax_vocabulary` (the text size) so that the import keeps that order: import(export(x)) == x
+exactly.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from safetensors.numpy import save_file
 
 from mmjax.convert.common import (
   ConvertError,
@@ -58,6 +60,10 @@ from mmjax.convert.common import (
   read_safetensors,
   write_workdir,
 )
+from mmjax.data.sequences.documents import SharedVocab
+from mmjax.modalities import from_config
+from mmjax.models.configs import model_config
+from mmjax.models.decoder import ffn_hidden
 from mmjax.tokenizers.hf_text import text_order
 
 IMAGE_PREFIX = "IMGIMG"
@@ -244,11 +250,6 @@ def _rotate_half_order(k: int) -> np.ndarray:
 def export(config: ml_collections.ConfigDict, params: dict[str, np.ndarray]
            ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(HF config.json dict, {HF key: array}) of a dense mmjax decoder."""
-  from mmjax.data.sequences import SharedVocab
-  from mmjax.modalities import from_config
-  from mmjax.models.configs import model_config
-  from mmjax.models.decoder import ffn_hidden
-
   if config.get("objective") != "decoder":
     raise ConvertError(f"export chameleon: the config's objective is {config.get('objective')!r}; "
                        "only a mixed-modal decoder (objective 'decoder') exports to Chameleon")
@@ -319,8 +320,6 @@ def write_hf(out_dir: str, hf: dict[str, Any], tensors: dict[str, np.ndarray],
              max_shard_bytes: int = 4 << 30) -> list[str]:
   """Writes config.json and safetensors shards (with model.safetensors.index.json when more than
   one); returns the shard file names."""
-  from safetensors.numpy import save_file
-
   os.makedirs(out_dir, exist_ok=True)
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0

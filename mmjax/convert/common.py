@@ -12,12 +12,22 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file
 
 from mmjax.errors import UserError
+from mmjax.tokenizers.hf_text import HFTextTokenizer
+from mmjax.train import checkpoint
+from mmjax.train import state as trainstate
+from mmjax.train.loop import CONFIG_FILE, build, load_model
 
 # The config file written beside config.json, so that `mmjax train/eval/generate --config
 # <workdir>/config.py --workdir <workdir>` run the imported model with the imported config.
@@ -50,8 +60,6 @@ def _tuples(value):
 def config_from_json(path: str):
   """The ConfigDict of a run's config.json (lists back to tuples; modalities in the file's order,
   which is modality id order)."""
-  import ml_collections
-
   raw = read_json(path)
   modalities = raw.pop("modalities", None)
   config = ml_collections.ConfigDict(_tuples(raw))
@@ -66,8 +74,6 @@ class ConvertError(UserError):
 
 def read_safetensors(source: str) -> dict[str, np.ndarray]:
   """All tensors of a .safetensors file, or of every *.safetensors file in a directory (shards)."""
-  from safetensors.numpy import load_file  # late: only the converters need it
-
   if os.path.isdir(source):
     files = sorted(glob.glob(os.path.join(source, "*.safetensors")))
     if not files:
@@ -185,11 +191,8 @@ def require_fresh_workdir(workdir: str) -> None:
 
 def copy_tokenizer(path: str, workdir: str) -> str:
   """Copies a tokenizer.json into the workdir; returns its absolute path (for the config)."""
-  import shutil
-
   if not os.path.isfile(path):
     raise ConvertError(f"{path}: no such tokenizer file")
-  from mmjax.tokenizers.hf_text import HFTextTokenizer
   HFTextTokenizer.load(path)  # refuse a file without the special tokens before writing anything
   require_fresh_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -201,11 +204,6 @@ def copy_tokenizer(path: str, workdir: str) -> str:
 def _train_state(config, setup, params: Mapping[str, np.ndarray]) -> dict:
   """The train state a fresh run of `config` would start from, with `params` as its parameters;
   built without compiling the model's init (the optimizer's init is a cheap elementwise program)."""
-  import jax
-  import jax.numpy as jnp
-
-  from mmjax.train import checkpoint
-
   abstract, shardings = setup.abstract_state, setup.state_shardings
   if jax.tree.leaves(abstract["rest"]):  # non-parameter variables: take them from a real init
     with setup.context():
@@ -228,10 +226,6 @@ def _train_state(config, setup, params: Mapping[str, np.ndarray]) -> dict:
 def write_workdir(config, params: Mapping[str, np.ndarray], workdir: str, source: str) -> dict:
   """Writes step 0 of `<workdir>/checkpoints` (the train state of `config` with `params` as its
   parameters and a fresh optimizer state), config.json and config.py. Returns a summary."""
-  from mmjax.train import checkpoint  # late: the trainer is heavy
-  from mmjax.train import state as trainstate
-  from mmjax.train.loop import CONFIG_FILE, build
-
   require_fresh_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -253,12 +247,7 @@ def write_workdir(config, params: Mapping[str, np.ndarray], workdir: str, source
 def params_of_workdir(config, workdir: str) -> tuple[dict[str, np.ndarray], int]:
   """({leaf name: array}, step) of the latest checkpoint in `workdir`, loaded as eval and generate
   load it."""
-  import jax
-  from flax import nnx
-
-  from mmjax.train import checkpoint
-
-  model, step = checkpoint.load_model(config, workdir)
+  model, step = load_model(config, workdir)
   params = nnx.state(model, nnx.Param)
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):

@@ -11,8 +11,9 @@ Ids: mmjax's text ids are the file's ids reordered so that its special tokens si
 [UNK]/<unk>, [SOS]/<s>/[CLS], [EOS]/</s>/[SEP]), then the sentinels [S_0], [S_1], ... when the file
 has them, then every other token in the file's id order. Image tokens (Chameleon's `IMGIMG...Z`) and
 the begin/end-of-image markers (`<racm3:break>`, `<eoss>`) are not text: a mixed-modal decoder holds
-them as its image codes and its own begin/end-image ids (mmjax.data.sequences.SharedVocab), so they
-are left out here. 4M's tokenizer already has this layout, so its ids are unchanged.
+them as its image codes and its own begin/end-image ids
+(mmjax.data.sequences.documents.SharedVocab), so they are left out here. 4M's tokenizer already has
+this layout, so its ids are unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from mmjax.errors import UserError
 from mmjax.tokenizers import special
@@ -71,8 +73,6 @@ class HFTextTokenizer:
   """A `tokenizers` tokenizer.json with mmjax's text-id layout; the TextTokenizer interface."""
 
   def __init__(self, path: str):
-    from tokenizers import Tokenizer  # late: only this tokenizer kind needs the library
-
     self.path = path
     with open(path, "rb") as f:
       data = f.read()

@@ -9,6 +9,7 @@ import json
 import os
 
 import numpy as np
+from safetensors.numpy import save_file
 from scipy.special import erf
 
 
@@ -145,8 +146,6 @@ def reference_config(s: Spec) -> dict:
 
 def write_checkpoint(directory: str, s: Spec, tensors: dict[str, np.ndarray] | None = None,
                      config: dict | None = None) -> dict[str, np.ndarray]:
-  from safetensors.numpy import save_file
-
   os.makedirs(directory, exist_ok=True)
   tensors = make_tensors(s) if tensors is None else tensors
   save_file(tensors, os.path.join(directory, "model.safetensors"))

@@ -18,7 +18,7 @@ from mmjax import cli
 from mmjax import config as mmconfig
 from mmjax.convert import chameleon, common
 from mmjax.tokenizers.hf_text import HFTextTokenizer
-from mmjax.train.checkpoint import load_model
+from mmjax.train.loop import load_model
 from tests.tokenizers import test_hf_text as hf_text_fixtures
 
 BASE = "configs/decoder/shapes.py:tiny"

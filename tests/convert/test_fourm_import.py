@@ -16,8 +16,8 @@ from tokenizers import Tokenizer
 from mmjax import cli
 from mmjax import config as mmconfig
 from mmjax.convert import common, fourm
-from mmjax.train.checkpoint import Checkpointer, load_model
-from mmjax.train.loop import build
+from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.loop import build, load_model
 from tests.convert import fourm_reference as ref
 from tests.tokenizers import test_hf_text as hf_text_fixtures
 

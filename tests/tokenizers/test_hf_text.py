@@ -12,7 +12,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mmjax import config as mmconfig
-from mmjax.data import pretokenize, shapes, tokens_tfds
+from mmjax import pretokenize
+from mmjax.data.shapes import world as shapes
+from mmjax.data.tokens import records as tokens_tfds
 from mmjax.errors import UserError
 from mmjax.tokenizers import special
 from mmjax.tokenizers.hf_text import HFTextTokenizer, text_order

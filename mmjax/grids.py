@@ -30,10 +30,11 @@ def save_grid(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]],
               column_titles: Sequence[str] = (), row_titles: Sequence[str] = (),
               scale: int = 2) -> str:
   """Writes rows of [H, W, 3] uint8 images as one PNG with optional titles; returns the path."""
-  import matplotlib
+  # Late: matplotlib takes a second to import; the trainers import this module for their PNGs.
+  import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # noqa: PLC0415
 
   num_rows, num_cols = len(rows), max(len(r) for r in rows)
   height, width = rows[0][0].shape[:2]
