@@ -172,7 +172,7 @@ def _add_convert_commands(commands) -> None:
   chameleon.add_argument("--config", metavar="PATH[:ARG]",
                          default=_shipped("configs/decoder/shapes.py"),
                          help="base config: data, train and generate sections are kept; model, "
-                              "modalities and sequence templates come from the checkpoint")
+                              "modalities come from the checkpoint")
   for command, run in ((fourm, _run_import_fourm), (chameleon, _run_import_chameleon)):
     command.add_argument("--from", dest="source", required=True, metavar="DIR_OR_FILE",
                          help="the checkpoint to import")

@@ -93,7 +93,7 @@ class _Modality:
     if not self.in_encoder and not self.in_decoder:
       raise ConvertError(f"{t.where}: missing key {enc + 'mod_emb'!r} (modality {name!r} of the "
                          "config's domains_in/domains_out)")
-    if f"{enc}orig_emb_dim" in t or any(k.startswith(f"{enc}emb_proj") for k in t.names()):
+    if any(k.startswith(f"{enc}emb_proj.") for k in t.names()):
       raise ConvertError(f"{t.where}: modality {name!r} is a T5-embedding input, which mmjax does "
                          f"not have; leave it out with --drop-modality {name}")
     self.pixels = f"{enc}proj.weight" in t

@@ -172,3 +172,19 @@ def test_cli_generate_with_the_reference_text_tokenizer(tmp_path, capsys):
   assert summary["step"] == 0 and not summary["random_init"]
   with open(os.path.join(out, "title_0.txt")) as f:
     assert f.read().strip() == summary["texts"]["title"][0].strip()
+
+
+def test_t5_embedding_input_is_named_and_can_be_dropped(tmp_path, capsys):
+  spec = ref.Spec()
+  tensors = ref.make_tensors(spec)
+  tensors.update({"encoder_embeddings.t5_caption.mod_emb": np.zeros((1, 1, 32), np.float32),
+                  "encoder_embeddings.t5_caption.pos_emb": np.zeros((1, 12, 32), np.float32),
+                  "encoder_embeddings.t5_caption.emb_proj.weight": np.zeros((32, 64), np.float32)})
+  config = ref.reference_config(spec)
+  config["domains_in"].append("t5_caption")
+  source = str(tmp_path / "ref")
+  ref.write_checkpoint(source, spec, tensors, config)
+  args = ["import", "fourm", "--from", source, "--config", BASE]
+  assert cli.main(args + ["--workdir", str(tmp_path / "a")]) == 2
+  assert "--drop-modality t5_caption" in capsys.readouterr().err
+  assert cli.main(args + ["--workdir", str(tmp_path / "b"), "--drop-modality", "t5_caption"]) == 0
