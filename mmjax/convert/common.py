@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file
+from safetensors import safe_open
 
 from mmjax.errors import UserError
 from mmjax.tokenizers.hf_text import HFTextTokenizer
@@ -84,23 +84,17 @@ def read_safetensors(source: str) -> dict[str, np.ndarray]:
     raise ConvertError(f"{source}: no such file or directory")
   tensors: dict[str, np.ndarray] = {}
   for path in files:
-    try:
-      part = load_file(path)
+    try:  # the flax reader: numpy has no bfloat16, the dtype of most released checkpoints
+      with safe_open(path, framework="flax") as f:
+        part = {name: np.asarray(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
     except Exception as e:  # noqa: BLE001 -- a garbled file is the user's input, not our bug
       raise ConvertError(f"{path}: not a readable safetensors file ({e})") from None
     for name, value in part.items():
       if name in tensors:
         raise ConvertError(f"{path}: tensor {name!r} is also in another shard")
-      tensors[name] = _to_float32(name, value)
+      tensors[name] = value.astype(np.float32) if jnp.issubdtype(value.dtype, jnp.floating) \
+          else value
   return tensors
-
-
-def _to_float32(name: str, value: np.ndarray) -> np.ndarray:
-  if value.dtype.kind == "f":
-    return value.astype(np.float32)
-  if value.dtype == np.uint16:  # bfloat16 as raw bits (numpy has no bfloat16)
-    return (value.astype(np.uint32) << 16).view(np.float32)
-  return value
 
 
 def read_json(path: str) -> dict[str, Any]:
