@@ -19,7 +19,7 @@ import re
 SPLASH_SCOPE = "mmjax_splash_"  # mmjax.models.attention.SPLASH_SCOPE (no import: train reads HLO)
 SPLASH_BLOCK = 128
 _SPLASH_MATMULS = {"splash_mha_fwd": 2, "splash_mha_dq": 3, "splash_mha_dkv": 4}
-_SHAPE = re.compile(r"[a-z]+[0-9]*\[([0-9,]*)\]")
+_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\((.*)\)\s+->\s+.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+(.+?)\s+([\w\-]+)\((.*)$")
@@ -135,8 +135,10 @@ def _splash_flops(rest: str) -> float:
   """Matmul FLOPs of one splash kernel call from its q, k shapes [B, H, L, D], [B, G, S, D]."""
   name = re.search(r'op_name="[^"]*/(splash_mha_(?:fwd|dq|dkv))', rest)
   at = rest.find("operand_layout_constraints={")
-  shapes = [[int(d) for d in dims.split(",") if d] for dims in _SHAPE.findall(rest[at:])]
-  operands = [s for s in shapes if len(s) == 4][:2]
+  # q and k are the first floating-point operands; a batch of one shard loses its batch axis.
+  operands = [[1] * (4 - len(shape)) + shape for dtype, dims in _SHAPE.findall(rest[at:])
+              if dtype in ("bf16", "f16", "f32") and len(shape := [int(d) for d in dims.split(",")
+                                                                   if d]) in (3, 4)][:2]
   if not name or at < 0 or len(operands) < 2:
     return 0.0
   q, k = operands
