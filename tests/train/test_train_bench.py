@@ -15,9 +15,13 @@ def test_bench_step_on_the_toy_objective():
   assert result["bench"] == "step" and result["devices"] == 8
   c = config.toy
   assert result["model_flops_per_step"] == 16 * 6 * c.length * (c.embed * c.mlp + c.mlp * c.vocab)
-  # XLA counts the same matmuls plus elementwise work and the optimizer: same order, not less.
-  ratio = result["xla_flops_per_step"] / result["model_flops_per_step"]
-  assert 0.9 < ratio < 3.0, ratio
+  # XLA counts the matmuls plus elementwise work (per sample) and the optimizer (per step, on
+  # every replica). The difference between two batch sizes drops the optimizer: what is left is
+  # the matmuls the model counts plus 5-10 % of elementwise work (7.2 % measured).
+  larger = bench.run_bench_step(toy.toy_config(batch_size=64), steps=1, warmup=0)
+  marginal = ((larger["xla_flops_per_step"] - result["xla_flops_per_step"])
+              / (larger["model_flops_per_step"] - result["model_flops_per_step"]))
+  assert 1.0 < marginal < 1.15, marginal
   assert result["samples_per_s"] == pytest.approx(16 / result["step_time_s"])
   expected = result["model_flops_per_step"] / result["step_time_s"] / result["peak_flops_per_s"]
   assert result["mfu"] == pytest.approx(expected)
