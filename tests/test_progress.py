@@ -18,7 +18,8 @@ def test_in_a_log_each_redraw_is_a_short_line_of_its_own():
   text = log.getvalue()
   assert "\r" not in text and "\x1b" not in text
   lines = text.splitlines()
-  assert lines[0].startswith("eval: 0/1000 batch [") and lines[-1].startswith("eval: 1000/1000 batch")
+  assert lines[0].startswith("eval: 0/1000 batch [")
+  assert lines[-1].startswith("eval: 1000/1000 batch")
   assert max(len(line) for line in lines) < 100
   assert sum(line.startswith("eval: 1000/1000") for line in lines) == 1  # no repeat on close
 

@@ -94,7 +94,8 @@ def test_loss_nd_under_noise_recovers_the_law_and_its_intervals_cover_it():
     assert fit[key] == pytest.approx(clean[key], rel=1e-3), key
   # At 0.5 % noise over 25 runs the floor is known to ~5 %, the exponents to ~0.01.
   assert fit["E"] == pytest.approx(1.8, rel=0.06)
-  assert fit["alpha"] == pytest.approx(0.34, abs=0.02) and fit["beta"] == pytest.approx(0.28, abs=0.02)
+  assert fit["alpha"] == pytest.approx(0.34, abs=0.02)
+  assert fit["beta"] == pytest.approx(0.28, abs=0.02)
   for key, value in truth.items():
     low, high = fit["interval"][key]
     assert low <= value <= high, (key, low, value, high)

@@ -49,11 +49,11 @@ def mixture_from_config(data) -> list[TokenSet]:
   if not entries:
     if not data.get("data_dir"):
       raise ConfigError(
-          f"config key 'data.data_dir' is empty and {demo_tokens.location() or defaults.DEMO_TOKENS}"
-          "/ (the token set `mmjax demo` writes) holds no dataset: run `bash launch/local.sh` "
-          "first, or point "
-          "data.data_dir at the workdir of `mmjax prepare tokens` (configs/tokens/shapes.py), or "
-          "list datasets in 'data.mixture'")
+          f"config key 'data.data_dir' is empty and "
+          f"{demo_tokens.location() or defaults.DEMO_TOKENS}/ (the token set `mmjax demo` "
+          "writes) holds no dataset: run `bash launch/local.sh` first, or point data.data_dir at "
+          "the workdir of `mmjax prepare tokens` (configs/tokens/shapes.py), or list datasets in "
+          "'data.mixture'")
     return [TokenSet(str(data.data_dir), str(data.name))]
   sets, seen = [], {}
   for k, entry in enumerate(entries):
