@@ -64,12 +64,14 @@ class MetricsWriter:
         self._tb.add_scalar(key, value, step)
 
   def progress(self, step: int, metrics: dict[str, float]) -> None:
-    if not self.enabled or (step % self.log_every and step != self.total_steps):
+    if not self.enabled:
       return
-    if self._bar is None:
-      # Every log_every steps is a line of the run's log: no time throttle.
+    if self._bar is None:  # at the first step, so its clock starts after the compile
+      # Every log_every steps is a line of the run's log: no time throttle; no empty first line.
       self._bar = progress.bar(self.total_steps, "train", unit="step", initial=self._start_step,
-                               stream=self.stream, interval_s=0.0)
+                               stream=self.stream, interval_s=0.0, delay=1e-9)
+    if step % self.log_every and step != self.total_steps:
+      return
     shown = " ".join(f"{k}={_fmt(metrics[k])}" for k in
                      ("loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu")
                      if k in metrics)
