@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from mmjax.data.shapes import world as shapes
 from mmjax.progress import bar as progress_bar
@@ -66,13 +65,6 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
   }
   BUILDER_CONFIGS = [_new_config(size) for size in (32, 64, 128)]
   DEFAULT_BUILDER_CONFIG_NAME = "s64"
-
-  # tfds finds a builder's file through `importlib_resources`, a package it does not install on
-  # Python >= 3.9; this file is the answer it would compute.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    return epath.Path(__file__)
 
   def __init__(self, *, num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VAL, seed=0,
                progress=False, **kwargs):
