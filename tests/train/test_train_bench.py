@@ -7,10 +7,16 @@ import pytest
 from mmjax.train import bench, flops, toy
 
 
-def test_bench_step_on_the_toy_objective():
+def test_bench_step_on_the_toy_objective(capsys):
   config = toy.toy_config(batch_size=16)
   config.mesh.shape.update(dict(data=-1))
   result = bench.run_bench_step(config, steps=2, warmup=1)
+  out, err = capsys.readouterr()
+  assert out == ""  # stdout is the CLI's JSON line alone
+  assert [line.split(":")[1].strip() for line in err.splitlines() if line.endswith(" ...")] == [
+      "building the model and its batch ...", "compiling the train step ...", "1 warm-up steps ...",
+      "measuring the peak FLOP rate ...", "timing 2 steps ...",
+      "measuring the peak FLOP rate again ..."]
   json.dumps(result)
   assert result["bench"] == "step" and result["devices"] == 8
   c = config.toy
