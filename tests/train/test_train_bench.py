@@ -7,6 +7,7 @@ import pytest
 from mmjax.train import bench, flops, toy
 
 
+@pytest.mark.slow
 def test_bench_step_on_the_toy_objective(capsys):
   config = toy.toy_config(batch_size=16)
   config.mesh.shape.update(dict(data=-1))
