@@ -170,6 +170,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
   if args.emit and args.collect:
     raise UserError("mmjax sweep: --emit and --collect exclude each other")
   workdir = _require_workdir(args, "each point trains in a directory under it")
+  if not args.emit and not args.collect:
+    _join_cluster(workdir)
   result = sweep.run_sweep(args.sweep, workdir, emit=args.emit, collect_only=args.collect)
   if args.emit:
     print("\n".join(result["commands"]))
@@ -206,6 +208,7 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
   config = _load_config(args)
   if not args.workdir:
     raise UserError("mmjax tokenizer train: --workdir is required (the tokenizer is written there)")
+  _join_cluster(args.workdir)
   if config.get("kind", "") == "text":
     from mmjax.tokenizers import text
     result = text.run_text_tokenizer_train(config, args.workdir)
@@ -219,6 +222,14 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _join_cluster(workdir: str | None) -> None:
+  """Every command that uses devices starts here, before its first JAX call: it joins the other
+  processes of a multi-host run (see mmjax/distributed.py), whose output goes to workdir/logs."""
+  from mmjax import distributed
+
+  distributed.join(workdir)
+
+
 def _require_workdir(args: argparse.Namespace, what: str) -> str:
   if not args.workdir:
     raise UserError(f"mmjax {args.command}: --workdir is required ({what})")
@@ -230,6 +241,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
   config = _load_config(args)
   workdir = _require_workdir(args, "checkpoints and metrics are written there")
+  _join_cluster(workdir)
   print(json.dumps(loop.run_train(config, workdir), default=str))
   return 0
 
@@ -241,6 +253,7 @@ def _run_eval(args: argparse.Namespace) -> int:
   workdir = _require_workdir(args, "the checkpoint is read from there")
   if args.num_scenes < 0:
     raise UserError(f"--num-scenes must be >= 0, got {args.num_scenes}")
+  _join_cluster(workdir)
   summary = run.run_eval(config, workdir, out_dir=args.out or os.path.join(workdir, "eval"),
                          num_scenes=args.num_scenes, seed=args.seed)
   print(json.dumps(summary, default=str))
@@ -260,6 +273,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     inputs[name] = value
   if not args.target:
     raise UserError("mmjax generate: give at least one --target MODALITY")
+  _join_cluster(workdir)
   summary = run.run_generate(config, workdir, inputs, args.target,
                              out_dir=args.out or os.path.join(workdir, "generate"),
                              seed=args.seed, num_samples=args.num_samples,
@@ -282,7 +296,9 @@ def _run_prepare_tokens(args: argparse.Namespace) -> int:
 def _run_bench_step(args: argparse.Namespace) -> int:
   from mmjax.train import bench
 
-  result = bench.run_bench_step(_load_config(args), steps=args.steps, warmup=args.warmup)
+  config = _load_config(args)
+  _join_cluster(args.workdir)
+  result = bench.run_bench_step(config, steps=args.steps, warmup=args.warmup)
   print(json.dumps(result, default=str))
   return 0
 
@@ -290,14 +306,18 @@ def _run_bench_step(args: argparse.Namespace) -> int:
 def _run_bench_decode(args: argparse.Namespace) -> int:
   from mmjax.generate import decoder
 
-  print(json.dumps(decoder.run_bench_decode(_load_config(args)), default=str))
+  config = _load_config(args)
+  _join_cluster(args.workdir)
+  print(json.dumps(decoder.run_bench_decode(config), default=str))
   return 0
 
 
 def _run_bench_data(args: argparse.Namespace) -> int:
   from mmjax.data import bench
 
-  result = bench.run_bench_data(_load_config(args), args.workdir)
+  config = _load_config(args)
+  _join_cluster(args.workdir)
+  result = bench.run_bench_data(config, args.workdir)
   print(json.dumps(result, default=str))
   return 0
 
@@ -310,7 +330,9 @@ def _run_demo(args: argparse.Namespace) -> int:
   sizes = {k: v for k, v in (("num_train", args.num_train), ("num_val", args.num_val))
            if v is not None}
   settings = dataclasses.replace(settings, **sizes)
-  demo.run_demo(args.workdir or os.path.join("runs", "demo"), settings)
+  workdir = args.workdir or os.path.join("runs", "demo")
+  _join_cluster(workdir)
+  demo.run_demo(workdir, settings)
   return 0
 
 

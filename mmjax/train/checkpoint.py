@@ -19,7 +19,6 @@ several processes, all of them agree on the outcome of every step before anyone 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mmjax import paths
 from mmjax.config import ConfigError
 from mmjax.train.state import TrainState
 
@@ -89,12 +89,12 @@ def _first_mismatch(saved: dict, wanted: dict) -> str | None:
   return None
 
 
-def _check_tree(step_dir: str, abstract_state: TrainState) -> tuple[int, str]:
+def _check_tree(step_dir: epath.Path, abstract_state: TrainState) -> tuple[int, str]:
   """(_OK | _CORRUPT | _MISMATCH, detail) of the saved state tree in `step_dir` against
   `abstract_state`, from the metadata alone (no array is read)."""
   handler = ocp.StandardCheckpointHandler()
-  try:  # Orbax wants absolute paths
-    saved = _leaves(handler.metadata(epath.Path(os.path.abspath(step_dir)) / "state"))
+  try:
+    saved = _leaves(handler.metadata(step_dir / "state"))
   except Exception as e:  # noqa: BLE001 -- unreadable metadata: the checkpoint is corrupt.
     return _CORRUPT, _one_line(e)
   finally:
@@ -116,11 +116,11 @@ def _is_shape_error(e: BaseException) -> bool:
   return isinstance(e, ValueError) and "not compatible with the stored shape" in str(e)
 
 
-def _mismatch_error(directory: str, step: int, detail: str) -> CheckpointMismatchError:
+def _mismatch_error(directory: epath.Path, step: int, detail: str) -> CheckpointMismatchError:
   detail = detail or "its state tree differs (seen by another process)"
   return CheckpointMismatchError(
-      f"workdir {os.path.dirname(directory)}: the checkpoint of step {step} "
-      f"({os.path.join(directory, str(step))}) does not match the current config: {detail}. "
+      f"workdir {directory.parent}: the checkpoint of step {step} "
+      f"({directory / str(step)}) does not match the current config: {detail}. "
       "The config differs from the one that wrote the checkpoint; nothing was changed on disk. "
       "Resume with the original config, or train the new one in another --workdir")
 
@@ -136,10 +136,11 @@ def _agree(outcome: int) -> int:
 class Checkpointer:
   """Saves and restores (state, iterator) in `directory`."""
 
-  def __init__(self, directory: str, *, keep: int, report: Callable[[str], None] = _report):
+  def __init__(self, directory: str | os.PathLike, *, keep: int,
+               report: Callable[[str], None] = _report):
     if keep < 1:
       raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)
     self.keep = keep
     self.report = report
     self._report_incomplete()
@@ -152,11 +153,11 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def _report_incomplete(self) -> None:
-    if not os.path.isdir(self.directory) or jax.process_index() != 0:
+    if jax.process_index() != 0 or not self.directory.is_dir():
       return
-    for name in sorted(os.listdir(self.directory)):
+    for name in sorted(p.name for p in self.directory.iterdir()):
       if _TMP_MARKER in name:
-        self.report(f"checkpoint {os.path.join(self.directory, name)} is incomplete (the run "
+        self.report(f"checkpoint {self.directory / name} is incomplete (the run "
                     "stopped while saving it); ignoring it")
 
   def steps(self) -> list[int]:
@@ -177,7 +178,7 @@ class Checkpointer:
     `abstract_state` raises CheckpointMismatchError and leaves every checkpoint in place.
     """
     for step in reversed(self.steps()):
-      outcome, detail = _check_tree(os.path.join(self.directory, str(step)), abstract_state)
+      outcome, detail = _check_tree(self.directory / str(step), abstract_state)
       state = None
       if outcome == _OK:
         try:
@@ -210,11 +211,10 @@ class Checkpointer:
     """Renames on process 0 only; the others reopen the manager (which lists the steps) after it."""
     self.manager.close()
     if jax.process_index() == 0:
-      source = os.path.join(self.directory, str(step))
-      target = os.path.join(self.directory, f"corrupt-{step}")
-      if os.path.exists(target):
-        shutil.rmtree(target)
-      os.rename(source, target)
+      target = self.directory / f"corrupt-{step}"
+      if target.exists():
+        target.rmtree()
+      (self.directory / str(step)).rename(target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # noqa: PLC0415
       multihost_utils.sync_global_devices(f"mmjax checkpoint corrupt-{step}")
@@ -240,12 +240,12 @@ def load_model(config: Any, workdir: str, *, allow_random_init: bool = False) ->
   from mmjax.train.loop import build
 
   _, setup = build(config)
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(directory) if os.path.isdir(directory) else None
+  directory = paths.resolve(workdir) / "checkpoints"
+  manager = ocp.CheckpointManager(directory) if directory.is_dir() else None
   state, step = None, 0
   try:
     for candidate in reversed(sorted(manager.all_steps()) if manager else []):
-      outcome, detail = _check_tree(os.path.join(directory, str(candidate)), setup.abstract_state)
+      outcome, detail = _check_tree(directory / str(candidate), setup.abstract_state)
       if outcome == _OK:
         try:
           state = manager.restore(candidate, args=ocp.args.Composite(
@@ -253,7 +253,7 @@ def load_model(config: Any, workdir: str, *, allow_random_init: bool = False) ->
         except Exception as e:  # noqa: BLE001 -- report and fall back to the previous checkpoint.
           outcome, detail = (_MISMATCH if _is_shape_error(e) else _CORRUPT), _one_line(e)
       if outcome == _MISMATCH:
-        raise _mismatch_error(os.path.abspath(directory), candidate, detail)
+        raise _mismatch_error(directory, candidate, detail)
       if outcome == _CORRUPT:
         _report(f"checkpoint step {candidate} in {directory} cannot be restored ({detail}); "
                 "trying the previous one")
@@ -270,5 +270,9 @@ def load_model(config: Any, workdir: str, *, allow_random_init: bool = False) ->
     _report(f"no checkpoint in {directory}; using a randomly initialised model")
     with setup.context():
       state = setup.init()
-  state = jax.device_get(state)
+  if jax.process_count() > 1:  # every host gets the whole state (its arrays span all hosts)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    state = multihost_utils.process_allgather(state, tiled=True)
+  else:
+    state = jax.device_get(state)
   return nnx.merge(setup.graphdef, state["params"], state["rest"]), step

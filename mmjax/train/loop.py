@@ -7,6 +7,12 @@ seen before the state that followed it could be saved. SIGTERM (preemption) sets
 start of `run_train` on (setup, iterator creation and restore included); the loop saves at the next
 step boundary and returns normally (exit code 0). A SIGTERM before the first step returns without
 training or saving: the checkpoints on disk are already the latest state.
+
+With several processes, JAX's coordination service carries the SIGTERM instead: its preemption
+notifier (installed by `jax.distributed.initialize`) tells every process, they agree on the first
+step all of them can still reach, and `reached_preemption_sync_point` is true there on each, so all
+hosts save the same step and stop. Asking it costs no communication, so no step waits for the other
+hosts beyond what the step's own collectives do.
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from mmjax import config as mmconfig
+from mmjax import paths
 from mmjax import sharding as mmsharding
 from mmjax.data import pipeline
 from mmjax.errors import UserError
@@ -44,14 +50,20 @@ class NonFiniteLossError(UserError):
 
 
 class _Preemption:
-  """Remembers a SIGTERM until the loop reaches a step boundary."""
+  """Remembers a SIGTERM until the loop reaches a step boundary.
+
+  One process: a Python signal handler sets a flag. Several: JAX's preemption notifier owns
+  SIGTERM (a Python handler installed after it would take the signal away from it) and
+  `at_step` asks the coordination service whether this step is the one all hosts stop at."""
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multihost = False
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    self._multihost = jax.process_count() > 1
+    if not self._multihost and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -64,12 +76,15 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
     return False
 
-  def agreed(self) -> bool:
-    """Whether any process has seen a SIGTERM; for branches all processes must take together."""
-    if jax.process_count() > 1:
+  def before_start(self) -> bool:
+    """Whether to stop before training (one process; several learn of it at their sync step)."""
+    return self.requested
+
+  def at_step(self, step: int) -> bool:
+    """Whether to save at `step` and stop; every process gets the same answer at the same step."""
+    if self._multihost:
       from jax.experimental import multihost_utils  # noqa: PLC0415
-      seen = multihost_utils.process_allgather(np.int32(self.requested))
-      self.requested = bool(np.max(seen))
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
 
@@ -125,23 +140,23 @@ def run_train(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -
 def _run(config, workdir, stream, preemption: _Preemption) -> dict[str, Any]:
   train = config.train
   objective, setup = build(config)
-  os.makedirs(workdir, exist_ok=True)
+  directory = paths.resolve(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
   it = objective.make_iterator("train", jax.process_index(), jax.process_count())
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train.keep_checkpoints)
+  checkpointer = Checkpointer(directory / "checkpoints", keep=train.keep_checkpoints)
   try:
     restored = checkpointer.restore_latest(setup.abstract_state, it)
   except BaseException:
     checkpointer.close()
     raise
   if jax.process_index() == 0:  # after the restore: a checkpoint of another config stopped us there
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  stop = preemption.agreed()
+    (directory / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+  stop = preemption.before_start()
   if restored:
     state, start = restored
   else:  # a preempted fresh start needs no initialised state (it saves nothing)
     state, start = (setup.abstract_state if stop else trainstate.init_state(config, setup)), 0
-  writer = MetricsWriter(workdir, total_steps=train.steps, log_every=train.log_every,
+  writer = MetricsWriter(directory, total_steps=train.steps, log_every=train.log_every,
                          start_step=start, stream=stream)
   if restored:
     writer.message(f"mmjax: resumed from the checkpoint of step {start}")
@@ -158,7 +173,7 @@ def _run(config, workdir, stream, preemption: _Preemption) -> dict[str, Any]:
     writer.close()
   summary["checkpoints"] = checkpointer.steps()
   summary["plot"] = writer.plot()
-  summary["metrics_file"] = writer.path
+  summary["metrics_file"] = os.fspath(writer.path)
   return summary
 
 
@@ -201,7 +216,7 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
     compile_start = time.perf_counter()
     step_fn = trainstep.jit_step(setup, train).lower(state, batch).compile()
     summary["compile_s"] = time.perf_counter() - compile_start
-    if preemption.agreed():  # during the compile: stop before a step there may be no time for
+    if preemption.before_start():  # during the compile: stop before a step there may be no time for
       writer.message("mmjax: SIGTERM before the first step; stopping (nothing new to save)")
       summary["preempted"] = True
       return
@@ -214,7 +229,7 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
       pending.append((number, metrics))
       last = number == train.steps
       do_eval = (eval_every and number % eval_every == 0) or last
-      stop = preemption.agreed()  # every host saves and stops at the same step
+      stop = preemption.at_step(number)  # every host saves and stops at the same step
       do_save = number % train.checkpoint_every == 0 or last or stop
       if do_eval or do_save:
         fetch()
