@@ -6,7 +6,9 @@ Runs `mmjax.cli.main(["train", ...])` (joining the cluster that MMJAX_* / SLURM_
 describe) after installing, from environment variables:
 - always: every local batch this process reads for training and every global batch the train step
   receives (gathered over processes) are logged to RECORD_DIR/{local,global}_<process>.jsonl as
-  one digest per row, one line per step;
+  one digest per row, one line per step; and the positions of the global record stream it reads
+  (`IndexStream`: host h of H reads positions h, h + H, ...) to RECORD_DIR/reads_<process>.jsonl,
+  one line per read;
 - MMJAX_TEST_READ_AS_HOSTS=H: a single process reads the global batch of an H-host run (host 0's
   rows, then host 1's, ...), so that it trains on the same global batches as H processes do;
 - MMJAX_TEST_KILL_AFTER_SAVE=S: the process SIGKILLs itself once the checkpoint of step S is on
@@ -26,6 +28,7 @@ import numpy as np
 
 from mmjax import cli
 from mmjax import sharding as mmsharding
+from mmjax.data import pipeline
 from mmjax.train import checkpoint, loop
 
 
@@ -106,6 +109,15 @@ def _install(record_dir: str) -> None:
     return objective
 
   loop.get_objective = instrumented_objective
+  reads = _Log(record_dir, "reads")
+  stream_call = pipeline.IndexStream.__call__
+
+  def logged_stream_call(self, positions):
+    positions = np.asarray(positions, np.int64)
+    reads.write((positions * self.process_count + self.process_index).tolist())
+    return stream_call(self, positions)
+
+  pipeline.IndexStream.__call__ = logged_stream_call
   loop._evaluate = lambda *args, **kwargs: {}
   global_batch = mmsharding.global_batch
   global_log = _Log(record_dir, "global")
