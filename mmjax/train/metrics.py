@@ -182,12 +182,10 @@ class MetricsWriter:
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
-    path = self.workdir / PLOT_FILE
     fig.tight_layout()
-    with path.open("wb") as f:
-      fig.savefig(f, format="png", dpi=100)
+    path = paths.save_figure(fig, self.workdir / PLOT_FILE)
     plt.close(fig)
-    return os.fspath(path)
+    return path
 
 
 def _plain(value: Any) -> Any:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from mmjax import paths
 
 _GRID = np.geomspace(0.02, 3.0, 121)   # exponents searched (scaling exponents are ~0.05-1)
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -231,8 +232,7 @@ def plot_scaling(path: str, rows: Sequence[dict[str, Any]], fits: dict[str, Any]
     axis.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
     axis.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
   figure.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  figure.savefig(path, dpi=100)
+  paths.save_figure(figure, path)
   plt.close(figure)
   return path
 
