@@ -23,6 +23,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from mmjax import config as mmconfig
@@ -159,10 +160,9 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str) -> ImageTokeni
   from mmjax.train.checkpoint import load_model
   from mmjax.train.loop import CONFIG_FILE
 
-  path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.isfile(path):
-    with open(path) as f:
-      trained = json.load(f).get("model", {})
+  path = epath.Path(workdir) / CONFIG_FILE
+  if path.is_file():
+    trained = json.loads(path.read_text()).get("model", {})
     config = ml_collections.ConfigDict(config.to_dict())
     config.model = ml_collections.ConfigDict(
         {k: tuple(v) if isinstance(v, list) else v for k, v in trained.items()})
@@ -210,8 +210,7 @@ def run_image_tokenizer_train(config: ml_collections.ConfigDict, workdir: str) -
             "codebook_size": model.codebook_size, "steps": summary.get("step"),
             **{k: v for k, v in metrics.items()}}
   if jax.process_index() == 0:
-    with open(metrics_path, "w") as f:
-      json.dump(report, f, indent=2)
+    epath.Path(metrics_path).write_text(json.dumps(report, indent=2))
     grid_path = save_reconstruction_grid(os.path.join(workdir, "reconstructions.png"), model,
                                          images[:config.eval.grid_images])
   else:

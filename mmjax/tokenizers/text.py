@@ -28,8 +28,10 @@ from typing import Any
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 from sentencepiece import sentencepiece_model_pb2
 
+from mmjax import paths
 from mmjax.config import ConfigError, to_dataclass
 from mmjax.errors import UserError
 from mmjax.tokenizers import special
@@ -101,11 +103,11 @@ class TextTokenizer:
 
   @classmethod
   def load(cls, path: str) -> "TextTokenizer":
-    if not os.path.isfile(path):
+    model = epath.Path(path)
+    if not model.is_file():
       raise UserError(f"text tokenizer model {path!r} does not exist (train it with "
                       f"`mmjax tokenizer train --config configs/tokenizers/shapes_text.py`)")
-    with open(path, "rb") as f:
-      return cls(f.read(), path)
+    return cls(model.read_bytes(), os.fspath(path))
 
   def _check_layout(self) -> None:
     where = self.path or "text tokenizer model"
@@ -221,13 +223,15 @@ def train_text_tokenizer(sentences: Iterable[str], out_prefix: str,
   if count[0] == 0:
     raise UserError("text tokenizer: no training sentences")
   data = model.getvalue()
-  path = f"{out_prefix}.model"
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)  # atomic: a reader never sees half a model
-  return TextTokenizer(data, path)
+  path = epath.Path(f"{out_prefix}.model")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if paths.is_url(path):  # an object appears whole when its upload completes
+    path.write_bytes(data)
+  else:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)  # atomic: a reader never sees half a model
+  return TextTokenizer(data, os.fspath(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +263,7 @@ def run_text_tokenizer_train(config: Mapping[str, Any], workdir: str) -> dict[st
   data = config["data"]
   common = dict(seed=int(data["seed"]), image_size=int(data["image_size"]),
                 coord_bins=cfg.coord_bins)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
 
   def train_stream() -> Iterator[str]:
@@ -288,6 +292,5 @@ def run_text_tokenizer_train(config: Mapping[str, Any], workdir: str) -> dict[st
       "unk_rate": float(np.mean(np.concatenate(cap_ids + det_ids) == special.UNK)),
       "train_seconds": train_seconds,
   }
-  with open(os.path.join(workdir, "text_tokenizer.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  (epath.Path(workdir) / "text_tokenizer.json").write_text(json.dumps(report, indent=2))
   return report
