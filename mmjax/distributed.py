@@ -27,6 +27,7 @@ from unittest import mock
 import jax
 from etils import epath
 
+from mmjax import paths
 from mmjax.errors import UserError
 
 DEFAULT_INIT_TIMEOUT_S = 300
@@ -143,16 +144,17 @@ def log_path(workdir: str | os.PathLike, process_id: int) -> epath.Path:
 def route_output(workdir: str | os.PathLike | None, process_id: int) -> epath.Path | None:
   """Sends this process's output to `<workdir>/logs/process_<i>.log` unless it is process 0.
 
-  A local log file takes the file descriptors too (XLA's own messages included); on a URL workdir
-  (gs://) Python's stdout and stderr go to the object, written when the process exits."""
+  A local log file takes the file descriptors too (XLA's own messages included) and is appended
+  to, so a resumed run's log follows the earlier one's; on a URL workdir (gs://) Python's stdout
+  and stderr go to the object, written when the process exits (XLA's messages stay on stderr)."""
   if process_id == 0 or workdir is None:
     return None
   path = log_path(workdir, process_id)
   path.parent.mkdir(parents=True, exist_ok=True)
   sys.stdout.flush()
   sys.stderr.flush()
-  if "://" not in os.fspath(path):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+  if not paths.is_url(path):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
