@@ -69,6 +69,10 @@ def _build_parser() -> argparse.ArgumentParser:
   tokenizer_train = tokenizer_actions.add_parser("train", help="train a tokenizer, report quality")
   _add_common(tokenizer_train, config_required=True)
   tokenizer_train.set_defaults(run=_run_tokenizer_train)
+  fingerprint = tokenizer_actions.add_parser(
+      "fingerprint", help="(re)write tokenizer.json of a trained image tokenizer from its weights")
+  _add_common(fingerprint, config_required=True)
+  fingerprint.set_defaults(run=_run_tokenizer_fingerprint)
 
   train = commands.add_parser(
       "train", help="train (4M, decoder or tokenizer objective); resumes from DIR's checkpoint")
@@ -151,6 +155,10 @@ def _load_config(args: argparse.Namespace):
   return mmconfig.load(args.config, args.overrides)
 
 
+# Each command imports its modules inside its handler: jax, tensorflow_datasets and matplotlib
+# take seconds to import, and `mmjax --help` or one command should pay only for what it uses.
+
+
 def _run_aot(args: argparse.Namespace) -> int:
   from mmjax.train import aot
 
@@ -182,13 +190,13 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _run_prepare_shapes(args: argparse.Namespace) -> int:
-  from mmjax.data import shapes
+  from mmjax.data.shapes import records as shapes_records
 
   _load_config(args)
   try:
-    summary = shapes.prepare_shapes(args.out, num_train=args.num_train, num_val=args.num_val,
-                                    seed=args.seed, image_size=args.image_size,
-                                    progress=True)
+    summary = shapes_records.prepare_shapes(args.out, num_train=args.num_train,
+                                            num_val=args.num_val, seed=args.seed,
+                                            image_size=args.image_size, progress=True)
   except ValueError as e:
     raise UserError(f"prepare shapes: {e}") from None
   print(json.dumps(summary, default=str))
@@ -196,7 +204,7 @@ def _run_prepare_shapes(args: argparse.Namespace) -> int:
 
 
 def _run_bench_shapes(args: argparse.Namespace) -> int:
-  from mmjax.data import shapes
+  from mmjax.data.shapes import world as shapes
 
   _load_config(args)
   result = shapes.benchmark_generation(args.num_scenes, image_size=args.image_size)
@@ -210,8 +218,8 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
     raise UserError("mmjax tokenizer train: --workdir is required (the tokenizer is written there)")
   _join_cluster(args.workdir)
   if config.get("kind", "") == "text":
-    from mmjax.tokenizers import text
-    result = text.run_text_tokenizer_train(config, args.workdir)
+    from mmjax.objectives import text_tokenizer
+    result = text_tokenizer.run_text_tokenizer_train(config, args.workdir)
   elif config.get("objective", "") == "tokenizer":
     from mmjax.objectives import tokenizer
     result = tokenizer.run_image_tokenizer_train(config, args.workdir)
@@ -228,6 +236,19 @@ def _join_cluster(workdir: str | None) -> None:
   from mmjax import distributed
 
   distributed.join(workdir)
+
+
+def _run_tokenizer_fingerprint(args: argparse.Namespace) -> int:
+  from mmjax.objectives import tokenizer
+
+  config = _load_config(args)
+  if not args.workdir:
+    raise UserError("mmjax tokenizer fingerprint: --workdir is required (the trained tokenizer)")
+  if config.get("objective", "") != "tokenizer":
+    raise UserError(f"{args.config}: not an image tokenizer config (needs objective='tokenizer')")
+  _join_cluster(args.workdir)
+  print(json.dumps(tokenizer.run_write_info(config, args.workdir), default=str))
+  return 0
 
 
 def _require_workdir(args: argparse.Namespace, what: str) -> str:
@@ -283,7 +304,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_prepare_tokens(args: argparse.Namespace) -> int:
-  from mmjax.data import pretokenize
+  from mmjax import pretokenize
 
   config = _load_config(args)
   workdir = _require_workdir(args, "tokenizers are read from <workdir>/tokenizers and the shards "
@@ -304,16 +325,16 @@ def _run_bench_step(args: argparse.Namespace) -> int:
 
 
 def _run_bench_decode(args: argparse.Namespace) -> int:
-  from mmjax.generate import decoder
+  from mmjax.generate import decoder_bench
 
   config = _load_config(args)
   _join_cluster(args.workdir)
-  print(json.dumps(decoder.run_bench_decode(config), default=str))
+  print(json.dumps(decoder_bench.run_bench_decode(config), default=str))
   return 0
 
 
 def _run_bench_data(args: argparse.Namespace) -> int:
-  from mmjax.data import bench
+  from mmjax.data.pipeline import bench
 
   config = _load_config(args)
   _join_cluster(args.workdir)

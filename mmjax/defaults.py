@@ -80,7 +80,7 @@ def shapes_data(**overrides) -> ml_collections.ConfigDict:
       missing="",             # comma-separated modalities the dataset may lack (empty where absent)
       # Several pre-tokenized datasets mixed per sample by weight, instead of data_dir / name:
       # (dict(data_dir=..., name=..., weight=3, missing="tok_rgb"), ...); a modality one of them
-      # lacks is empty there (mmjax/data/pipeline.py). () = the one dataset at data_dir.
+      # lacks is empty there (mmjax/data/pipeline/). () = the one dataset at data_dir.
       mixture=(),
       check_tokenizers=True,  # at start, compare the data's tokenizer fingerprints with those of
                               # the config's tokenizers found in tokenizers_dir

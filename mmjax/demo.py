@@ -36,7 +36,17 @@ import time
 from typing import Any
 
 from mmjax import config as mmconfig
-from mmjax.data.modality_tokenizers import resolve_config_path
+from mmjax import grids
+from mmjax import pretokenize
+from mmjax.data.shapes import records as shapes_records
+from mmjax.data.shapes import world as shapes
+from mmjax.errors import UserError
+from mmjax.eval import run as eval_run
+from mmjax.generate import run as generate_run
+from mmjax.objectives import text_tokenizer
+from mmjax.objectives import tokenizer
+from mmjax.tokenizers.modality import TRAINED_INFO, resolve_config_path
+from mmjax.train import loop
 
 IMAGE_TOKENIZERS = ("rgb", "depth", "semseg")
 TOKENIZER_ARG = "runlocal"  # the small image tokenizers; their config argument
@@ -97,12 +107,9 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 
 def _prepare_shapes(data_dir: str, s: DemoSettings) -> dict[str, Any]:
-  from mmjax.data import shapes
-  from mmjax.errors import UserError
-
   try:
-    return shapes.prepare_shapes(data_dir, num_train=s.num_train, num_val=s.num_val, seed=0,
-                                 image_size=64, progress=True)
+    return shapes_records.prepare_shapes(data_dir, num_train=s.num_train, num_val=s.num_val,
+                                         seed=0, image_size=64, progress=True)
   except ValueError as e:
     raise UserError(f"demo: {e}") from None
 
@@ -112,24 +119,23 @@ def _text_tokenizer(workdir: str, s: DemoSettings) -> dict[str, Any]:
   if report and os.path.isfile(os.path.join(workdir, "text.model")):
     _say(f"text tokenizer in {workdir} exists; skipped")
     return report
-  from mmjax.tokenizers import text
 
   config = _config("configs/tokenizers/shapes_text.py",
                    {"num_train_scenes": s.text_scenes, "num_val_scenes": min(200, s.text_scenes)})
-  return text.run_text_tokenizer_train(config, workdir)
+  return text_tokenizer.run_text_tokenizer_train(config, workdir)
 
 
 def _image_tokenizer(modality: str, workdir: str, s: DemoSettings) -> dict[str, Any]:
-  report = _read_json(os.path.join(workdir, "tokenizer_eval.json"))
-  if report and report.get("steps") == s.tokenizer_steps:
-    _say(f"{modality} tokenizer in {workdir} exists; skipped")
-    return report
-  from mmjax.objectives import tokenizer
-
   config = _config(f"configs/tokenizers/shapes_{modality}.py:{TOKENIZER_ARG}",
                    {"train.steps": s.tokenizer_steps, "data.num_train": s.num_train,
                     "train.checkpoint_every": s.tokenizer_steps,
                     "train.log_every": max(1, s.tokenizer_steps // 5)})
+  report = _read_json(os.path.join(workdir, "tokenizer_eval.json"))
+  if report and report.get("steps") == s.tokenizer_steps:
+    _say(f"{modality} tokenizer in {workdir} exists; skipped")
+    if not os.path.isfile(os.path.join(workdir, TRAINED_INFO)):  # trained before it was recorded
+      tokenizer.run_write_info(config, workdir)
+    return report
   return tokenizer.run_image_tokenizer_train(config, workdir)["tokenizer_eval"]
 
 
@@ -156,16 +162,14 @@ def _train_losses(metrics_file: str) -> tuple[float | None, float | None]:
 
 
 def _evaluate(config, fourm_dir: str, s: DemoSettings) -> dict[str, Any]:
-  from mmjax.eval import run
-
   out_dir = os.path.join(fourm_dir, "eval")
-  previous = _read_json(os.path.join(out_dir, run.METRICS_FILE))
+  previous = _read_json(os.path.join(out_dir, eval_run.METRICS_FILE))
   if previous and previous.get("step") == s.fourm_steps and previous.get(
       "num_scenes") == s.eval_scenes:
     _say(f"evaluation of step {s.fourm_steps} in {out_dir} exists; skipped")
     return previous
-  summary = run.run_eval(config, fourm_dir, out_dir=out_dir, num_scenes=s.eval_scenes,
-                         grid_rows=min(6, s.eval_scenes), tasks=s.eval_tasks)
+  summary = eval_run.run_eval(config, fourm_dir, out_dir=out_dir, num_scenes=s.eval_scenes,
+                              grid_rows=min(6, s.eval_scenes), tasks=s.eval_tasks)
   return summary
 
 
@@ -174,21 +178,18 @@ SAMPLE_CAPTION = "a large red circle in the center and a small blue square in th
 
 def _sample(config, fourm_dir: str, s: DemoSettings) -> dict[str, Any]:
   """caption -> rgb tokens -> boxes (chained), as `mmjax generate` does."""
-  from mmjax.generate import run
 
   out_dir = os.path.join(fourm_dir, "sample")
   previous = _read_json(os.path.join(out_dir, "summary.json"))
   if previous and previous.get("step") == s.fourm_steps:
     _say(f"sample of step {s.fourm_steps} in {out_dir} exists; skipped")
     return previous
-  return run.run_generate(config, fourm_dir, {"caption": SAMPLE_CAPTION}, ["tok_rgb", "det"],
-                          out_dir=out_dir, seed=0)
+  return generate_run.run_generate(config, fourm_dir, {"caption": SAMPLE_CAPTION},
+                                   ["tok_rgb", "det"], out_dir=out_dir, seed=0)
 
 
 def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
   """Runs (or resumes) every stage; prints progress and a summary; returns the summary."""
-  from mmjax.data import pretokenize
-  from mmjax.train import loop
 
   start = time.perf_counter()
   s = settings
@@ -256,9 +257,6 @@ def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
 
 
 def _preview(workdir: str) -> str:
-  from mmjax.data import shapes
-  from mmjax.eval import grids
-
   scenes = [shapes.generate_scene(i, split="validation") for i in range(6)]
   return grids.save_grid(
       os.path.join(workdir, "shapes_preview.png"),

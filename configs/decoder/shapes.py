@@ -72,7 +72,7 @@ def get_config(arg=None):
       templates=(("caption", "tok_rgb"), ("tok_rgb", "caption")),
       probabilities=(0.5, 0.5),
       image_blocks_bidirectional=False,  # True: attention inside an image is bidirectional
-      # Keys of mmjax.data.sequences.SequencesConfig:
+      # Keys of mmjax.data.sequences.documents.SequencesConfig:
       loss_weights=dict(caption=1.0, tok_rgb=1.0),  # per modality of the target; unlisted: 1.0
       documents_per_record=1,     # documents drawn from each record (templates with replacement)
       drop_text_specials=True,    # drop the text tokenizer's PAD/BOS/EOS inside a text segment

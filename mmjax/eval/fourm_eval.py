@@ -29,11 +29,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from mmjax import grids
 from mmjax import modalities as mod
-from mmjax.data import shapes
+from mmjax.data.shapes import world as shapes
 from mmjax.errors import UserError
-from mmjax.eval import grids
 from mmjax.eval import shapes_metrics as sm
+from mmjax.generate import fourm as fourm_generate
+from mmjax.generate import fourm_settings
 from mmjax.tokenizers import image_metrics
 
 
@@ -201,8 +203,6 @@ def generation_metrics(model, registry: mod.Registry, records: Sequence[Mapping[
   Every batch has `batch_size` rows (the last one padded by repetition): one compile per task.
   `report(message, task_done)` hears of every batch.
   """
-  from mmjax.generate import fourm as fourm_generate
-  from mmjax.generate import fourm_settings
 
   tasks = shapes_tasks(registry) if tasks is None else list(tasks)
   limits = {t.target: tokenizers[t.target].vocab_size for t in tasks}

@@ -24,7 +24,16 @@ import jax
 import ml_collections
 from etils import epath
 
+from mmjax.data.pipeline.demo_tokens import use_demo_tokens_if_unset
+from mmjax.data.tokens import records as tokens_tfds
 from mmjax.errors import UserError
+from mmjax.eval import fourm_eval
+from mmjax.eval import teacher_forced
+from mmjax.objectives import tokenizer as tokenizer_objective
+from mmjax.tokenizers import image_metrics
+from mmjax.tokenizers import modality as modality_tokenizers
+from mmjax.train.loop import load_model
+from mmjax.train.objective import get_objective
 
 METRICS_FILE = "metrics.json"
 
@@ -47,7 +56,6 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, *, out_dir: str,
   if objective == "tokenizer":
     result = _eval_tokenizer(config, workdir, out_dir, grid_rows)
   elif objective in ("fourm", "decoder"):
-    from mmjax.data.pipeline import use_demo_tokens_if_unset
     use_demo_tokens_if_unset(config)
     result = _eval_tokens_model(config, workdir, out_dir, num_scenes=num_scenes, seed=seed,
                                 max_val_batches=max_val_batches, grid_rows=grid_rows,
@@ -66,10 +74,6 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, *, out_dir: str,
 
 
 def _eval_tokenizer(config, workdir: str, out_dir: str, grid_rows: int) -> dict[str, Any]:
-  from mmjax.objectives import tokenizer as tokenizer_objective
-  from mmjax.tokenizers import image_metrics
-  from mmjax.train.checkpoint import load_model
-
   model, step = load_model(config, workdir)
   modality = model.cfg.modality
   images = tokenizer_objective.validation_images(config, modality)
@@ -86,10 +90,6 @@ def _eval_tokenizer(config, workdir: str, out_dir: str, grid_rows: int) -> dict[
 def _eval_tokens_model(config, workdir: str, out_dir: str, *, num_scenes: int, seed: int,
                        max_val_batches: int, grid_rows: int,
                        tasks: Sequence[str] | None) -> dict[str, Any]:
-  from mmjax.eval import teacher_forced
-  from mmjax.train.checkpoint import load_model
-  from mmjax.train.objective import get_objective
-
   model, step = load_model(config, workdir)
   objective = get_objective(config)
   _report(f"{config.objective} model of step {step}: teacher-forced validation metrics")
@@ -109,8 +109,6 @@ def _eval_tokens_model(config, workdir: str, out_dir: str, *, num_scenes: int, s
 def _fourm_generation(config, model, out_dir: str, *, num_scenes: int, seed: int,
                       grid_rows: int, task_names: Sequence[str] | None) -> dict[str, Any]:
   """Any-to-any metrics on the first `num_scenes` validation records (shapes data only)."""
-  from mmjax.data import modality_tokenizers, tokens_tfds
-  from mmjax.eval import fourm_eval
 
   data = config.data
   ds_dir = tokens_tfds.dataset_dir(data.data_dir, data.name)
@@ -137,7 +135,7 @@ def _fourm_generation(config, model, out_dir: str, *, num_scenes: int, seed: int
   tokenizers = {}
   for target in sorted({t.target for t in tasks}):
     m = registry[target]
-    tokenizers[target] = modality_tokenizers.load_modality_tokenizer(
+    tokenizers[target] = tokenizer_objective.load_modality_tokenizer(
         m, modality_tokenizers.tokenizer_dir_for(m, tokenizers_dir))
   _report(f"generation on {len(records)} validation scenes: "
           + ", ".join(t.name for t in tasks))

@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 from etils import epath
-from tensorboardX import record_writer
 
 from mmjax import paths
 
@@ -93,8 +92,10 @@ class _ObjectEventFiles:
     del path  # object stores have no folders to create
 
 
-for _scheme in ("gs", "s3"):
-  record_writer.register_writer_factory(_scheme, _ObjectEventFiles())
+def _register_url_event_files() -> None:
+  from tensorboardX import record_writer  # noqa: PLC0415 -- late, as SummaryWriter
+  for scheme in ("gs", "s3"):
+    record_writer.register_writer_factory(scheme, _ObjectEventFiles())
 
 
 class MetricsWriter:
@@ -116,7 +117,8 @@ class MetricsWriter:
     self.workdir.mkdir(parents=True, exist_ok=True)
     kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= start_step]
     self._file = _JsonlSink(self.path, [json.dumps(r) + "\n" for r in kept])
-    from tensorboardX import SummaryWriter
+    from tensorboardX import SummaryWriter  # noqa: PLC0415 -- late: only when TensorBoard logs
+    _register_url_event_files()
     self._tb = SummaryWriter(os.fspath(self.workdir / "tb"))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -166,9 +168,9 @@ class MetricsWriter:
     """Loss (and eval loss) against step, beside the metrics file."""
     if not self.enabled:
       return None
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 -- late: a second to import, only for the PNG
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     records = read_jsonl(self.path)
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -30,10 +30,15 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 from etils import epath
 
 from mmjax import config as mmconfig
 from mmjax.errors import UserError
+from mmjax.train import scaling
+from mmjax.train.loop import build, run_train
+from mmjax.train.metrics import METRICS_FILE, read_jsonl
+from mmjax.train.objective import get_objective
 
 MARKER = "sweep_point.json"
 RESULTS = "results.jsonl"
@@ -170,7 +175,6 @@ def run_points(sweep: Mapping[str, Any], workdir: str, *,
                log: Callable[[str], None] | None = None) -> dict[str, str]:
   """Trains every unfinished point in order; returns {name: "ran" | "skipped" | "preempted"}."""
   if train_fn is None:
-    from mmjax.train.loop import run_train
     train_fn = run_train
   log = log or (lambda text: print(text, file=sys.stderr, flush=True))
   configs = {name: point_config(sweep, name) for name in sweep["points"]}  # all checked up front
@@ -188,8 +192,6 @@ def run_points(sweep: Mapping[str, Any], workdir: str, *,
       log(f"mmjax sweep: {name} was preempted; the sweep stops (run it again to resume)")
       status[name] = "preempted"
       break
-    import jax  # late: emitting and collecting a sweep need no devices
-
     if jax.process_index() == 0:  # every process trained the point; one writes its marker
       (epath.Path(point_dir) / MARKER).write_text(json.dumps(
           {"name": name, "overrides": sweep["points"][name], "summary": summary}, default=str))
@@ -207,7 +209,6 @@ def _final(records: Sequence[Mapping[str, Any]], key: str) -> tuple[Any, Any]:
 def _sizes(config, point_dir: str) -> dict[str, Any]:
   """Parameters, training FLOPs and tokens of a point's run: parameters from the run's marker or
   the abstract model (None if the run's mesh cannot be built here), the rest from the objective."""
-  from mmjax.train.objective import get_objective
 
   objective = get_objective(config)
   params = None
@@ -215,9 +216,6 @@ def _sizes(config, point_dir: str) -> dict[str, Any]:
   if marker.exists():
     params = json.loads(marker.read_text()).get("summary", {}).get("params")
   if params is None:
-    import jax
-
-    from mmjax.train.loop import build
     try:
       _, setup = build(config)
       params = int(sum(math.prod(x.shape)
@@ -232,7 +230,6 @@ def _sizes(config, point_dir: str) -> dict[str, Any]:
 
 def collect(sweep: Mapping[str, Any], workdir: str) -> dict[str, Any]:
   """Reads every point's metrics; writes results.jsonl and results.txt (and the fit and plot)."""
-  from mmjax.train.metrics import METRICS_FILE, read_jsonl
 
   metric = sweep["metric"]
   rows = []
@@ -262,7 +259,6 @@ def collect(sweep: Mapping[str, Any], workdir: str) -> dict[str, Any]:
                             "table": os.path.join(workdir, TABLE)}
   fit = None
   if sweep["fit"]:
-    from mmjax.train import scaling
     done = [r for r in rows if r["status"] == "done" and r["metric"] is not None]
     fit = scaling.fit_results(done, "metric")
     fit["metric"] = metric

@@ -10,7 +10,7 @@ import pytest
 
 from mmjax import config as mmconfig
 from mmjax.config import ConfigError
-from mmjax.data import shapes
+from mmjax.data.shapes import world as shapes
 from mmjax.errors import UserError
 from mmjax.tokenizers import text
 from mmjax.train import loop

@@ -8,7 +8,10 @@ import ml_collections
 
 from mmjax import config as mmconfig
 from mmjax import modalities as mod
-from mmjax.data import pretokenize, shapes, tokens_tfds
+from mmjax import pretokenize
+from mmjax.data.shapes import world as shapes
+from mmjax.data.tokens import records as tokens_tfds
+from mmjax.objectives import text_tokenizer
 from mmjax.tokenizers import image, text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,13 +43,15 @@ def tampered(data_dir, tmp_path, name="shapes", **metadata):
   return str(tmp_path)
 
 
-def shapes_token_sets(root: str, *, num_train: int = 24, num_val: int = 8) -> str:
-  """<root>/mmjax_tokens/shapes: rgb pixels, tok_rgb (64 codes) and caption, in that order, from a
-  SentencePiece model trained on 300 captions (<root>/tokenizers/shapes_text) and an untrained
-  small rgb tokenizer; and <root>/mmjax_tokens/captions: 16 captions alone. Returns `root`."""
+def shapes_token_sets(root: str) -> str:
+  """<root>/mmjax_tokens/shapes: rgb pixels, tok_rgb (64 codes) and caption, in that order (train
+  24, validation 8), from a SentencePiece model trained on 300 captions
+  (<root>/tokenizers/shapes_text) and an untrained small rgb tokenizer; and
+  <root>/mmjax_tokens/captions: 16 captions alone. Returns `root`."""
   cfg = mmconfig.load(os.path.join(ROOT, "configs/tokenizers/shapes_text.py"))
-  sentences = [s for pair in text.shapes_sentences(300, split="train", seed=0, image_size=64,
-                                                   coord_bins=65) for s in pair]
+  pairs = text_tokenizer.shapes_sentences(300, split="train", seed=0, image_size=64,
+                                          coord_bins=65)
+  sentences = [s for pair in pairs for s in pair]
   text.train_text_tokenizer(sentences, os.path.join(root, "tokenizers", "shapes_text", "text"),
                             cfg.tokenizer)
   config = ml_collections.ConfigDict()
@@ -65,8 +70,8 @@ def shapes_token_sets(root: str, *, num_train: int = 24, num_val: int = 8) -> st
   registry = mod.from_config(config.modalities)
   pretokenize.run_prepare_tokens(
       config, root, progress=False,
-      sources={"train": shapes.SceneSource(num_train, split="train"),
-               "validation": shapes.SceneSource(num_val, split="validation")},
+      sources={"train": shapes.SceneSource(24, split="train"),
+               "validation": shapes.SceneSource(8, split="validation")},
       tokenizers={"tok_rgb": pretokenize.ImageModalityTokenizer(registry["tok_rgb"], rgb,
                                                                 batch_size=8)})
   config.data.name = "captions"

@@ -28,7 +28,7 @@ import numpy as np
 
 from mmjax import cli
 from mmjax import sharding as mmsharding
-from mmjax.data import pipeline
+from mmjax.data.pipeline import stream as pipeline_stream
 from mmjax.train import checkpoint, loop
 
 
@@ -110,14 +110,14 @@ def _install(record_dir: str) -> None:
 
   loop.get_objective = instrumented_objective
   reads = _Log(record_dir, "reads")
-  stream_call = pipeline.IndexStream.__call__
+  stream_call = pipeline_stream.IndexStream.__call__
 
   def logged_stream_call(self, positions):
     positions = np.asarray(positions, np.int64)
     reads.write((positions * self.process_count + self.process_index).tolist())
     return stream_call(self, positions)
 
-  pipeline.IndexStream.__call__ = logged_stream_call
+  pipeline_stream.IndexStream.__call__ = logged_stream_call
   loop._evaluate = lambda *args, **kwargs: {}
   global_batch = mmsharding.global_batch
   global_log = _Log(record_dir, "global")

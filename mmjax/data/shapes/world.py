@@ -386,19 +386,3 @@ def benchmark_generation(num_scenes: int, image_size: int = 64, seed: int = 0) -
   seconds = time.perf_counter() - start
   return {"scenes_per_s": num_scenes / seconds, "seconds": seconds, "num_scenes": num_scenes,
           "image_size": image_size}
-
-
-# The tfds builder lives in shapes_tfds (tensorflow_datasets is slow to import); these forward to it.
-
-def prepare_shapes(out_dir, num_train: int, num_val: int, seed: int = 0, image_size: int = 64,
-                   progress: bool = True) -> dict:
-  """Build the dataset as ArrayRecord under `out_dir`: see `shapes_tfds.prepare_shapes`."""
-  from mmjax.data import shapes_tfds  # pylint: disable=import-outside-toplevel
-  return shapes_tfds.prepare_shapes(out_dir, num_train, num_val, seed=seed, image_size=image_size,
-                                    progress=progress)
-
-
-def load_shapes(data_dir, split: str, image_size: int = 64):
-  """Random-access source of a built split: see `shapes_tfds.load_shapes`."""
-  from mmjax.data import shapes_tfds  # pylint: disable=import-outside-toplevel
-  return shapes_tfds.load_shapes(data_dir, split, image_size=image_size)

@@ -2,7 +2,7 @@
 
 Documents of a window of records are packed by first-fit decreasing (longest first, each into the
 first row with room; ties keep arrival order), so the result is a pure function of the window. Each
-row holds the layout of mmjax/data/sequence_batch.py with length L: segment ids 1, 2, ... in the
+row holds the layout of mmjax/data/sequences/batch.py with length L: segment ids 1, 2, ... in the
 row's document order, positions restarting at 0, block ids renumbered to be unique in the row, and
 padding with segment 0, token 0 and weight 0. Batching rows is Grain's `.batch(B)`.
 
@@ -20,8 +20,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from mmjax.data import sequence_batch
-from mmjax.data.sequences import Document, SequenceBuilder, record_uniforms
+from mmjax.data.sequences import batch as sequence_batch
+from mmjax.data.sequences.documents import Document, SequenceBuilder, record_uniforms
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -121,7 +121,7 @@ class _PackedSequencesIterator(grain.DatasetIterator):
 
 
 class PackedSequencesIterDataset(grain.IterDataset):
-  """Grain stage: records -> packed rows of `length` slots (mmjax/data/sequence_batch.py per row).
+  """Grain stage: records -> packed rows of `length` slots (mmjax/data/sequences/batch.py per row).
 
   `builder` lays out documents, `window` records are packed together, `seed` makes the template
   draws a function of (seed, record number in this stream).

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mmjax.data import masking
+from mmjax.data.fourm import masking
 from mmjax.tokenizers import special
 
 S0 = special.SpecialIds().sentinel(0)  # [S_0]; the reference's first span gets [S_1] = S0 + 1

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 
 from mmjax import modalities
-from mmjax.data import fourm_batch, masking, mixtures
-from mmjax.data.bench import synthetic_records
-from mmjax.data.fourm_transform import BadRecord, FourMTransform, patchify
+from mmjax.data.fourm import batch as fourm_batch
+from mmjax.data.fourm import masking
+from mmjax.data.fourm import mixtures
+from mmjax.data.fourm.transform import BadRecord, FourMTransform, patchify
+from mmjax.data.pipeline.bench import synthetic_records
 from mmjax.tokenizers import special
 
 S0 = special.SpecialIds().sentinel(0)
@@ -248,7 +250,7 @@ def test_too_few_sentinels_is_a_config_error():
 
 def test_bench_data_reports_rates():
   import ml_collections
-  from mmjax.data.bench import run_bench_data
+  from mmjax.data.pipeline.bench import run_bench_data
   config = ml_collections.ConfigDict()
   config.modalities = ml_collections.ConfigDict(MODS, sort_keys=False)
   config.masking = dict(mixture="4m7", input_alpha=0.5, keep_scheme="random", num_sentinels=100)

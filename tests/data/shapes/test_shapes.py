@@ -1,4 +1,5 @@
-"""Tests of the shapes world (mmjax/data/shapes.py) and its builder (mmjax/data/shapes_tfds.py)."""
+"""Tests of the shapes world (mmjax/data/shapes/world.py) and its builder
+(mmjax/data/shapes/records.py)."""
 
 import hashlib
 import os
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from mmjax.data import shapes
-from mmjax.data import shapes_tfds
+from mmjax.data.shapes import records as shapes_tfds
+from mmjax.data.shapes import world as shapes
 from mmjax.errors import UserError
 
 ARRAY_FIELDS = ("rgb", "depth", "semseg", "instance", "det_boxes", "det_classes", "obj_shape",
@@ -55,7 +56,7 @@ def test_same_scene_is_byte_identical_and_scenes_differ():
 def test_scenes_are_identical_across_processes():
   script = (
       "import hashlib\n"
-      "from mmjax.data import shapes\n"
+      "from mmjax.data.shapes import world as shapes\n"
       f"fields = {ARRAY_FIELDS!r}\n"
       "out = []\n"
       "for i in range(6):\n"
@@ -65,7 +66,7 @@ def test_scenes_are_identical_across_processes():
       "    h.update(key.encode() + str(sc[key].dtype).encode() + sc[key].tobytes())\n"
       "  out.append(h.hexdigest())\n"
       "print(' '.join(out))\n")
-  repo = pathlib.Path(shapes.__file__).parents[2]
+  repo = pathlib.Path(shapes.__file__).parents[3]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True, env=env)
@@ -203,10 +204,10 @@ def test_tfds_build_and_read_round_trip(tmp_path, image_size):
     for i in range(num):
       assert_record_is_scene(source[i], shapes.generate_scene(i, seed=3, split=split,
                                                               image_size=image_size))
-  loaded = shapes.load_shapes(tmp_path, "validation", image_size=image_size)
+  loaded = shapes_tfds.load_shapes(tmp_path, "validation", image_size=image_size)
   assert_record_is_scene(loaded[5], shapes.generate_scene(5, seed=3, split="validation",
                                                           image_size=image_size))
-  again = shapes.prepare_shapes(tmp_path, 16, 8, seed=3, image_size=image_size, progress=False)
+  again = shapes_tfds.prepare_shapes(tmp_path, 16, 8, seed=3, image_size=image_size, progress=False)
   assert again["reused"] and again["splits"] == summary["splits"]
   with pytest.raises(ValueError, match="already holds"):
     shapes_tfds.prepare_shapes(tmp_path, 16, 8, seed=4, image_size=image_size, progress=False)

@@ -1,6 +1,6 @@
 """One interface over every modality's tokenizer: raw samples <-> token ids, with a version.
 
-  tok = load_modality_tokenizer(registry["caption"], "runs/tokenizers/shapes_text")
+  tok = load_text_modality_tokenizer(registry["caption"], "runs/tokenizers/shapes_text")
   ids = tok.encode_batch(samples)       # samples: dicts of the raw schema; one int32 array each
   raw = tok.decode_batch(ids)           # [{"caption": "a small red circle ..."}, ...]
   tok.fingerprint                       # recorded with pre-tokenized data
@@ -16,15 +16,21 @@ depth, class maps outside the classes, empty or non-UTF-8 text, boxes that are n
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from mmjax import modalities as mod
+from mmjax import paths
 from mmjax.config import ConfigError
 from mmjax.errors import UserError
+from mmjax.tokenizers import boxes
+from mmjax.tokenizers.image import image_fingerprint
+from mmjax.tokenizers.text import TextTokenizer
 
 DET_SOURCE = "det"  # a sequence modality with this source is boxes as text, from det_boxes/classes
 
@@ -159,7 +165,6 @@ class DetModalityTokenizer(ModalityTokenizer):
     self.vocab_size = tokenizer.vocab_size
 
   def check(self, sample, where):
-    from mmjax.tokenizers import boxes
     boxes_K4 = np.asarray(sample.get("det_boxes"), np.float64)
     classes_K = np.asarray(sample.get("det_classes"))
     if classes_K.size and classes_K.dtype.kind not in "iu":
@@ -176,7 +181,6 @@ class DetModalityTokenizer(ModalityTokenizer):
     return self.tokenizer.encode_batch(list(values))
 
   def decode_batch(self, ids):
-    from mmjax.tokenizers import boxes
     out = []
     for text in self.tokenizer.decode_batch(ids):
       decoded = boxes.text_to_boxes(text, self.bins, self.class_names)
@@ -184,19 +188,6 @@ class DetModalityTokenizer(ModalityTokenizer):
                   "det_classes": np.array([self.class_names.index(c) for c in decoded.classes],
                                           np.int32)})
     return out
-
-
-def image_fingerprint(tokenizer) -> str:
-  """sha256 of an image tokenizer's config and weights (RNG state excluded)."""
-  import jax
-  from flax import nnx
-  digest = hashlib.sha256(repr(tokenizer.cfg).encode())
-  state = nnx.state(tokenizer, nnx.Not(nnx.RngState))
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    a = np.asarray(leaf)
-    digest.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}".encode())
-    digest.update(np.ascontiguousarray(a).tobytes())
-  return digest.hexdigest()
 
 
 class ImageModalityTokenizer(ModalityTokenizer):
@@ -254,11 +245,23 @@ class ImageModalityTokenizer(ModalityTokenizer):
     return [{self.modality.source: image} for image in images]
 
 
-def _load_text(modality: mod.Modality, tokenizer_dir: str):
-  from mmjax.tokenizers.text import TextTokenizer
+def load_text_tokenizer(tokenizer_dir: str) -> TextTokenizer:
+  """The SentencePiece model of `mmjax tokenizer train --config configs/tokenizers/shapes_text.py`:
+  `tokenizer_dir` is its workdir (holding text.model) or the model file itself."""
   path = tokenizer_dir if os.path.isfile(tokenizer_dir) else os.path.join(tokenizer_dir,
                                                                            "text.model")
   return TextTokenizer.load(path)
+
+
+def load_text_modality_tokenizer(modality: mod.Modality, tokenizer_dir: str) -> ModalityTokenizer:
+  """A sequence modality's tokenizer (text, or boxes as text) trained into `tokenizer_dir`.
+  Image tokenizers are checkpoints of the trainer: `mmjax.objectives.tokenizer` loads them."""
+  if not modality.is_sequence:
+    raise ConfigError(f"modality {modality.name} is not a sequence: it has no text tokenizer")
+  text = load_text_tokenizer(tokenizer_dir)
+  if modality.source == DET_SOURCE:
+    return DetModalityTokenizer(modality, text)
+  return TextModalityTokenizer(modality, text)
 
 
 def resolve_config_path(spec: str) -> str:
@@ -272,32 +275,55 @@ def resolve_config_path(spec: str) -> str:
   return path + sep + arg
 
 
-def _load_image(modality: mod.Modality, tokenizer_dir: str):
-  """The trained image tokenizer in `tokenizer_dir`: the latest checkpoint of `mmjax tokenizer
-  train --config <modality.tokenizer> --workdir <tokenizer_dir>`, restored by the tokenizer
-  objective (which needs the same config: its model section fixes the architecture)."""
-  from mmjax import config as mmconfig
-  from mmjax.objectives import tokenizer as tokenizer_objective
-  if not os.path.isdir(os.path.join(tokenizer_dir, "checkpoints")):
-    raise UserError(f"modality {modality.name}: no trained tokenizer in {tokenizer_dir} (train "
-                    f"it with `mmjax tokenizer train --config {modality.tokenizer} --workdir "
-                    f"{tokenizer_dir}`)")
-  config = mmconfig.load(resolve_config_path(modality.tokenizer))
-  return tokenizer_objective.load_trained(config, tokenizer_dir)
+# ---------------------------------------------------------------------------------------------
+# What a trained image tokenizer records beside its checkpoints.
+
+# Written by the tokenizer's training (`mmjax.objectives.tokenizer`) from the weights of its newest
+# checkpoint: {"fingerprint": image_fingerprint of those weights, "step": that checkpoint's step,
+# "modality": rgb|depth|semseg, "model": the architecture (ImageTokenizerConfig's fields)}. Data
+# checks read it instead of restoring the weights through the trainer.
+TRAINED_INFO = "tokenizer.json"
 
 
-def load_modality_tokenizer(modality: mod.Modality, tokenizer_dir: str, *,
-                            batch_size: int = 64) -> ModalityTokenizer:
-  """The tokenizer of `modality`, trained into `tokenizer_dir` (the --workdir of `mmjax tokenizer
-  train --config <modality.tokenizer>`), behind the ModalityTokenizer interface."""
-  if modality.kind == mod.IMAGE_PIXELS:
-    raise ConfigError(f"modality {modality.name} is raw pixels: it has no tokenizer")
-  if modality.is_sequence:
-    text = _load_text(modality, tokenizer_dir)
-    if modality.source == DET_SOURCE:
-      return DetModalityTokenizer(modality, text)
-    return TextModalityTokenizer(modality, text)
-  return ImageModalityTokenizer(modality, _load_image(modality, tokenizer_dir), batch_size)
+def checkpoint_steps(tokenizer_dir: str) -> list[int]:
+  """The steps of the finished checkpoints in `<tokenizer_dir>/checkpoints`, oldest first."""
+  directory = epath.Path(tokenizer_dir) / "checkpoints"
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def write_trained_info(tokenizer_dir: str, info: Mapping[str, Any]) -> str:
+  """Writes `info` as <tokenizer_dir>/tokenizer.json atomically; returns its path."""
+  path = epath.Path(tokenizer_dir) / TRAINED_INFO
+  text = json.dumps(dict(info), indent=2)
+  if paths.is_url(path):  # an object appears whole when its upload completes
+    path.write_text(text)
+  else:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+  return os.fspath(path)
+
+
+def read_trained_info(modality: mod.Modality, tokenizer_dir: str) -> dict[str, Any]:
+  """The tokenizer.json of the image tokenizer trained into `tokenizer_dir`, checked to describe
+  its newest checkpoint; a UserError saying how to (re)write it when it is absent or stale."""
+  path = epath.Path(tokenizer_dir) / TRAINED_INFO
+  regenerate = (f"write it with `mmjax tokenizer fingerprint --config {modality.tokenizer} "
+                f"--workdir {tokenizer_dir}` (or retrain the tokenizer)")
+  if not path.is_file():
+    raise UserError(f"modality {modality.name}: the image tokenizer in {tokenizer_dir} has no "
+                    f"{TRAINED_INFO} (it was trained before tokenizers recorded their "
+                    f"fingerprint); {regenerate}")
+  info = json.loads(path.read_text())
+  steps = checkpoint_steps(tokenizer_dir)
+  if not steps or info.get("step") != steps[-1]:
+    raise UserError(f"modality {modality.name}: {path} describes checkpoint step "
+                    f"{info.get('step')}, but the newest checkpoint in {tokenizer_dir} is step "
+                    f"{steps[-1] if steps else 'none'} (training stopped before writing it?); "
+                    f"{regenerate}")
+  return info
 
 
 def tokenizer_dir_for(modality: mod.Modality, tokenizers_dir: str) -> str:

@@ -32,6 +32,9 @@ from typing import Any
 import numpy as np
 
 from mmjax import modalities
+from mmjax.data.pipeline import fourm as fourm_pipeline
+from mmjax.data.pipeline import stream
+from mmjax.data.tokens import records as tokens_tfds
 from mmjax.modalities import IMAGE_PIXELS, IMAGE_TOKENS, Registry
 from mmjax.tokenizers import special
 
@@ -72,7 +75,6 @@ def write_records(registry: Registry, records: Sequence[Mapping[str, Any]], data
                   name: str = "bench") -> None:
   """`records` (a modality absent where a record lacks it or holds None) as a one-shard
   pre-tokenized dataset `name` under `data_dir`, in the layout of `mmjax prepare tokens`."""
-  from mmjax.data import tokens_tfds  # late: tfds import is slow
 
   features = tokens_tfds.make_features(registry, ())
   ds_dir = tokens_tfds.dataset_dir(data_dir, name)
@@ -110,13 +112,12 @@ def run_bench_data(config, workdir: str | None = None, *, batch_size: int = 256,
   With `pixels`, `image_pixels` modalities are included (then "rgb" in rgb->all components is
   the pixel modality, else the rgb token modality).
   """
-  from mmjax.data import pipeline  # late: keeps `import bench` light
 
   registry = modalities.from_config(config.modalities)
   if not pixels:
     registry = Registry(tuple(m for m in registry if m.kind != IMAGE_PIXELS))
   records = synthetic_records(registry, num_records, seed=1)
-  transform = pipeline.transform_from_config(config, registry=registry)
+  transform = fourm_pipeline.transform_from_config(config, registry=registry)
   batches = [records[i:i + batch_size] for i in range(0, num_records - batch_size + 1, batch_size)]
   rng = np.random.default_rng(0)
   transform(batches[0], rng)  # warm-up
@@ -127,20 +128,19 @@ def run_bench_data(config, workdir: str | None = None, *, batch_size: int = 256,
 
   rate, cpu_rate = _rates(transform_all, len(batches) * batch_size, min_seconds)
 
-  def pipeline_rates(spec: pipeline.DatasetSpec) -> tuple[float, float]:
-    it = pipeline.make_iterator(config, [spec], batch_size=batch_size, process_index=0,
-                                process_count=1, num_workers=0, registry=registry)
+  def pipeline_rates(spec: stream.DatasetSpec) -> tuple[float, float]:
+    it = fourm_pipeline.make_iterator(config, [spec], batch_size=batch_size, process_index=0,
+                                      process_count=1, num_workers=0, registry=registry)
     next(it)  # warm-up
     return _rates(lambda: [next(it) for _ in range(pipeline_batches)],
                   pipeline_batches * batch_size, 0.0)
 
   result = {"bench": "data", "samples_per_s": round(rate, 1),
             "samples_per_s_per_core": round(cpu_rate, 1)}
-  wall, cpu = pipeline_rates(pipeline.DatasetSpec("synthetic", records))
+  wall, cpu = pipeline_rates(stream.DatasetSpec("synthetic", records))
   result.update(pipeline_samples_per_s=round(wall, 1),
                 pipeline_samples_per_s_per_core=round(cpu, 1))
   if disk:
-    from mmjax.data import tokens_tfds
 
     with contextlib.ExitStack() as stack:
       data_dir = (os.path.join(workdir, "bench_records") if workdir else
@@ -154,7 +154,7 @@ def run_bench_data(config, workdir: str | None = None, *, batch_size: int = 256,
       keys = list(range(batch_size))
       _, read_cpu = _rates(lambda: list(map(parse, raw.__getitems__(keys))), batch_size, 1.0)
       _, tfds_cpu = _rates(lambda: list(map(decode, decoded.__getitems__(keys))), batch_size, 1.0)
-      wall, cpu = pipeline_rates(pipeline.DatasetSpec("bench", raw, decode=parse))
+      wall, cpu = pipeline_rates(stream.DatasetSpec("bench", raw, decode=parse))
       result.update(disk_pipeline_samples_per_s=round(wall, 1),
                     disk_pipeline_samples_per_s_per_core=round(cpu, 1),
                     read_decode_records_per_s_per_core=round(read_cpu, 1),

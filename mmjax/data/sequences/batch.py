@@ -1,7 +1,7 @@
 """The mixed-modal sequence batch: packed, fixed-length token streams for decoder-only models.
 
 B = batch, L = sequence length. One shared vocabulary: text ids first, then each image modality's
-codes at an offset, then special tokens (begin/end of each image modality); `mmjax.data.sequences`
+codes at an offset, then special tokens (begin/end of each image modality); `documents`
 owns that layout. Per token (specs/mixed_modal.md, "One data model"):
 
   tokens       int32   [B, L]  input token id

@@ -1,4 +1,4 @@
-"""Records -> the 4M batch (`mmjax.data.fourm_batch`), many records at once with numpy.
+"""Records -> the 4M batch (`mmjax.data.fourm.batch`), many records at once with numpy.
 
 A record is a dict keyed by modality name: for an `image_tokens` modality an int array of
 grid_h*grid_w ids (any int dtype, [G] or [grid_h, grid_w]); for a `sequence` modality a 1-D int array
@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from mmjax.config import ConfigError
-from mmjax.data import fourm_batch, masking
-from mmjax.data.mixtures import Mixture
+from mmjax.data.fourm import batch as fourm_batch
+from mmjax.data.fourm import masking
+from mmjax.data.fourm.mixtures import Mixture
 from mmjax.errors import UserError
 from mmjax.modalities import IMAGE_PIXELS, IMAGE_TOKENS, SEQUENCE, Modality, Registry
 from mmjax.tokenizers import special

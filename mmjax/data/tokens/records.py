@@ -1,6 +1,6 @@
 """Pre-tokenized datasets on disk: ArrayRecord shards with a tfds DatasetInfo (no TensorFlow).
 
-Layout (written by `mmjax.data.pretokenize`, read by `tfds.data_source`):
+Layout (written by `mmjax.pretokenize`, read by `tfds.data_source`):
 
   <data_dir>/mmjax_tokens/<name>/1.0.0/
     mmjax_tokens-<split>.array_record-0000k-of-0000n   one record per sample, in source order
@@ -222,7 +222,7 @@ def load_tokens(data_dir: str | os.PathLike, name: str, split: str):
 
 
 def decode_record(record: Mapping[str, Any], specs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-  """A tfds record -> the pipeline's record (`mmjax.data.fourm_transform`): absent modalities
+  """A tfds record -> the pipeline's record (`mmjax.data.fourm.transform`): absent modalities
   become None, the rest (and id, index, gt_*) pass through."""
   out = dict(record)
   present = np.asarray(record["present"])
@@ -336,7 +336,7 @@ def spec_differences(m: mod.Modality, spec: Mapping[str, Any]) -> list[str]:
 _TOKENIZERS: dict[tuple, tuple[str, int | None]] = {}
 
 
-def _tokenizer_state(m: mod.Modality, directory: str) -> tuple | None:
+def _tokenizer_state(m: mod.Modality, directory: str, info_file: str) -> tuple | None:
   """What identifies a trained tokenizer's files (changes when it is retrained); None if absent."""
   if m.is_sequence:
     path = directory if os.path.isfile(directory) else os.path.join(directory, "text.model")
@@ -344,32 +344,39 @@ def _tokenizer_state(m: mod.Modality, directory: str) -> tuple | None:
   checkpoints = os.path.join(directory, "checkpoints")
   if not os.path.isdir(checkpoints):
     return None
-  return (checkpoints, os.stat(checkpoints).st_mtime_ns, tuple(sorted(os.listdir(checkpoints))))
+  info = os.path.join(directory, info_file)
+  return (checkpoints, os.stat(checkpoints).st_mtime_ns, tuple(sorted(os.listdir(checkpoints))),
+          os.stat(info).st_mtime_ns if os.path.isfile(info) else None)
 
 
 def find_tokenizer(m: mod.Modality, tokenizers_dir: str) -> tuple[str, str, int | None] | None:
   """(directory, fingerprint, sentinel count) of modality m's trained tokenizer under
   `tokenizers_dir` (`<dir>/<tokenizer config stem>`), None when it is not there. The sentinel
-  count is a text tokenizer's [S_k] count, None for an image tokenizer. Loaded once per process
-  and state of its files: restoring an image tokenizer to hash its weights costs seconds."""
-  from mmjax.data import modality_tokenizers as mt  # late: it reaches the tokenizers' code
+  count is a text tokenizer's [S_k] count, None for an image tokenizer, whose fingerprint is the
+  one its training recorded beside its checkpoints (`tokenizer.json`): the weights are not read.
+  Looked up once per process and state of its files."""
+  # Late: the tokenizers import flax and sentencepiece (seconds), which Grain's worker processes,
+  # that unpickle this module's record parsers, never need.
+  from mmjax.tokenizers import modality as mt  # noqa: PLC0415
   if m.kind == mod.IMAGE_PIXELS or not m.tokenizer or not tokenizers_dir:
     return None
   directory = mt.tokenizer_dir_for(m, tokenizers_dir)
-  state = _tokenizer_state(m, directory)
+  state = _tokenizer_state(m, directory, mt.TRAINED_INFO)
   if state is None:
     return None
   key = (os.path.abspath(directory), m.kind, m.source, m.tokenizer, state)
   if key not in _TOKENIZERS:
-    try:
-      tok = mt.load_modality_tokenizer(m, directory, batch_size=1)
-    except Exception as e:  # noqa: BLE001 -- any failure to restore it is reported the same way
-      raise UserError(f"modality {m.name}: the tokenizer in {directory} could not be loaded to "
-                      f"check the pre-tokenized data against it ({type(e).__name__}: {e}); fix "
-                      f"modalities.{m.name}.tokenizer or data.tokenizers_dir, or set "
-                      f"data.check_tokenizers=False") from None
-    sentinels = tok.tokenizer.special.num_sentinels if m.is_sequence else None
-    _TOKENIZERS[key] = (tok.fingerprint, sentinels)
+    if not m.is_sequence:
+      _TOKENIZERS[key] = (str(mt.read_trained_info(m, directory)["fingerprint"]), None)
+    else:
+      try:
+        tok = mt.load_text_modality_tokenizer(m, directory)
+      except Exception as e:  # noqa: BLE001 -- any failure to load it is reported the same way
+        raise UserError(f"modality {m.name}: the tokenizer in {directory} could not be loaded to "
+                        f"check the pre-tokenized data against it ({type(e).__name__}: {e}); fix "
+                        f"modalities.{m.name}.tokenizer or data.tokenizers_dir, or set "
+                        f"data.check_tokenizers=False") from None
+      _TOKENIZERS[key] = (tok.fingerprint, tok.tokenizer.special.num_sentinels)
   return (directory, *_TOKENIZERS[key])
 
 

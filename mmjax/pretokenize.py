@@ -1,8 +1,8 @@
-"""`mmjax prepare tokens`: a raw dataset -> pre-tokenized ArrayRecord shards (`tokens_tfds`).
+"""`mmjax prepare tokens`: a raw dataset -> pre-tokenized ArrayRecord shards (`tokens.records`).
 
   summary = run_prepare_tokens(config, workdir)   # config: modalities + data (+ optional tokens)
 
-Raw datasets give samples of the raw schema (`mmjax.data.shapes`): rgb, depth, semseg, caption,
+Raw datasets give samples of the raw schema (`data.shapes.world`): rgb, depth, semseg, caption,
 det_boxes + det_classes, ground truth. Sources: the shapes tfds dataset (`data.name = "shapes"`, at
 `data.data_dir` or <workdir>/data), a local folder (`data.name = "folder"`, `data.folder`), any other
 tfds dataset with the same fields (`data.name` = its tfds name), or `sources={split: source}`.
@@ -37,17 +37,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import tensorflow_datasets as tfds
+from array_record.python import array_record_module
 
 from mmjax import modalities as mod
 from mmjax.config import ConfigError, to_dataclass
-from mmjax.data import tokens_tfds
+from mmjax.data import folder
+from mmjax.data.shapes import records as shapes_tfds
+from mmjax.data.tokens import records as tokens_tfds
 from mmjax.errors import UserError
+from mmjax.objectives.tokenizer import load_modality_tokenizer
+from mmjax.tokenizers.image import image_fingerprint  # noqa: F401 -- re-exported
 
 # The modality tokenizer interface is re-exported here: callers of the job need nothing else.
-from mmjax.data.modality_tokenizers import (  # noqa: F401
+from mmjax.tokenizers.modality import (  # noqa: F401
     DET_SOURCE, BadSample, DetModalityTokenizer, ImageModalityTokenizer, ModalityTokenizer,
-    TextModalityTokenizer, as_rgb, as_text, image_fingerprint, load_modality_tokenizer,
-    has_fields, raw_fields, tokenizer_dir_for)
+    TextModalityTokenizer, as_rgb, as_text, has_fields, raw_fields, tokenizer_dir_for)
 
 BAD_SAMPLE_MODES = ("error", "skip")
 
@@ -92,7 +97,6 @@ def open_sources(config, workdir: str, splits: Sequence[str]) -> tuple[dict[str,
   data = config.data
   name = data.get("name", "shapes")
   if name == "folder":
-    from mmjax.data import folder
     root = data.get("folder", "")
     if not root:
       raise ConfigError("data.folder is empty: give the folder of images and captions")
@@ -100,10 +104,8 @@ def open_sources(config, workdir: str, splits: Sequence[str]) -> tuple[dict[str,
     sources = {s: found[s] for s in splits if s in found}
     return sources, {"kind": "folder", "folder": os.path.abspath(root),
                      "image_size": int(data.image_size)}
-  import tensorflow_datasets as tfds
   data_dir = data.get("data_dir", "") or os.path.join(workdir, "data")
   if name == "shapes":
-    from mmjax.data import shapes_tfds
     builder_dir = os.path.join(data_dir, "shapes", f"s{int(data.image_size)}", "1.0.0")
     have = _tfds_splits(builder_dir)
     if have is None:
@@ -126,6 +128,7 @@ def _tfds_splits(builder_dir: str) -> set[str] | None:
   if not os.path.isfile(path):
     return None
   return {s["name"] for s in tokens_tfds.read_json(path).get("splits", [])}
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +364,6 @@ def _finished(ds_dir: str, entry: Mapping[str, Any] | None, filename: str) -> bo
   path = os.path.join(ds_dir, filename)
   if not os.path.isfile(path):
     return False
-  from array_record.python import array_record_module
   reader = array_record_module.ArrayRecordReader(path)
   try:
     return reader.num_records() == entry["records"]

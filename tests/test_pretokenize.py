@@ -11,14 +11,20 @@ import pytest
 
 from mmjax import config as mmconfig
 from mmjax import modalities as mod
-from mmjax.data import pipeline, pretokenize, shapes, shapes_tfds, tokens_tfds
+from mmjax import pretokenize
+from mmjax.data.pipeline import fourm as fourm_pipeline
+from mmjax.data.pipeline import stream
+from mmjax.data.shapes import records as shapes_tfds
+from mmjax.data.shapes import world as shapes
+from mmjax.data.tokens import records as tokens_tfds
 from mmjax.errors import UserError
+from mmjax.objectives import text_tokenizer
 from mmjax.tokenizers import image, text
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.loop import build
 from mmjax.train.state import init_state
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEMSEG_CONFIG = "configs/tokenizers/shapes_semseg.py:runlocal"
 
 
@@ -28,8 +34,9 @@ def tokenizers_dir(tmp_path_factory):
   the semseg tokenizer written by the shared trainer's Checkpointer, restored the real way."""
   root = str(tmp_path_factory.mktemp("tokenizers"))
   cfg = mmconfig.load(os.path.join(ROOT, "configs/tokenizers/shapes_text.py"))
-  sentences = [s for pair in text.shapes_sentences(300, split="train", seed=0, image_size=64,
-                                                   coord_bins=65) for s in pair]
+  pairs = text_tokenizer.shapes_sentences(300, split="train", seed=0, image_size=64,
+                                          coord_bins=65)
+  sentences = [s for pair in pairs for s in pair]
   text.train_text_tokenizer(sentences, os.path.join(root, "shapes_text", "text"), cfg.tokenizer)
   semseg = mmconfig.load(os.path.join(ROOT, SEMSEG_CONFIG))
   objective, setup = build(semseg)
@@ -185,9 +192,9 @@ def test_shapes_round_trip_through_tfds_shards(tmp_path, tokenizers_dir, image_t
   sentinels = text.TextTokenizer.load(text_model).special.num_sentinels
   assert meta["num_sentinels"] == {"caption": sentinels, "det": sentinels}
   source = tokens_tfds.load_tokens(tmp_path, "shapes", "train")
-  it = pipeline.make_iterator(
-      config, [pipeline.DatasetSpec("shapes", source,
-                                    decode=tokens_tfds.RecordDecoder(meta["modalities"]))],
+  it = fourm_pipeline.make_iterator(
+      config, [stream.DatasetSpec("shapes", source,
+                                  decode=tokens_tfds.RecordDecoder(meta["modalities"]))],
       batch_size=4, process_index=0, process_count=1)
   batch = next(it)
   assert batch["enc_tokens"].shape[0] == 4 and it.bad_records == 0

@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 from mmjax import modalities
-from mmjax.data import pipeline
-from mmjax.data.bench import synthetic_records
-from mmjax.data.fourm_transform import BadRecord
+from mmjax.data.fourm.transform import BadRecord
+from mmjax.data.pipeline import demo_tokens
+from mmjax.data.pipeline import fourm as fourm_pipeline
+from mmjax.data.pipeline import stream as record_stream
+from mmjax.data.pipeline import token_sets
+from mmjax.data.pipeline.bench import synthetic_records
 
 MODS = dict(
     tok_rgb=dict(kind="image_tokens", source="rgb", vocab_size=64, grid=(4, 4)),
@@ -37,7 +40,7 @@ def records():
 def _iterator(config, records, **kw):
   kw.setdefault("process_index", 0)
   kw.setdefault("process_count", 1)
-  return pipeline.make_iterator(config, [pipeline.DatasetSpec("syn", records)], **kw)
+  return fourm_pipeline.make_iterator(config, [record_stream.DatasetSpec("syn", records)], **kw)
 
 
 def _equal(a, b):
@@ -54,16 +57,16 @@ def test_same_seed_same_batches_other_seed_other(records):
 
 
 def test_hosts_see_disjoint_complete_data(records):
-  spec = [pipeline.DatasetSpec("syn", records)]
+  spec = [record_stream.DatasetSpec("syn", records)]
   seen = []
   for host in range(3):
-    stream = pipeline.record_dataset(spec, seed=1, process_index=host, process_count=3,
-                                     num_epochs=1)
+    stream = record_stream.record_dataset(spec, seed=1, process_index=host, process_count=3,
+                                          num_epochs=1)
     seen.append([index for _, index, _ in stream])
   flat = sum(seen, [])
   assert len(flat) == len(set(flat)) == 40 and set(flat) == set(range(40))
   # The next epoch is a different permutation of all the records.
-  two = pipeline.record_dataset(spec, seed=1, num_epochs=2)
+  two = record_stream.record_dataset(spec, seed=1, num_epochs=2)
   epochs = [index for _, index, _ in two]
   assert sorted(epochs[40:]) == list(range(40)) and epochs[40:] != epochs[:40]
 
@@ -76,18 +79,18 @@ def _ids_transform(records, rng, **kwargs):
 
 def test_batches_of_all_hosts_cover_a_dataset_mixture_once_per_epoch(records):
   texts = [{"id": 1000 + i} for i in range(10)]
-  specs = [pipeline.DatasetSpec("a", records[:30], weight=3.0),
-           pipeline.DatasetSpec("b", texts, weight=1.0)]
+  specs = [record_stream.DatasetSpec("a", records[:30], weight=3.0),
+           record_stream.DatasetSpec("b", texts, weight=1.0)]
   seen = []
   for host in range(2):
-    ds = pipeline.build_dataset(specs, _ids_transform, batch_size=5, seed=2, process_index=host,
-                                process_count=2, num_epochs=1)
+    ds = fourm_pipeline.build_dataset(specs, _ids_transform, batch_size=5, seed=2,
+                                      process_index=host, process_count=2, num_epochs=1)
     assert len(ds) == 4  # 40 records (30 + 10 at 3:1) over 2 hosts in batches of 5
     seen.append([i for k in range(len(ds)) for i in ds[k][0]])
   flat = seen[0] + seen[1]
   assert sorted(flat) == list(range(30)) + list(range(1000, 1010))
   # Every run of 4 stream positions holds 3 records of "a" and 1 of "b".
-  stream = pipeline.record_dataset(specs, seed=2, num_epochs=1)
+  stream = record_stream.record_dataset(specs, seed=2, num_epochs=1)
   owners = np.array([stream[i][0] for i in range(len(stream))]).reshape(-1, 4)
   assert (owners.sum(1) == 1).all()
 
@@ -100,10 +103,10 @@ def test_batches_read_the_record_stream_in_bulk(records):
       Source.calls += 1
       return [self[i] for i in keys]
 
-  spec = [pipeline.DatasetSpec("syn", Source(records))]
-  ds = pipeline.build_dataset(spec, _ids_transform, batch_size=8, seed=5, process_index=1,
-                              process_count=2)
-  stream = pipeline.record_dataset(spec, seed=5, process_index=1, process_count=2)
+  spec = [record_stream.DatasetSpec("syn", Source(records))]
+  ds = fourm_pipeline.build_dataset(spec, _ids_transform, batch_size=8, seed=5, process_index=1,
+                                    process_count=2)
+  stream = record_stream.record_dataset(spec, seed=5, process_index=1, process_count=2)
   for k in (0, 3, 7):  # 7 crosses into the second epoch (20 records per host)
     want = [int(stream[i][2]["id"]) for i in range(8 * k, 8 * k + 8)]
     Source.calls = 0
@@ -112,9 +115,9 @@ def test_batches_read_the_record_stream_in_bulk(records):
 
 
 def test_mixture_proportions():
-  np.testing.assert_array_equal(pipeline._proportions([0.6, 0.2, 0.2]), [3, 1, 1])
-  np.testing.assert_array_equal(pipeline._proportions([2.0]), [1])
-  stream = pipeline.IndexStream([5, 5, 5], [0.5, 0.25, 0.25], seed=0)
+  np.testing.assert_array_equal(record_stream._proportions([0.6, 0.2, 0.2]), [3, 1, 1])
+  np.testing.assert_array_equal(record_stream._proportions([2.0]), [1])
+  stream = record_stream.IndexStream([5, 5, 5], [0.5, 0.25, 0.25], seed=0)
   dataset, _ = stream(np.arange(400))
   np.testing.assert_array_equal(np.bincount(dataset), [200, 100, 100])
 
@@ -148,16 +151,16 @@ def test_exact_resume_mid_epoch(records, steps_before):
 def test_dataset_mixture_weights_and_missing_modality(records):
   config = _config()
   texts = [{"caption": r["caption"], "id": r["id"]} for r in records]  # a text-only dataset
-  specs = [pipeline.DatasetSpec("images", records, weight=3.0),
-           pipeline.DatasetSpec("text", texts, weight=1.0, missing=("tok_rgb", "tok_depth"))]
-  stream = pipeline.record_dataset(specs, seed=0)
+  specs = [record_stream.DatasetSpec("images", records, weight=3.0),
+           record_stream.DatasetSpec("text", texts, weight=1.0, missing=("tok_rgb", "tok_depth"))]
+  stream = record_stream.record_dataset(specs, seed=0)
   ids = [stream[i][0] for i in range(400)]
   assert abs(np.mean(np.array(ids) == 0) - 0.75) < 0.03
-  it = pipeline.make_iterator(config, specs, process_index=0, process_count=1)
+  it = fourm_pipeline.make_iterator(config, specs, process_index=0, process_count=1)
   batches = [next(it) for _ in range(10)]
   assert it.bad_records == 0
   # Row b of batch k is position 8k + b of the record stream (seeded by data.shuffle_seed).
-  row_ids = np.array([pipeline.record_dataset(specs, seed=3)[i][0] for i in range(80)])
+  row_ids = np.array([record_stream.record_dataset(specs, seed=3)[i][0] for i in range(80)])
   text_rows = row_ids == 1
   assert text_rows.mean() == 0.25  # 3 : 1, interleaved exactly in every period of 4
   registry = modalities.from_config(MODS)
@@ -211,8 +214,8 @@ def test_array_record_file_gives_the_same_batches(records, tmp_path):
   writer.close()
   source = grain.sources.ArrayRecordDataSource([path])
   config = _config()
-  from_file = pipeline.make_iterator(
-      config, [pipeline.DatasetSpec("syn", source, decode=decode)], process_index=0,
+  from_file = fourm_pipeline.make_iterator(
+      config, [record_stream.DatasetSpec("syn", source, decode=decode)], process_index=0,
       process_count=1)
   in_memory = _iterator(config, records)
   for _ in range(3):
@@ -241,15 +244,15 @@ def test_worker_processes_give_the_same_batches_and_resume(records):
 def test_empty_data_dir_reads_the_demo_tokens_or_says_how_to_make_them(tmp_path, monkeypatch):
   from mmjax import defaults
   from mmjax.config import ConfigError
-  from mmjax.data import tokens_tfds
+  from mmjax.data.tokens import records as tokens_tfds
 
-  demo_tokens = tmp_path / "runs" / "demo" / "tokens"
-  monkeypatch.setattr(defaults, "DEMO_TOKENS", str(demo_tokens))
+  demo_dir = tmp_path / "runs" / "demo" / "tokens"
+  monkeypatch.setattr(defaults, "DEMO_TOKENS", str(demo_dir))
   config = ml_collections.ConfigDict(dict(data=dict(data_dir="", name="shapes", mixture=())))
-  pipeline.use_demo_tokens_if_unset(config)  # no demo tokens: nothing changes
+  demo_tokens.use_demo_tokens_if_unset(config)  # no demo tokens: nothing changes
   with pytest.raises(ConfigError, match=r"data\.data_dir' is empty.*launch/local\.sh"):
-    pipeline.mixture_from_config(config.data)
-  os.makedirs(tokens_tfds.dataset_dir(demo_tokens, "shapes"))
-  pipeline.use_demo_tokens_if_unset(config)
-  (token_set,) = pipeline.mixture_from_config(config.data)
-  assert token_set.data_dir == str(demo_tokens) and token_set.name == "shapes"
+    token_sets.mixture_from_config(config.data)
+  os.makedirs(tokens_tfds.dataset_dir(demo_dir, "shapes"))
+  demo_tokens.use_demo_tokens_if_unset(config)
+  (token_set,) = token_sets.mixture_from_config(config.data)
+  assert token_set.data_dir == str(demo_dir) and token_set.name == "shapes"

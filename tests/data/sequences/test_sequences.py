@@ -11,7 +11,9 @@ import pytest
 from mmjax import config as mmconfig
 from mmjax import modalities as mm
 from mmjax.config import ConfigError
-from mmjax.data import packing, sequence_batch, sequences
+from mmjax.data.sequences import batch as sequence_batch
+from mmjax.data.sequences import documents as sequences
+from mmjax.data.sequences import packing
 from mmjax.errors import UserError
 
 # text vocabulary 50 (caption and det share it), 2x3 images from a 30-code book

@@ -3,7 +3,8 @@
 import numpy as np
 
 from mmjax import modalities
-from mmjax.data import bench, tokens_tfds
+from mmjax.data.pipeline import bench
+from mmjax.data.tokens import records as tokens_tfds
 
 MODS = dict(
     rgb=dict(kind="image_pixels", image_size=8, patch_size=4),

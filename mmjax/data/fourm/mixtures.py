@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mmjax.config import ConfigError
-from mmjax.data.masking import KEEP_SCHEMES
+from mmjax.data.fourm.masking import KEEP_SCHEMES
 from mmjax.modalities import IMAGE_PIXELS, Registry
 
 

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mmjax import paths
+
 
 def to_rgb(image: np.ndarray, kind: str = "rgb") -> np.ndarray:
   """An [H, W, 3] uint8 view of an rgb image, a depth map or a class map."""
@@ -30,10 +32,11 @@ def save_grid(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]],
               column_titles: Sequence[str] = (), row_titles: Sequence[str] = (),
               scale: int = 2) -> str:
   """Writes rows of [H, W, 3] uint8 images as one PNG with optional titles; returns the path."""
-  import matplotlib
+  # Late: matplotlib takes a second to import; the trainers import this module for their PNGs.
+  import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # noqa: PLC0415
 
   num_rows, num_cols = len(rows), max(len(r) for r in rows)
   height, width = rows[0][0].shape[:2]
@@ -52,8 +55,7 @@ def save_grid(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]],
       axes[r][0].text(-0.05, 0.5, row_titles[r], transform=axes[r][0].transAxes, fontsize=6,
                       ha="right", va="center", wrap=True)
   figure.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  figure.savefig(path, dpi=100)
+  paths.save_figure(figure, path)
   plt.close(figure)
   return str(path)
 

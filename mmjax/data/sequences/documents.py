@@ -10,7 +10,7 @@ Shared vocabulary (`SharedVocab`): the text ids first (all `sequence` modalities
 tokenizer), then each `image_tokens` modality's codes at an offset, in registry order, then the
 specials: BOI/EOI of each image modality, then the document BOS and EOS.
 
-Per token (mmjax/data/sequence_batch.py): `modality` is the token's own modality as the vocabulary
+Per token (mmjax/data/sequences/batch.py): `modality` is the token's own modality as the vocabulary
 knows it, so a sampler can compute it from the id alone: text ids, BOS and EOS count as the text
 modality (the first `sequence` modality), BOI/EOI as the image modality they wrap. `loss_weight` of a
 slot is `loss_weights[m]` of the modality m whose segment the *target* belongs to (BOS/EOS belong to
@@ -22,7 +22,7 @@ A bad record (a field of the wrong dtype or length, an id outside its modality's
 template its modalities fit) is an error naming it, or with `bad_records="skip"`
 (`data.bad_records`) gives no documents and is counted in `SequenceBuilder.skipped`.
 
-Packing into fixed lengths lives in `mmjax.data.packing`.
+Packing into fixed lengths lives in `mmjax.data.sequences.packing`.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ BAD_RECORD_MODES = ("error", "skip")
 
 
 class SequenceBuilder:
-  """Turns records into documents (one concern: layout; packing is `mmjax.data.packing`)."""
+  """Turns records into documents (one concern: layout; packing is `sequences.packing`)."""
 
   def __init__(self, registry: mm.Registry, config: SequencesConfig | Mapping[str, Any],
                max_length: int, *, bad_records: str = "error"):

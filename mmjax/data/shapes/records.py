@@ -21,11 +21,11 @@ import sys
 import tempfile
 import time
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
-from mmjax.data import shapes
+from mmjax.data.shapes import world as shapes
 
 DEFAULT_NUM_TRAIN = 10_000
 DEFAULT_NUM_VAL = 1_000
