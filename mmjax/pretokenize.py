@@ -39,8 +39,10 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
+from etils import epath
 
 from mmjax import modalities as mod
+from mmjax import paths
 from mmjax.config import ConfigError, to_dataclass
 from mmjax.data import folder
 from mmjax.data.shapes import records as shapes_tfds
@@ -102,7 +104,7 @@ def open_sources(config, workdir: str, splits: Sequence[str]) -> tuple[dict[str,
       raise ConfigError("data.folder is empty: give the folder of images and captions")
     found = folder.folder_sources(root, int(data.image_size))
     sources = {s: found[s] for s in splits if s in found}
-    return sources, {"kind": "folder", "folder": os.path.abspath(root),
+    return sources, {"kind": "folder", "folder": os.fspath(paths.resolve(root)),
                      "image_size": int(data.image_size)}
   data_dir = data.get("data_dir", "") or os.path.join(workdir, "data")
   if name == "shapes":
@@ -114,18 +116,19 @@ def open_sources(config, workdir: str, splits: Sequence[str]) -> tuple[dict[str,
     sources = {s: shapes_tfds.load_shapes(data_dir, s, int(data.image_size))
                for s in splits if s in have}
     return sources, {"kind": "tfds", "name": f"shapes/s{int(data.image_size)}",
-                     "data_dir": os.path.abspath(data_dir), "seed": int(data.get("seed", 0))}
+                     "data_dir": os.fspath(paths.resolve(data_dir)),
+                     "seed": int(data.get("seed", 0))}
   with tokens_tfds._quiet():
     builder = tfds.builder(name, data_dir=data_dir)
     have = set(builder.info.splits)
     sources = {s: tfds.data_source(name, data_dir=data_dir, split=s, download=False)
                for s in splits if s in have}
-  return sources, {"kind": "tfds", "name": name, "data_dir": os.path.abspath(data_dir)}
+  return sources, {"kind": "tfds", "name": name, "data_dir": os.fspath(paths.resolve(data_dir))}
 
 
 def _tfds_splits(builder_dir: str) -> set[str] | None:
-  path = os.path.join(builder_dir, "dataset_info.json")
-  if not os.path.isfile(path):
+  path = epath.Path(builder_dir) / "dataset_info.json"
+  if not path.is_file():
     return None
   return {s["name"] for s in tokens_tfds.read_json(path).get("splits", [])}
 

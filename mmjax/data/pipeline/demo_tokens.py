@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from etils import epath
 
 from mmjax import defaults
 
@@ -15,7 +15,7 @@ def use_demo_tokens_if_unset(config) -> None:
     return
   # Late: tensorflow_datasets takes seconds to import and every `mmjax train` passes here.
   from mmjax.data.tokens import records as tokens_tfds  # noqa: PLC0415
-  if os.path.isdir(tokens_tfds.dataset_dir(defaults.DEMO_TOKENS, str(data.get("name", "")))):
+  if epath.Path(tokens_tfds.dataset_dir(defaults.DEMO_TOKENS, str(data.get("name", "")))).is_dir():
     data.data_dir = defaults.DEMO_TOKENS
     print(f"mmjax: data.data_dir is empty; reading the demo's tokens in {defaults.DEMO_TOKENS}/",
           flush=True)

@@ -20,7 +20,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mmjax import defaults, modalities
+from mmjax import defaults, modalities, paths
 from mmjax.config import ConfigError
 from mmjax.data.pipeline.stream import DatasetSpec
 from mmjax.data.tokens import records as tokens_tfds
@@ -73,7 +73,7 @@ def mixture_from_config(data) -> list[TokenSet]:
     number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
     if not number or not math.isfinite(weight) or weight <= 0:
       raise ConfigError(f"config key '{where}.weight' must be a positive number, got {weight!r}")
-    key = (os.path.abspath(data_dir), name)
+    key = (os.fspath(paths.resolve(data_dir)), name)
     if key in seen:
       raise ConfigError(f"config key '{where}' repeats data.mixture[{seen[key]}] ({data_dir}, "
                         f"{name}): give one entry a larger weight instead")

@@ -41,9 +41,11 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
+from etils import epath
 from tensorflow_datasets.proto import tf_example_pb2
 
 from mmjax import modalities as mod
+from mmjax import paths
 from mmjax.config import ConfigError
 from mmjax.errors import UserError
 
@@ -150,9 +152,8 @@ def write_json(path: str, value: Any) -> None:
   os.replace(tmp, path)
 
 
-def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+def read_json(path: str | os.PathLike) -> Any:
+  return json.loads(epath.Path(path).read_text())
 
 
 @contextlib.contextmanager
@@ -195,15 +196,15 @@ def _num_bytes(ds_dir: str, split: str) -> int:
              if f.startswith(prefix) and ".tmp" not in f)
 
 
-def is_complete(ds_dir: str) -> bool:
-  return os.path.isfile(os.path.join(ds_dir, "dataset_info.json"))
+def is_complete(ds_dir: str | os.PathLike) -> bool:
+  return (epath.Path(ds_dir) / "dataset_info.json").is_file()
 
 
 def read_metadata(ds_dir: str | os.PathLike) -> dict[str, Any]:
   """The job metadata of a finished dataset (modalities, fingerprints, source, counts)."""
   ds_dir = os.fspath(ds_dir)
-  path = os.path.join(ds_dir, "metadata.json")
-  if not is_complete(ds_dir) or not os.path.isfile(path):
+  path = epath.Path(ds_dir) / "metadata.json"
+  if not is_complete(ds_dir) or not path.is_file():
     raise UserError(f"{ds_dir} holds no finished pre-tokenized dataset (no dataset_info.json / "
                     f"metadata.json); build it with `mmjax prepare tokens --config ... "
                     f"--workdir ...`")
@@ -338,15 +339,25 @@ _TOKENIZERS: dict[tuple, tuple[str, int | None]] = {}
 
 def _tokenizer_state(m: mod.Modality, directory: str, info_file: str) -> tuple | None:
   """What identifies a trained tokenizer's files (changes when it is retrained); None if absent."""
+  directory = epath.Path(directory)
   if m.is_sequence:
-    path = directory if os.path.isfile(directory) else os.path.join(directory, "text.model")
-    return (path, os.stat(path).st_mtime_ns) if os.path.isfile(path) else None
-  checkpoints = os.path.join(directory, "checkpoints")
-  if not os.path.isdir(checkpoints):
+    path = directory if directory.is_file() else directory / "text.model"
+    return (os.fspath(path), _stamp(path)) if path.is_file() else None
+  checkpoints, info = directory / "checkpoints", directory / info_file
+  if not checkpoints.is_dir():
     return None
-  info = os.path.join(directory, info_file)
-  return (checkpoints, os.stat(checkpoints).st_mtime_ns, tuple(sorted(os.listdir(checkpoints))),
-          os.stat(info).st_mtime_ns if os.path.isfile(info) else None)
+  return (os.fspath(checkpoints), _stamp(checkpoints),
+          tuple(sorted(p.name for p in checkpoints.iterdir())),
+          _stamp(info) if info.is_file() else None)
+
+
+def _stamp(path: epath.Path) -> tuple[int, int]:
+  """(modification time, size): nanoseconds locally; an object store's seconds otherwise."""
+  if paths.is_url(path):
+    stat = path.stat()
+    return stat.mtime, stat.length
+  stat = os.stat(path)
+  return stat.st_mtime_ns, stat.st_size
 
 
 def find_tokenizer(m: mod.Modality, tokenizers_dir: str) -> tuple[str, str, int | None] | None:
@@ -364,7 +375,7 @@ def find_tokenizer(m: mod.Modality, tokenizers_dir: str) -> tuple[str, str, int 
   state = _tokenizer_state(m, directory, mt.TRAINED_INFO)
   if state is None:
     return None
-  key = (os.path.abspath(directory), m.kind, m.source, m.tokenizer, state)
+  key = (os.fspath(paths.resolve(directory)), m.kind, m.source, m.tokenizer, state)
   if key not in _TOKENIZERS:
     if not m.is_sequence:
       _TOKENIZERS[key] = (str(mt.read_trained_info(m, directory)["fingerprint"]), None)
