@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from mmjax import progress
 from mmjax.data.shapes import world as shapes
 from mmjax.tokenizers import boxes, special, text
 
@@ -47,7 +48,9 @@ def run_text_tokenizer_train(config: Mapping[str, Any], workdir: str) -> dict[st
       yield caption
       yield det
 
-  tokenizer = text.train_text_tokenizer(train_stream(), os.path.join(workdir, "text"), cfg)
+  with progress.phase(f"text tokenizer: training on {config['num_train_scenes']} scenes' "
+                      "captions and det strings"):
+    tokenizer = text.train_text_tokenizer(train_stream(), os.path.join(workdir, "text"), cfg)
   train_seconds = time.perf_counter() - start
   val = list(shapes_sentences(int(config["num_val_scenes"]), split="validation", **common))
   captions, dets = [c for c, _ in val], [d for _, d in val]
