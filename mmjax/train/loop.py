@@ -134,6 +134,15 @@ def load_model(config: Any, workdir: str, *, allow_random_init: bool = False) ->
   return nnx.merge(setup.graphdef, state["params"], state["rest"]), step
 
 
+def _bad_record_metrics(it) -> dict[str, float]:
+  """data/bad_records (all datasets) and data/bad_records/<dataset>: records skipped so far."""
+  bad = getattr(it, "bad_by_dataset", None)
+  if bad is None:
+    return {}
+  return {"data/bad_records": float(sum(bad.values())),
+          **{f"data/bad_records/{name}": float(n) for name, n in bad.items()}}
+
+
 def _evaluate(config, objective, setup, eval_fn, state) -> dict[str, float]:
   it = objective.make_iterator("val", jax.process_index(), jax.process_count())
   totals: dict[str, float] = {}
@@ -191,6 +200,12 @@ def _run(config, workdir, stream, preemption: _Preemption) -> dict[str, Any]:
   finally:
     checkpointer.close()
     writer.close()
+  bad = getattr(it, "bad_by_dataset", None)
+  if bad is not None:  # records skipped as bad (data.bad_records="skip"), per dataset
+    summary["bad_records"] = {"total": sum(bad.values()), "by_dataset": bad}
+    if sum(bad.values()):
+      writer.message("mmjax: skipped bad records: " + ", ".join(
+          f"{name} {n}" for name, n in sorted(bad.items())))
   summary["checkpoints"] = checkpointer.steps()
   summary["plot"] = writer.plot()
   summary["metrics_file"] = writer.path
@@ -226,7 +241,7 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
       clock.update(time=now, step=number)
       metrics.update(step_time_s=seconds, samples_per_s=batch_size / seconds,
                      tokens_per_s=tokens_per_step / seconds,
-                     mfu=mmflops.mfu(flops_per_step / seconds, peak))
+                     mfu=mmflops.mfu(flops_per_step / seconds, peak), **_bad_record_metrics(it))
       writer.write(number, metrics)
       writer.progress(number, metrics)
       summary.update(step=number, loss=metrics["loss"], skipped=int(metrics["skipped"]))
