@@ -68,6 +68,7 @@ def get_config(arg=None):
   config.data = defaults.image_text_data()  # training reads data.data_dir / data.name: the token set
   config.data.name = "photo"                # the token set's name (configs/tokens/photo.py)
   config.modalities = photo_modalities(arg.tokenizers)
+  config.data.image_size = config.modalities.rgb.image_size  # raw images are resized to this
   config.masking = ml_collections.ConfigDict(dict(
       mixture="4m7",            # half rgb->all, half all->all
       input_alpha=0.5,          # all->all Dirichlet concentration

@@ -12,12 +12,15 @@ Before a restore, the saved tree (paths, shapes, dtypes from the checkpoint's me
 with the abstract state of the current config. A difference is the user's (the config changed since
 the checkpoint was written): `CheckpointMismatchError`, and nothing on disk is touched. Only a
 checkpoint that cannot be read (missing or garbled metadata, truncated data, failed reads) is
-reported in one line, moved aside to `corrupt-<step>` and the previous checkpoint is tried. With
+reported in one line, moved aside to `corrupt-<step>` and the previous checkpoint is tried; that
+includes an iterator-state file that is not readable JSON, while a readable state that the current
+data pipeline refuses is a mismatch. With
 several processes, all of them agree on the outcome of every step before anyone acts on it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -126,6 +129,20 @@ def _mismatch_error(directory: str, step: int, detail: str) -> CheckpointMismatc
       "Resume with the original config, or train the new one in another --workdir")
 
 
+def _unreadable_iterator_state(step_dir: str) -> str:
+  """Why this process's iterator state file in `step_dir` cannot be read as a JSON object (missing,
+  undecodable, garbled), or "" when it can: only a readable state that the pipeline refuses is a
+  config mismatch."""
+  path = os.path.join(step_dir, "iter",
+                      f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      state = json.load(f)
+  except (OSError, ValueError) as e:  # ValueError: JSON and UTF-8 decoding errors
+    return f"its data iterator state {path} is unreadable ({_one_line(e)})"
+  return "" if isinstance(state, dict) else f"its data iterator state {path} is not a JSON object"
+
+
 def _agree(outcome: int) -> int:
   """The worst outcome over all processes, so that all of them take the same branch."""
   if jax.process_count() == 1:
@@ -155,6 +172,10 @@ def restore_newest(restore: Callable[[int, Any], Any], steps: list[int], directo
             state=ocp.args.StandardRestore(abstract_state)))["state"]
       except Exception as e:  # noqa: BLE001 -- a failed read means this checkpoint is unusable.
         outcome, detail = (_MISMATCH if _is_shape_error(e) else _CORRUPT), _one_line(e)
+    if outcome == _OK and iterator is not None:
+      unreadable = _unreadable_iterator_state(os.path.join(directory, str(step)))
+      if unreadable:  # damaged on disk: corruption, not a changed pipeline
+        outcome, detail = _CORRUPT, unreadable
     if outcome == _OK and iterator is not None:
       try:
         restore(step, ocp.args.Composite(iter=grain.checkpoint.CheckpointRestore(iterator)))

@@ -3,9 +3,10 @@
 Order of a step N: take batch N from the iterator, dispatch step N, then fetch step N-1's metrics
 (so the device has N queued while the host logs), check them for a non-finite loss, log. Before a
 checkpoint or an evaluation the metrics of the current step are fetched too, so a NaN is always
-seen before the state that followed it could be saved. SIGTERM (preemption) sets a flag from the
-start of `run_train` on (setup, iterator creation and restore included); the loop saves at the next
-step boundary and returns normally (exit code 0). A SIGTERM before the first step returns without
+seen before the state that followed it could be saved. SIGTERM (preemption) and a first Ctrl-C
+(SIGINT) set a flag from the start of `run_train` on (setup, iterator creation and restore
+included); the loop saves at the next step boundary and returns normally (exit code 0). A second
+Ctrl-C aborts without saving. A SIGTERM before the first step returns without
 training or saving: the checkpoints on disk are already the latest state.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -47,24 +49,36 @@ class NonFiniteLossError(UserError):
 
 
 class _Preemption:
-  """Remembers a SIGTERM until the loop reaches a step boundary."""
+  """Remembers a SIGTERM (preemption) or a first Ctrl-C (SIGINT) until the loop reaches a step
+  boundary, where it saves and stops; a second Ctrl-C aborts at once (KeyboardInterrupt), without
+  saving."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.name = "SIGTERM"  # the signal that asked to stop, for the messages
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT:
+      if self.requested and self.name == "SIGINT":
+        raise KeyboardInterrupt
+      print("\nmmjax: Ctrl-C: saving a checkpoint at the next step and stopping; press Ctrl-C "
+            "again to abort without saving", file=sys.stderr, flush=True)
+    if not self.requested:
+      self.name = signal.Signals(signum).name
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
     return False
 
   def agreed(self) -> bool:
@@ -193,7 +207,8 @@ def _run(config, workdir, stream, preemption: _Preemption) -> dict[str, Any]:
                                  params=trainstate.param_count(state))
   try:
     if stop:
-      writer.message("mmjax: SIGTERM before the first step; stopping (nothing new to save)")
+      writer.message(f"mmjax: {preemption.name} before the first step; stopping (nothing new "
+                     "to save)")
       summary["preempted"] = True
     elif start < train.steps:
       _loop(config, objective, setup, state, it, checkpointer, writer, start, summary, preemption)
@@ -252,7 +267,8 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
     step_fn = trainstep.jit_step(setup, train).lower(state, batch).compile()
     summary["compile_s"] = time.perf_counter() - compile_start
     if preemption.agreed():  # during the compile: stop before a step there may be no time for
-      writer.message("mmjax: SIGTERM before the first step; stopping (nothing new to save)")
+      writer.message(f"mmjax: {preemption.name} before the first step; stopping (nothing new "
+                     "to save)")
       summary["preempted"] = True
       return
     clock["time"] = time.perf_counter()
@@ -278,7 +294,8 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
         clock["time"] = time.perf_counter()  # step times exclude evaluation and saving
       if stop:
         checkpointer.wait()
-        writer.message(f"mmjax: SIGTERM: saved the checkpoint of step {number}; stopping")
+        writer.message(f"mmjax: {preemption.name}: saved the checkpoint of step {number}; "
+                       "stopping")
         summary["preempted"] = True
         break
     fetch()

@@ -144,3 +144,29 @@ def test_load_model_takes_a_relative_workdir(workdir, monkeypatch):
   monkeypatch.chdir(workdir.parent)  # Orbax itself refuses relative paths
   _, step = loop.load_model(_config(), workdir.name)
   assert step == 6 and sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\xff garbage {", b'{"grain": ', b""])
+def test_damaged_iterator_state_falls_back_like_damaged_arrays(written, workdir, garbage):
+  """An iterator-state file that is not readable JSON is corruption (moved aside, one line), not a
+  config change; the earlier checkpoint restores and is left as it was."""
+  _, objective, setup = written
+  state_file = workdir / "checkpoints" / "6" / "iter" / "process_0-of-1.json"
+  state_file.write_bytes(garbage)
+  earlier = _tree(workdir / "checkpoints" / "3")
+  reports = []
+  saver = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=3, report=reports.append)
+  try:
+    restored = saver.restore_latest(setup.abstract_state, objective.make_iterator("train", 0, 1))
+  finally:
+    saver.close()
+  assert restored is not None and restored[1] == 3
+  assert len(reports) == 1 and "\n" not in reports[0]
+  assert reports[0].startswith(
+      f"checkpoint step 6 in {workdir / 'checkpoints'} cannot be restored (its data iterator "
+      f"state {state_file} is unreadable (")
+  assert reports[0].endswith("); moving it to corrupt-6 and trying the previous one")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "corrupt-6"]
+  assert _tree(workdir / "checkpoints" / "3") == earlier
+  moved = workdir / "checkpoints" / "corrupt-6" / "iter" / "process_0-of-1.json"
+  assert moved.read_bytes() == garbage  # kept for inspection, unchanged
