@@ -19,11 +19,11 @@ TOKENIZERS = "tokenizers=runlocal"
 FOURM_SMALL = ["--config.model.d_model=32", "--config.model.num_heads=2",
                "--config.model.encoder_layers=1", "--config.model.decoder_layers=1",
                "--config.train.steps=2", "--config.train.eval_every=0",
-               "--config.train.eval_batches=1", "--config.train.batch_size=4"]
+               "--config.train.eval_batches=1", "--config.train.batch_size=8"]
 DECODER_SMALL = ["--config.model.d_model=32", "--config.model.num_heads=2",
                  "--config.model.num_layers=1", "--config.train.steps=2",
                  "--config.train.eval_every=0", "--config.train.eval_batches=1",
-                 "--config.train.batch_size=2", "--config.sequences.pack_window=8"]
+                 "--config.train.batch_size=8", "--config.sequences.pack_window=8"]
 
 
 def _run(capsys, *argv):

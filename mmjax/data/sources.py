@@ -17,6 +17,9 @@ source that has none (a folder without sub-folders), so tokenizers report qualit
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -112,7 +115,7 @@ class Subset:
 def with_holdout(sources: Mapping[str, Any], num_heldout: int) -> dict[str, Any]:
   """`sources`, and where they have no validation split, the last `num_heldout` train samples as
   one (taken out of train): reconstruction quality is then measured on unseen images."""
-  out = dict(sources)
+  out = {s: src for s, src in sources.items() if len(src)}  # an empty split is no split
   if VALIDATION in out or "train" not in out:
     return out
   train = out["train"]
@@ -123,6 +126,17 @@ def with_holdout(sources: Mapping[str, Any], num_heldout: int) -> dict[str, Any]
   out["train"], out[VALIDATION] = Subset(train, 0, len(train) - n), Subset(train, len(train) - n,
                                                                            len(train))
   return out
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def open_sources(data: Mapping[str, Any], workdir: str | None,
@@ -141,7 +155,6 @@ def open_sources(data: Mapping[str, Any], workdir: str | None,
   import tensorflow_datasets as tfds  # noqa: PLC0415
 
   from mmjax.data.shapes import records as shapes_records  # noqa: PLC0415
-  from mmjax.data.tokens import records as tokens_records  # noqa: PLC0415
   # "" = <workdir>/data; without a workdir (tokenizer training) tfds' default directory.
   data_dir = data.get("data_dir", "") or (os.path.join(workdir, "data") if workdir else None)
   if name == "shapes":
@@ -149,11 +162,12 @@ def open_sources(data: Mapping[str, Any], workdir: str | None,
     if not os.path.isfile(info):
       raise UserError(f"{data_dir} holds no shapes/s{size} dataset; build it with "
                       f"`mmjax prepare shapes --out {data_dir}`")
-    have = {s["name"] for s in tokens_records.read_json(info).get("splits", [])}
+    with open(info) as f:
+      have = {s["name"] for s in json.load(f).get("splits", [])}
     return ({s: shapes_records.load_shapes(data_dir, s, size) for s in splits if s in have},
             {"kind": "tfds", "name": f"shapes/s{size}", "data_dir": os.path.abspath(data_dir),
              "seed": int(data.get("seed", 0))})
-  with tokens_records._quiet():  # noqa: SLF001 -- tfds' warnings about file-built datasets
+  with _quiet_absl():  # tfds' warnings about datasets it builds from files
     try:
       builder = tfds.builder(name, data_dir=data_dir)
       have = set(builder.info.splits)

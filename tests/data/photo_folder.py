@@ -43,6 +43,8 @@ def write_folder(root: str, num_train: int, num_val: int, size: int = 128) -> st
   """<root>/train and <root>/validation of rendered images + captions; returns root."""
   k = 0
   for split, n in (("train", num_train), ("validation", num_val)):
+    if not n:
+      continue
     directory = os.path.join(root, split)
     os.makedirs(directory, exist_ok=True)
     for _ in range(n):
