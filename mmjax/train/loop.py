@@ -58,6 +58,7 @@ class _Preemption:
   def __init__(self):
     self.requested = False
     self.name = "SIGTERM"  # the signal that asked to stop, for the messages
+    self._interrupts = 0
     self._previous: dict[int, Any] = {}
 
   def __enter__(self):
@@ -68,7 +69,8 @@ class _Preemption:
   def _handle(self, signum, frame):
     del frame
     if signum == signal.SIGINT:
-      if self.requested and self.name == "SIGINT":
+      self._interrupts += 1
+      if self._interrupts > 1:
         raise KeyboardInterrupt
       print("\nmmjax: Ctrl-C: saving a checkpoint at the next step and stopping; press Ctrl-C "
             "again to abort without saving", file=sys.stderr, flush=True)
