@@ -72,7 +72,7 @@ def test_folder_chain_tokenizers_tokens_fourm_decoder(tmp_path, capsys, monkeypa
   assert fourm["step"] == 2 and decoder["step"] == 2
   assert fourm["bad_records"] == {"total": 0, "by_dataset": {"photo": 0}}
   print(f"folder chain: {seconds:.1f} s; rgb tokenizer on held-out images: PSNR "
-        f"{quality['psnr']:.2f} dB, {quality.get('codebook_usage')} codebook usage; text round "
+        f"{quality['psnr']:.2f} dB, {quality['codes_used']:.0%} of the codes used; text round "
         f"trip {text['caption_round_trip']}")
 
 

@@ -129,6 +129,25 @@ def _mismatch_error(directory: str, step: int, detail: str) -> CheckpointMismatc
       "Resume with the original config, or train the new one in another --workdir")
 
 
+def _silence_abandoned_reads() -> None:
+  """A failed restore leaves the other arrays' reads in flight; as they finish, tensorstore hands
+  each result to the restore's event loop, already closed, and every one prints a traceback of
+  RuntimeError('Event loop is closed') through sys.excepthook (a dozen or more, after the one line
+  that reported the corruption). From the first corrupt checkpoint on, that error alone is
+  dropped; every other exception reaches the previous hook."""
+  previous = sys.excepthook
+  if getattr(previous, "mmjax_drops_closed_loop", False):
+    return
+
+  def hook(exc_type, exc, tb):
+    if exc_type is RuntimeError and str(exc) == "Event loop is closed":
+      return
+    previous(exc_type, exc, tb)
+
+  hook.mmjax_drops_closed_loop = True
+  sys.excepthook = hook
+
+
 def _unreadable_iterator_state(step_dir: str) -> str:
   """Why this process's iterator state file in `step_dir` cannot be read as a JSON object (missing,
   undecodable, garbled), or "" when it can: only a readable state that the pipeline refuses is a
@@ -184,6 +203,8 @@ def restore_newest(restore: Callable[[int, Any], Any], steps: list[int], directo
         detail = (f"its data iterator state does not fit the current data pipeline (changed "
                   f"data.num_workers, data.mixture, host count or iterator format?): "
                   f"{_one_line(e)}")
+    if outcome == _CORRUPT:
+      _silence_abandoned_reads()
     agreed = agree(outcome)
     if agreed == _MISMATCH:
       raise _mismatch_error(directory, step, detail if outcome == _MISMATCH else "")

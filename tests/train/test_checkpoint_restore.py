@@ -170,3 +170,33 @@ def test_damaged_iterator_state_falls_back_like_damaged_arrays(written, workdir,
   assert _tree(workdir / "checkpoints" / "3") == earlier
   moved = workdir / "checkpoints" / "corrupt-6" / "iter" / "process_0-of-1.json"
   assert moved.read_bytes() == garbage  # kept for inspection, unchanged
+
+
+def test_garbage_in_array_files_is_one_line(written, workdir, capfd, monkeypatch):
+  """Random bytes over the arrays' data files (same sizes): one line on stderr, the previous
+  checkpoint restored; the stragglers' 'Event loop is closed' errors of the abandoned reads are
+  dropped, every other exception still reaches the previous excepthook."""
+  _, objective, setup = written
+  for root, _, files in os.walk(workdir / "checkpoints" / "6" / "state"):
+    if os.path.basename(root) == "d":
+      for name in files:
+        path = os.path.join(root, name)
+        with open(path, "r+b") as f:
+          f.write(os.urandom(os.path.getsize(path)))
+  seen = []
+  monkeypatch.setattr(sys, "excepthook", lambda *exc: seen.append(exc[1]))
+  saver = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=3)
+  try:
+    restored = saver.restore_latest(setup.abstract_state, objective.make_iterator("train", 0, 1))
+  finally:
+    saver.close()
+  assert restored is not None and restored[1] == 3
+  captured = capfd.readouterr().err
+  assert "Traceback" not in captured and "Exception ignored" not in captured
+  err = [line for line in captured.splitlines() if line.startswith("mmjax:")]
+  assert len(err) == 1 and err[0].startswith("mmjax: checkpoint step 6 in ")
+  assert err[0].endswith("moving it to corrupt-6 and trying the previous one")
+  sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+  other = ValueError("something else")
+  sys.excepthook(ValueError, other, None)
+  assert seen == [other]
