@@ -129,23 +129,31 @@ def _mismatch_error(directory: str, step: int, detail: str) -> CheckpointMismatc
       "Resume with the original config, or train the new one in another --workdir")
 
 
+def _is_closed_loop(exc_type, exc) -> bool:
+  return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
 def _silence_abandoned_reads() -> None:
   """A failed restore leaves the other arrays' reads in flight; as they finish, tensorstore hands
-  each result to the restore's event loop, already closed, and every one prints a traceback of
-  RuntimeError('Event loop is closed') through sys.excepthook (a dozen or more, after the one line
+  each result to the restore's event loop, already closed, and each prints "Exception ignored"
+  with a traceback of RuntimeError('Event loop is closed') (a dozen or more, after the one line
   that reported the corruption). From the first corrupt checkpoint on, that error alone is
-  dropped; every other exception reaches the previous hook."""
-  previous = sys.excepthook
-  if getattr(previous, "mmjax_drops_closed_loop", False):
+  dropped (sys.unraisablehook, and sys.excepthook for a read that reports it that way); every
+  other exception reaches the previous hook."""
+  previous, previous_unraisable = sys.excepthook, sys.unraisablehook
+  if getattr(previous_unraisable, "mmjax_drops_closed_loop", False):
     return
 
   def hook(exc_type, exc, tb):
-    if exc_type is RuntimeError and str(exc) == "Event loop is closed":
-      return
-    previous(exc_type, exc, tb)
+    if not _is_closed_loop(exc_type, exc):
+      previous(exc_type, exc, tb)
 
-  hook.mmjax_drops_closed_loop = True
-  sys.excepthook = hook
+  def unraisable_hook(unraisable):
+    if not _is_closed_loop(unraisable.exc_type, unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  hook.mmjax_drops_closed_loop = unraisable_hook.mmjax_drops_closed_loop = True
+  sys.excepthook, sys.unraisablehook = hook, unraisable_hook
 
 
 def _unreadable_iterator_state(step_dir: str) -> str:

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
@@ -185,6 +186,7 @@ def test_garbage_in_array_files_is_one_line(written, workdir, capfd, monkeypatch
           f.write(os.urandom(os.path.getsize(path)))
   seen = []
   monkeypatch.setattr(sys, "excepthook", lambda *exc: seen.append(exc[1]))
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
   saver = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=3)
   try:
     restored = saver.restore_latest(setup.abstract_state, objective.make_iterator("train", 0, 1))
@@ -199,4 +201,8 @@ def test_garbage_in_array_files_is_one_line(written, workdir, capfd, monkeypatch
   sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
   other = ValueError("something else")
   sys.excepthook(ValueError, other, None)
-  assert seen == [other]
+  closed = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError(
+      "Event loop is closed"), exc_traceback=None, err_msg=None, object=None)
+  sys.unraisablehook(closed)
+  sys.unraisablehook(types.SimpleNamespace(exc_type=ValueError, exc_value=other))
+  assert seen == [other, other]
