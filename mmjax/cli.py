@@ -137,6 +137,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "without libtpu): shardings, state bytes and HLO FLOPs, no memory analysis")
   aot.set_defaults(run=_run_aot)
 
+  _add_convert_commands(commands)
+
   sweep = commands.add_parser("sweep", help="run or emit a grid of runs; collect results")
   _add_common(sweep, config_required=False)
   sweep.add_argument("--sweep", required=True, metavar="PATH", help="sweep file, e.g. "
@@ -147,6 +149,75 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="only collect the results already in the points' workdirs")
   sweep.set_defaults(run=_run_sweep)
   return parser
+
+
+def _shipped(config: str) -> str:
+  """A shipped config, relative to the working directory or else to the repository."""
+  if os.path.isfile(config):
+    return config
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), config)
+
+
+def _add_convert_commands(commands) -> None:
+  """`mmjax import {fourm,chameleon}` and `mmjax export chameleon` (mmjax/convert/)."""
+  importer = commands.add_parser("import", help="released weights (ml-4m 4M, HF Chameleon) into "
+                                 "a workdir that train, eval and generate load")
+  kinds = importer.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
+  fourm = kinds.add_parser("fourm", help="an ml-4m checkpoint (safetensors + config.json)")
+  fourm.add_argument("--config", metavar="PATH[:ARG]", default=_shipped("configs/fourm/4m.py"),
+                     help="base config: its data, train and generate sections are kept; model "
+                          "and modalities come from the checkpoint (default configs/fourm/4m.py)")
+  fourm.add_argument("--drop-modality", action="append", default=[], metavar="NAME",
+                     help="leave a reference modality out (e.g. a T5-embedding input; repeatable)")
+  fourm.add_argument("--text-tokenizer", default="", metavar="TOKENIZER_JSON",
+                     help="4M's WordPiece tokenizer.json: copied into the workdir and used by the "
+                          "sequence modalities (prepare tokens, generate)")
+  chameleon = kinds.add_parser("chameleon", help="a Hugging Face Chameleon directory "
+                               "(config.json + safetensors shards)")
+  chameleon.add_argument("--config", metavar="PATH[:ARG]",
+                         default=_shipped("configs/decoder/shapes.py"),
+                         help="base config: data, train and generate sections are kept; model, "
+                              "modalities come from the checkpoint")
+  for command, run in ((fourm, _run_import_fourm), (chameleon, _run_import_chameleon)):
+    command.add_argument("--from", dest="source", required=True, metavar="DIR_OR_FILE",
+                         help="the checkpoint to import")
+    command.add_argument("--workdir", required=True, metavar="DIR",
+                         help="empty directory for the checkpoint, config.json and config.py")
+    command.set_defaults(run=run)
+  exporter = commands.add_parser("export", help="an mmjax model in a released layout")
+  export_kinds = exporter.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
+  to_chameleon = export_kinds.add_parser("chameleon", help="a dense mmjax decoder as a Hugging "
+                                         "Face Chameleon directory that transformers loads")
+  _add_common(to_chameleon, config_required=False)
+  to_chameleon.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+  to_chameleon.set_defaults(run=_run_export_chameleon)
+
+
+def _run_import_fourm(args: argparse.Namespace) -> int:
+  from mmjax.convert import fourm
+
+  base = _load_config(args)
+  summary = fourm.run_import(args.source, base, args.workdir, tuple(args.drop_modality),
+                             args.text_tokenizer)
+  print(json.dumps(summary, default=str))
+  return 0
+
+
+def _run_import_chameleon(args: argparse.Namespace) -> int:
+  from mmjax.convert import chameleon
+
+  summary = chameleon.run_import(args.source, _load_config(args), args.workdir)
+  print(json.dumps(summary, default=str))
+  return 0
+
+
+def _run_export_chameleon(args: argparse.Namespace) -> int:
+  from mmjax.convert import chameleon
+
+  workdir = _require_workdir(args, "the checkpoint is read from there")
+  config = _load_config(args) if args.config else chameleon.workdir_config(workdir)
+  print(json.dumps(chameleon.run_export(config, workdir, args.out), default=str))
+  return 0
 
 
 def _load_config(args: argparse.Namespace):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
-# Where `mmjax demo` (and `bash launch/local.sh`) write their token set; training configs whose
-# data.data_dir is empty read it.
+# Where `bash launch/local.sh` (`mmjax demo --workdir runs/demo`) writes its token set, relative to
+# the checkout; configs whose data.data_dir is empty read it (mmjax/data/pipeline/demo_tokens.py).
 DEMO_TOKENS = "runs/demo/tokens"
 
 
@@ -66,7 +66,8 @@ def shapes_data(**overrides) -> ml_collections.ConfigDict:
   section = ml_collections.ConfigDict(dict(
       name="shapes",          # tfds builder name
       data_dir="",            # where the prepared data lives; "": `mmjax prepare tokens` reads
-                              # <workdir>/data, training reads DEMO_TOKENS (`mmjax demo` writes it)
+                              # <workdir>/data, training reads the demo's tokens (`mmjax demo`
+                              # writes them; mmjax/data/pipeline/demo_tokens.py)
       tokenizers_dir="",      # trained tokenizers, <dir>/<tokenizer config stem>, used to decode
                               # generated tokens; "" means <data_dir>/tokenizers
       image_size=64,          # side of the square scenes

@@ -32,13 +32,11 @@ import dataclasses
 import math
 import os
 import shutil
-import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
 from mmjax import modalities as mod
@@ -46,6 +44,7 @@ from mmjax.config import ConfigError, to_dataclass
 from mmjax.data import sources as raw_sources
 from mmjax.data.tokens import records as tokens_tfds
 from mmjax.errors import UserError
+from mmjax.progress import bar as progress_bar
 from mmjax.objectives.tokenizer import load_modality_tokenizer
 from mmjax.tokenizers.image import image_fingerprint  # noqa: F401 -- re-exported
 
@@ -102,34 +101,6 @@ def expected_fingerprints(config, workdir: str) -> dict[str, str]:
 
 
 check_tokenizer_versions = tokens_tfds.check_tokenizer_versions
-
-
-class _Progress:
-  """One stderr line: samples done / total, rate of this run, ETA. In place on a terminal, else a
-  new line every 10 s."""
-
-  def __init__(self, label: str, total: int, enabled: bool):
-    self.label, self.total, self.enabled = label, total, enabled
-    self.tty = sys.stderr.isatty()
-    self.start = self.last = time.perf_counter()
-    self.done = self.processed = 0
-
-  def advance(self, count: int, processed: bool = True) -> None:
-    self.done += count
-    self.processed += count if processed else 0
-    if not self.enabled:
-      return
-    now = time.perf_counter()
-    if now - self.last < (0.5 if self.tty else 10.0) and self.done < self.total:
-      return
-    self.last = now
-    rate = self.processed / max(now - self.start, 1e-9)
-    eta = (self.total - self.done) / rate if rate > 0 else 0.0
-    line = f"{self.label}: {self.done}/{self.total} samples"
-    line += (f" ({rate:,.1f}/s, ETA {int(eta) // 60}m{int(eta) % 60:02d}s)" if self.processed
-             else " (finished shards skipped)")
-    end = "\n" if (not self.tty or self.done >= self.total) else ""
-    print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
 
 
 class _BadLog:
@@ -371,8 +342,8 @@ def run_prepare_tokens(config, workdir: str, *, sources: Mapping[str, Any] | Non
   manifest_path = os.path.join(ds_dir, tokens_tfds.MANIFEST)
 
   total = sum(len(src) for src in sources.values())
-  bar = _Progress(f"prepare tokens {name}", total, progress)
-  written = skipped = 0
+  bar = progress_bar(total, f"prepare tokens {name}", unit="samples", enabled=progress)
+  written = skipped = processed = 0
   for split, source in sources.items():
     n = len(source)
     num_shards = math.ceil(n / cfg.shard_size)
@@ -382,13 +353,14 @@ def run_prepare_tokens(config, workdir: str, *, sources: Mapping[str, Any] | Non
       filename = tokens_tfds.shard_filename(split, k, num_shards)
       if _finished(ds_dir, done.get(str(k)), filename):
         skipped += 1
-        bar.advance(hi - lo, processed=False)
+        bar.update(hi - lo)
         continue
       bad, too_long, records = _BadLog(cfg.bad_samples, cfg.max_reported), {}, []
       for b in range(lo, hi, cfg.batch_size):
         records += _encode_chunk(job, split, source, range(b, min(hi, b + cfg.batch_size)), bad,
                                  too_long)
-        bar.advance(min(hi, b + cfg.batch_size) - b)
+        bar.update(min(hi, b + cfg.batch_size) - b)
+        processed += min(hi, b + cfg.batch_size) - b
       tokens_tfds.write_shard(os.path.join(ds_dir, filename), records)
       done[str(k)] = {**tokens_tfds.shard_entry(ds_dir, filename, len(records)),
                       "samples": hi - lo,
@@ -396,6 +368,7 @@ def run_prepare_tokens(config, workdir: str, *, sources: Mapping[str, Any] | Non
                       "too_long": too_long}
       tokens_tfds.write_json(manifest_path, manifest)
       written += 1
+  bar.close()
 
   summary = _summarize(job, manifest, sources, ds_dir, cfg)
   reused = written == 0 and tokens_tfds.is_complete(ds_dir)
@@ -420,7 +393,7 @@ def run_prepare_tokens(config, workdir: str, *, sources: Mapping[str, Any] | Non
                            f"{name} tokenized from {described.get('name', described['kind'])}")
   seconds = time.perf_counter() - start
   summary.update(shards_written=written, shards_skipped=skipped, reused=reused, seconds=seconds,
-                 samples_per_s=bar.processed / seconds if bar.processed else 0.0)
+                 samples_per_s=processed / seconds if processed else 0.0)
   return summary
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from mmjax import progress
 from mmjax.data.pipeline.demo_tokens import use_demo_tokens_if_unset
 from mmjax.data.tokens import records as tokens_tfds
 from mmjax.errors import UserError
@@ -39,10 +40,6 @@ METRICS_FILE = "metrics.json"
 
 def _report(message: str) -> None:
   print(f"mmjax eval: {message}", file=sys.stderr, flush=True)
-
-
-def _progress(message: str, done: bool) -> None:
-  print(f"\rmmjax eval: {message}   ", end="\n" if done else "", file=sys.stderr, flush=True)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str, *, out_dir: str,
@@ -143,5 +140,5 @@ def _fourm_generation(config, model, out_dir: str, *, num_scenes: int, seed: int
       model, registry, records, scenes, tokenizers,
       num_sentinels=int(config.masking.get("num_sentinels", 100)),
       generate_config=config.get("generate"), out_dir=out_dir, seed=seed, grid_rows=grid_rows,
-      tasks=tasks, report=_progress)
+      tasks=tasks, report=progress.status("mmjax eval"))
   return generated

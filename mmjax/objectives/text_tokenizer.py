@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from mmjax import progress
 from mmjax.data import sources as raw_sources
 from mmjax.data.shapes import world as shapes
 from mmjax.errors import UserError
@@ -34,24 +33,25 @@ def shapes_sentences(num_scenes: int, *, split: str, seed: int, image_size: int,
 
 
 def source_captions(source: Any, limit: int, *, label: str = "",
-                    progress: bool = True) -> list[str]:
+                    show: bool = True) -> list[str]:
   """The non-empty UTF-8 captions among the first `limit` samples of a raw source (a folder
   source reads only its .txt files), with a progress bar on stderr."""
   n = min(int(limit), len(source))
   read_caption = getattr(source, "caption", None)  # FolderSource: no image decoding
   captions = []
-  for i in tqdm(range(n), desc=label or "captions", unit="sample", file=sys.stderr,
-                disable=not progress, mininterval=1.0):
-    value = read_caption(i) if read_caption is not None else source[i].get("caption")
-    if isinstance(value, (bytes, np.bytes_)):
-      value = bytes(value).decode("utf-8", "replace")
-    if value is not None and str(value).strip():
-      captions.append(str(value).strip())
+  with progress.bar(n, label or "captions", unit="sample", enabled=show) as bar:
+    for i in range(n):
+      value = read_caption(i) if read_caption is not None else source[i].get("caption")
+      if isinstance(value, (bytes, np.bytes_)):
+        value = bytes(value).decode("utf-8", "replace")
+      if value is not None and str(value).strip():
+        captions.append(str(value).strip())
+      bar.update(1)
   return captions
 
 
 def run_text_tokenizer_train(config: Mapping[str, Any], workdir: str, *,
-                             progress: bool = True) -> dict[str, Any]:
+                             show_progress: bool = True) -> dict[str, Any]:
   """Trains the text tokenizer; writes `<workdir>/text.model` and `<workdir>/text_tokenizer.json`.
 
   data.name "shapes": on shapes captions + det strings (num_train_scenes scenes), reporting the
@@ -62,7 +62,7 @@ def run_text_tokenizer_train(config: Mapping[str, Any], workdir: str, *,
   """
   data = config["data"]
   if data.get("name", "shapes") != "shapes":
-    return _train_on_source(config, workdir, progress)
+    return _train_on_source(config, workdir, show_progress)
   cfg = text.as_config(config["tokenizer"])
   common = dict(seed=int(data["seed"]), image_size=int(data["image_size"]),
                 coord_bins=cfg.coord_bins)
@@ -74,7 +74,9 @@ def run_text_tokenizer_train(config: Mapping[str, Any], workdir: str, *,
       yield caption
       yield det
 
-  tokenizer = text.train_text_tokenizer(train_stream(), os.path.join(workdir, "text"), cfg)
+  with progress.phase(f"text tokenizer: training on {config['num_train_scenes']} scenes' "
+                      "captions and det strings"):
+    tokenizer = text.train_text_tokenizer(train_stream(), os.path.join(workdir, "text"), cfg)
   train_seconds = time.perf_counter() - start
   val = list(shapes_sentences(int(config["num_val_scenes"]), split="validation", **common))
   captions, dets = [c for c, _ in val], [d for _, d in val]
@@ -89,7 +91,7 @@ def run_text_tokenizer_train(config: Mapping[str, Any], workdir: str, *,
   return _write_report(workdir, report)
 
 
-def _train_on_source(config: Mapping[str, Any], workdir: str, progress: bool) -> dict[str, Any]:
+def _train_on_source(config: Mapping[str, Any], workdir: str, show: bool) -> dict[str, Any]:
   cfg = text.as_config(config["tokenizer"])
   data = config["data"]
   found, described = raw_sources.open_sources(data, None, ("train", raw_sources.VALIDATION))
@@ -101,14 +103,15 @@ def _train_on_source(config: Mapping[str, Any], workdir: str, progress: bool) ->
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   train = source_captions(found["train"], int(config["num_train_scenes"]),
-                          label="text tokenizer: reading training captions", progress=progress)
+                          label="text tokenizer: reading training captions", show=show)
   if not train:
     raise UserError(f"text tokenizer: no non-empty caption among the training samples of "
                     f"{described}")
-  tokenizer = text.train_text_tokenizer(train, os.path.join(workdir, "text"), cfg)
+  with progress.phase(f"text tokenizer: training on {len(train)} captions"):
+    tokenizer = text.train_text_tokenizer(train, os.path.join(workdir, "text"), cfg)
   train_seconds = time.perf_counter() - start
   val = source_captions(found[raw_sources.VALIDATION], int(config["num_val_scenes"]),
-                        label="text tokenizer: reading held-out captions", progress=progress)
+                        label="text tokenizer: reading held-out captions", show=show)
   report = _caption_report(tokenizer, val, train_seconds)
   report.update(source=described, train_captions=len(train),
                 unk_rate=float(np.mean(np.concatenate(tokenizer.encode_batch(val) or [[0]])

@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from mmjax import config as mmconfig
-from mmjax import defaults, grids
+from mmjax import defaults, grids, progress
 from mmjax import modalities as mod
 from mmjax.config import ConfigError
 from mmjax.data import sources as raw_sources
@@ -246,8 +246,10 @@ def run_image_tokenizer_train(config: ml_collections.ConfigDict, workdir: str) -
   model, step = _load_trained(config, workdir)
   modality = model.cfg.modality
   images = validation_images(config, modality)
-  metrics = image_metrics.evaluate_image_tokenizer(model, images,
-                                                   batch_size=config.eval.batch_size)
+  with progress.phase(f"tokenizer: evaluating on {len(images)} validation images",
+                      enabled=jax.process_index() == 0):
+    metrics = image_metrics.evaluate_image_tokenizer(model, images,
+                                                     batch_size=config.eval.batch_size)
   metrics_path = os.path.join(workdir, "tokenizer_eval.json")
   report = {"modality": modality, "quantizer": model.cfg.quantizer,
             "codebook_size": model.codebook_size, "steps": summary.get("step"),

@@ -256,7 +256,11 @@ def load_text_modality_tokenizer(modality: mod.Modality, tokenizer_dir: str) -> 
   Image tokenizers are checkpoints of the trainer: `mmjax.objectives.tokenizer` loads them."""
   if not modality.is_sequence:
     raise ConfigError(f"modality {modality.name} is not a sequence: it has no text tokenizer")
-  text = load_text_tokenizer(tokenizer_dir)
+  if modality.tokenizer.endswith(".json"):  # a Hugging Face tokenizer.json, used as it is
+    from mmjax.tokenizers.hf_text import HFTextTokenizer  # late: it needs the tokenizers library
+    text = HFTextTokenizer.load(resolve_config_path(modality.tokenizer))
+  else:
+    text = load_text_tokenizer(tokenizer_dir)
   if modality.source == DET_SOURCE:
     return DetModalityTokenizer(modality, text)
   return TextModalityTokenizer(modality, text)

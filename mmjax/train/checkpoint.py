@@ -199,11 +199,13 @@ def restore_newest(restore: Callable[[int, Any], Any], steps: list[int], directo
             state=ocp.args.StandardRestore(abstract_state)))["state"]
       except Exception as e:  # noqa: BLE001 -- a failed read means this checkpoint is unusable.
         outcome, detail = (_MISMATCH if _is_shape_error(e) else _CORRUPT), _one_line(e)
-    if outcome == _OK and iterator is not None:
+    # A checkpoint without an iterator (written by `mmjax import`): the data starts afresh.
+    has_iter = os.path.isdir(os.path.join(directory, str(step), "iter"))
+    if outcome == _OK and iterator is not None and has_iter:
       unreadable = _unreadable_iterator_state(os.path.join(directory, str(step)))
       if unreadable:  # damaged on disk: corruption, not a changed pipeline
         outcome, detail = _CORRUPT, unreadable
-    if outcome == _OK and iterator is not None:
+    if outcome == _OK and iterator is not None and has_iter:
       try:
         restore(step, ocp.args.Composite(iter=grain.checkpoint.CheckpointRestore(iterator)))
       except Exception as e:  # noqa: BLE001 -- the params read: the data pipeline has changed.
@@ -295,3 +297,15 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def save_state(directory: str, step: int, state: TrainState) -> None:
+  """Writes `state` as checkpoint `step` of `directory` without a data iterator (imported weights:
+  `mmjax train` restores the state and starts its data from the beginning)."""
+  manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  try:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+    manager.wait_until_finished()
+  finally:
+    manager.close()

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from mmjax import config as mmconfig
+from mmjax import progress
 from mmjax import sharding as mmsharding
 from mmjax.data.pipeline import demo_tokens
 from mmjax.errors import UserError
@@ -97,7 +98,6 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   devices = list(jax.devices() if devices is None else devices)
   mmconfig.validate(config, num_devices=len(devices))
   if config.get("objective") in MODEL_CONFIGS:
-    demo_tokens.use_demo_tokens_if_unset(config)
     # "auto": the platform the run compiles for decides.
     with config.model.unlocked():
       config.model.dtype = resolve_dtype_name(config.model.get("dtype", "auto"),
@@ -183,6 +183,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -
 
 def _run(config, workdir, stream, preemption: _Preemption) -> dict[str, Any]:
   train = config.train
+  demo_tokens.use_demo_tokens_if_unset(config)  # here, not in build(): only commands that read data
   objective, setup = build(config)
   os.makedirs(workdir, exist_ok=True)
   it = objective.make_iterator("train", jax.process_index(), jax.process_count())
@@ -266,7 +267,8 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
   with setup.context():
     batch = mmsharding.global_batch(next(it), setup.batch_shardings)
     compile_start = time.perf_counter()
-    step_fn = trainstep.jit_step(setup, train).lower(state, batch).compile()
+    with progress.phase("train: compiling the step", enabled=jax.process_index() == 0):
+      step_fn = trainstep.jit_step(setup, train).lower(state, batch).compile()
     summary["compile_s"] = time.perf_counter() - compile_start
     if preemption.agreed():  # during the compile: stop before a step there may be no time for
       writer.message(f"mmjax: {preemption.name} before the first step; stopping (nothing new "

@@ -1,4 +1,4 @@
-"""Metric sinks: `<workdir>/metrics.jsonl`, TensorBoard events, a progress line, a loss plot.
+"""Metric sinks: `<workdir>/metrics.jsonl`, TensorBoard events, a progress bar, a loss plot.
 
 One JSON object per line: {"step": N, "loss": ..., "eval/loss": ..., ...}. On resume the lines of
 steps after the checkpoint are dropped (they are recomputed), so the file reads as one run. Only
@@ -11,10 +11,12 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Any
 
 import jax
+import tqdm
+
+from mmjax import progress
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -36,10 +38,10 @@ class MetricsWriter:
     self.total_steps = total_steps
     self.log_every = max(1, log_every)
     self.stream = stream or sys.stderr
-    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+    self._bar = None
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, METRICS_FILE)
-    self._start = (time.perf_counter(), start_step)
+    self._start_step = start_step
     self._tb = None
     if not self.enabled:
       return
@@ -62,40 +64,34 @@ class MetricsWriter:
         self._tb.add_scalar(key, value, step)
 
   def progress(self, step: int, metrics: dict[str, float]) -> None:
-    if not self.enabled or (step % self.log_every and step != self.total_steps):
+    if not self.enabled:
       return
-    start_time, start_step = self._start
-    done = step - start_step
-    elapsed = time.perf_counter() - start_time
-    eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+    if self._bar is None:  # at the first step, so its clock starts after the compile
+      # Every log_every steps is a line of the run's log: no time throttle; no empty first line.
+      self._bar = progress.bar(self.total_steps, "train", unit="step", initial=self._start_step,
+                               stream=self.stream, interval_s=0.0, delay=1e-9)
+    if step % self.log_every and step != self.total_steps:
+      return
     shown = " ".join(f"{k}={_fmt(metrics[k])}" for k in
                      ("loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu")
                      if k in metrics)
     if metrics.get("data/bad_records"):  # records skipped as bad: visible while it happens
       shown += f" bad_records={int(metrics['data/bad_records'])}"
-    line = f"step {step}/{self.total_steps} {shown} eta {_duration(eta)}"
-    if self.tty:
-      width = 30
-      filled = int(width * step / max(self.total_steps, 1))
-      self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {line}\x1b[K")
-      if step == self.total_steps:
-        self.stream.write("\n")
-    else:
-      self.stream.write(line + "\n")
-    self.stream.flush()
+    self._bar.set_postfix_str(shown, refresh=False)
+    self._bar.update(step - self._bar.n)
 
   def message(self, text: str) -> None:
     if self.enabled:
-      self.stream.write(("\n" if self.tty else "") + text + "\n")
-      self.stream.flush()
+      tqdm.tqdm.write(text, file=self.stream)  # above a live bar, not through it
 
   def close(self) -> None:
     if not self.enabled:
       return
     self._file.close()
     self._tb.close()
-    if self.tty:
-      self.stream.write("\n")
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
 
   def plot(self) -> str | None:
     """Loss (and eval loss) against step, beside the metrics file."""
@@ -135,8 +131,3 @@ def _fmt(value: float) -> str:
   return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

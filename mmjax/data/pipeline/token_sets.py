@@ -22,6 +22,7 @@ from typing import Any
 
 from mmjax import defaults, modalities
 from mmjax.config import ConfigError
+from mmjax.data.pipeline import demo_tokens
 from mmjax.data.pipeline.stream import DatasetSpec
 from mmjax.data.tokens import records as tokens_tfds
 
@@ -48,10 +49,11 @@ def mixture_from_config(data) -> list[TokenSet]:
   if not entries:
     if not data.get("data_dir"):
       raise ConfigError(
-          f"config key 'data.data_dir' is empty and {defaults.DEMO_TOKENS}/ (the token set "
-          "`mmjax demo` writes) holds no dataset: run `bash launch/local.sh` first, or point "
-          "data.data_dir at the workdir of `mmjax prepare tokens` (configs/tokens/shapes.py), or "
-          "list datasets in 'data.mixture'")
+          f"config key 'data.data_dir' is empty and "
+          f"{demo_tokens.location() or defaults.DEMO_TOKENS}/ (the token set `mmjax demo` "
+          "writes) holds no dataset: run `bash launch/local.sh` first, or point data.data_dir at "
+          "the workdir of `mmjax prepare tokens` (configs/tokens/shapes.py), or list datasets in "
+          "'data.mixture'")
     return [TokenSet(str(data.data_dir), str(data.name))]
   sets, seen = [], {}
   for k, entry in enumerate(entries):
