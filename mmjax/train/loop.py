@@ -215,15 +215,15 @@ def _run(config, workdir, stream, preemption: _Preemption) -> dict[str, Any]:
       summary["preempted"] = True
     elif start < train.steps:
       _loop(config, objective, setup, state, it, checkpointer, writer, start, summary, preemption)
+    bad = getattr(it, "bad_by_dataset", None)
+    if bad is not None:  # records skipped as bad (data.bad_records="skip"), per dataset
+      summary["bad_records"] = {"total": sum(bad.values()), "by_dataset": bad}
+      if sum(bad.values()):
+        writer.message("mmjax: skipped bad records: " + ", ".join(
+            f"{name} {n}" for name, n in sorted(bad.items())))
   finally:
     checkpointer.close()
     writer.close()
-  bad = getattr(it, "bad_by_dataset", None)
-  if bad is not None:  # records skipped as bad (data.bad_records="skip"), per dataset
-    summary["bad_records"] = {"total": sum(bad.values()), "by_dataset": bad}
-    if sum(bad.values()):
-      writer.message("mmjax: skipped bad records: " + ", ".join(
-          f"{name} {n}" for name, n in sorted(bad.items())))
   summary["checkpoints"] = checkpointer.steps()
   summary["plot"] = writer.plot()
   summary["metrics_file"] = writer.path

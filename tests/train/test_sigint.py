@@ -29,6 +29,7 @@ def _started(tmp_path, name):
   return workdir, proc
 
 
+@pytest.mark.slow  # a training subprocess (~25 s under load)
 def test_first_ctrl_c_saves_and_exits_0(tmp_path):
   workdir, proc = _started(tmp_path, "once")
   proc.send_signal(signal.SIGINT)

@@ -211,6 +211,7 @@ def test_record_parser_names_a_missing_field_never_an_index_error(token_set):
     parse(b"\x07garbage")
 
 
+@pytest.mark.slow  # three runs, one of them trains (~25 s idle, 75 s under load)
 def test_record_missing_a_field_is_a_named_error_or_a_counted_skip(token_set, tmp_path, capsys):
   data_dir, ds_dir = _copy(token_set, tmp_path)
   shard = _drop_field(ds_dir, 0, 3, "tok_rgb")
@@ -239,3 +240,10 @@ def test_record_missing_a_field_is_a_named_error_or_a_counted_skip(token_set, tm
   assert [r["data/bad_records/" + NAME] for r in rows if "loss" in r] == [1.0, 1.0]
   assert "bad_records=1" in err and f"mmjax: skipped bad records: {NAME} 1" in err
   assert _snapshot(data_dir) == before
+
+
+def test_verify_of_a_directory_without_token_sets_is_one_line(tmp_path, capsys):
+  assert cli.main(["verify", str(tmp_path)]) == 2
+  _, err = capsys.readouterr()
+  assert _error_line(err) == (f"mmjax: error: {tmp_path} holds no finished token set (a directory "
+                              f"with dataset_info.json, or mmjax_tokens/<name>/<version>/ under it)")
