@@ -63,6 +63,11 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="re-encode every shard instead of skipping finished ones")
   tokens.set_defaults(run=_run_prepare_tokens)
 
+  verify = commands.add_parser("verify", help="check every token shard's size and checksum")
+  verify.add_argument("directory", metavar="DIR", help="a token set, or a tfds data_dir (e.g. the "
+                      "workdir of `mmjax prepare tokens`) holding mmjax_tokens/<name>/")
+  verify.set_defaults(run=_run_verify, config=None)
+
   tokenizer = commands.add_parser("tokenizer", help="train a text or image-like tokenizer")
   tokenizer_actions = tokenizer.add_subparsers(dest="action", metavar="ACTION",
                                                parser_class=_Parser)
@@ -217,7 +222,9 @@ def _run_export_chameleon(args: argparse.Namespace) -> int:
 
 def _load_config(args: argparse.Namespace):
   """The command's config with its overrides applied and validated, or None without --config."""
-  from mmjax import config as mmconfig  # imported late: `mmjax --help` should not load absl
+  from mmjax import (
+    config as mmconfig,  # imported late: `mmjax --help` should not load absl
+  )
 
   if args.config is None:
     if args.overrides:
@@ -382,6 +389,21 @@ def _run_prepare_tokens(args: argparse.Namespace) -> int:
                                    "written under it unless the config says otherwise")
   summary = pretokenize.run_prepare_tokens(config, workdir, overwrite=args.overwrite)
   print(json.dumps(summary, default=str))
+  return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+  from mmjax.data.tokens import records
+
+  if args.overrides:
+    raise UserError("mmjax verify takes no --config overrides")
+  result = records.verify_token_sets(args.directory)
+  for ds_dir, count in result["verified"].items():
+    print(f"mmjax verify: {ds_dir}: {count} shards, sizes and sha256 as recorded", file=sys.stderr)
+  for ds_dir in result["unrecorded"]:
+    print(f"mmjax verify: {ds_dir}: written before shard checksums were recorded; nothing to "
+          f"compare (re-run `mmjax prepare tokens --overwrite` to record them)", file=sys.stderr)
+  print(json.dumps(result))
   return 0
 
 

@@ -12,12 +12,15 @@ Before a restore, the saved tree (paths, shapes, dtypes from the checkpoint's me
 with the abstract state of the current config. A difference is the user's (the config changed since
 the checkpoint was written): `CheckpointMismatchError`, and nothing on disk is touched. Only a
 checkpoint that cannot be read (missing or garbled metadata, truncated data, failed reads) is
-reported in one line, moved aside to `corrupt-<step>` and the previous checkpoint is tried. With
+reported in one line, moved aside to `corrupt-<step>` and the previous checkpoint is tried; that
+includes an iterator-state file that is not readable JSON, while a readable state that the current
+data pipeline refuses is a mismatch. With
 several processes, all of them agree on the outcome of every step before anyone acts on it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -126,6 +129,47 @@ def _mismatch_error(directory: epath.Path, step: int, detail: str) -> Checkpoint
       "Resume with the original config, or train the new one in another --workdir")
 
 
+def _is_closed_loop(exc_type, exc) -> bool:
+  return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
+def _silence_abandoned_reads() -> None:
+  """A failed restore leaves the other arrays' reads in flight; as they finish, tensorstore hands
+  each result to the restore's event loop, already closed, and each prints "Exception ignored"
+  with a traceback of RuntimeError('Event loop is closed') (a dozen or more, after the one line
+  that reported the corruption). From the first corrupt checkpoint on, that error alone is
+  dropped (sys.unraisablehook, and sys.excepthook for a read that reports it that way); every
+  other exception reaches the previous hook."""
+  previous, previous_unraisable = sys.excepthook, sys.unraisablehook
+  if getattr(previous_unraisable, "mmjax_drops_closed_loop", False):
+    return
+
+  def hook(exc_type, exc, tb):
+    if not _is_closed_loop(exc_type, exc):
+      previous(exc_type, exc, tb)
+
+  def unraisable_hook(unraisable):
+    if not _is_closed_loop(unraisable.exc_type, unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  hook.mmjax_drops_closed_loop = unraisable_hook.mmjax_drops_closed_loop = True
+  sys.excepthook, sys.unraisablehook = hook, unraisable_hook
+
+
+def _unreadable_iterator_state(step_dir: str) -> str:
+  """Why this process's iterator state file in `step_dir` cannot be read as a JSON object (missing,
+  undecodable, garbled), or "" when it can: only a readable state that the pipeline refuses is a
+  config mismatch."""
+  path = os.path.join(step_dir, "iter",
+                      f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      state = json.load(f)
+  except (OSError, ValueError) as e:  # ValueError: JSON and UTF-8 decoding errors
+    return f"its data iterator state {path} is unreadable ({_one_line(e)})"
+  return "" if isinstance(state, dict) else f"its data iterator state {path} is not a JSON object"
+
+
 def _agree(outcome: int) -> int:
   """The worst outcome over all processes, so that all of them take the same branch."""
   if jax.process_count() == 1:
@@ -160,6 +204,10 @@ def restore_newest(restore: Callable[[int, Any], Any], steps: list[int],
     # A checkpoint without an iterator (written by `mmjax import`): the data starts afresh.
     has_iter = os.path.isdir(os.path.join(directory, str(step), "iter"))
     if outcome == _OK and iterator is not None and has_iter:
+      unreadable = _unreadable_iterator_state(os.path.join(directory, str(step)))
+      if unreadable:  # damaged on disk: corruption, not a changed pipeline
+        outcome, detail = _CORRUPT, unreadable
+    if outcome == _OK and iterator is not None and has_iter:
       try:
         restore(step, ocp.args.Composite(iter=grain.checkpoint.CheckpointRestore(iterator)))
       except Exception as e:  # noqa: BLE001 -- the params read: the data pipeline has changed.
@@ -167,6 +215,8 @@ def restore_newest(restore: Callable[[int, Any], Any], steps: list[int],
         detail = (f"its data iterator state does not fit the current data pipeline (changed "
                   f"data.num_workers, data.mixture, host count or iterator format?): "
                   f"{_one_line(e)}")
+    if outcome == _CORRUPT:
+      _silence_abandoned_reads()
     agreed = agree(outcome)
     if agreed == _MISMATCH:
       raise _mismatch_error(directory, step, detail if outcome == _MISMATCH else "")
@@ -254,7 +304,7 @@ class Checkpointer:
 def save_state(directory: str, step: int, state: TrainState) -> None:
   """Writes `state` as checkpoint `step` of `directory` without a data iterator (imported weights:
   `mmjax train` restores the state and starts its data from the beginning)."""
-  manager = ocp.CheckpointManager(os.path.abspath(directory),
+  manager = ocp.CheckpointManager(paths.resolve(directory),
                                   options=ocp.CheckpointManagerOptions(create=True))
   try:
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)

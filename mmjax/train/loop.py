@@ -3,9 +3,10 @@
 Order of a step N: take batch N from the iterator, dispatch step N, then fetch step N-1's metrics
 (so the device has N queued while the host logs), check them for a non-finite loss, log. Before a
 checkpoint or an evaluation the metrics of the current step are fetched too, so a NaN is always
-seen before the state that followed it could be saved. SIGTERM (preemption) sets a flag from the
-start of `run_train` on (setup, iterator creation and restore included); the loop saves at the next
-step boundary and returns normally (exit code 0). A SIGTERM before the first step returns without
+seen before the state that followed it could be saved. SIGTERM (preemption) and a first Ctrl-C
+(SIGINT) set a flag from the start of `run_train` on (setup, iterator creation and restore
+included); the loop saves at the next step boundary and returns normally (exit code 0). A second
+Ctrl-C aborts without saving. A SIGTERM before the first step returns without
 training or saving: the checkpoints on disk are already the latest state.
 
 With several processes, JAX's coordination service carries the SIGTERM instead: its preemption
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -53,30 +55,45 @@ class NonFiniteLossError(UserError):
 
 
 class _Preemption:
-  """Remembers a SIGTERM until the loop reaches a step boundary.
+  """Remembers a SIGTERM (preemption) or a first Ctrl-C (SIGINT) until the loop reaches a step
+  boundary, where it saves and stops; a second Ctrl-C aborts at once (KeyboardInterrupt), without
+  saving.
 
-  One process: a Python signal handler sets a flag. Several: JAX's preemption notifier owns
-  SIGTERM (a Python handler installed after it would take the signal away from it) and
-  `at_step` asks the coordination service whether this step is the one all hosts stop at."""
+  One process: Python signal handlers set a flag. Several: JAX's preemption notifier owns SIGTERM
+  (a Python handler installed after it would take the signal away from it) and `at_step` asks the
+  coordination service whether this step is the one all hosts stop at; Ctrl-C keeps Python's
+  default there, since one host's flag cannot make the others stop at the same step."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.name = "SIGTERM"  # the signal that asked to stop, for the messages
+    self._interrupts = 0
+    self._previous: dict[int, Any] = {}
     self._multihost = False
 
   def __enter__(self):
     self._multihost = jax.process_count() > 1
     if not self._multihost and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT:
+      self._interrupts += 1
+      if self._interrupts > 1:
+        raise KeyboardInterrupt
+      print("\nmmjax: Ctrl-C: saving a checkpoint at the next step and stopping; press Ctrl-C "
+            "again to abort without saving", file=sys.stderr, flush=True)
+    if not self.requested:
+      self.name = signal.Signals(signum).name
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
     return False
 
   def before_start(self) -> bool:
@@ -151,6 +168,15 @@ def load_model(config: Any, workdir: str, *, allow_random_init: bool = False) ->
   return nnx.merge(setup.graphdef, state["params"], state["rest"]), step
 
 
+def _bad_record_metrics(it) -> dict[str, float]:
+  """data/bad_records (all datasets) and data/bad_records/<dataset>: records skipped so far."""
+  bad = getattr(it, "bad_by_dataset", None)
+  if bad is None:
+    return {}
+  return {"data/bad_records": float(sum(bad.values())),
+          **{f"data/bad_records/{name}": float(n) for name, n in bad.items()}}
+
+
 def _evaluate(config, objective, setup, eval_fn, state) -> dict[str, float]:
   it = objective.make_iterator("val", jax.process_index(), jax.process_count())
   totals: dict[str, float] = {}
@@ -201,10 +227,17 @@ def _run(config, workdir, stream, preemption: _Preemption) -> dict[str, Any]:
                                  params=trainstate.param_count(state))
   try:
     if stop:
-      writer.message("mmjax: SIGTERM before the first step; stopping (nothing new to save)")
+      writer.message(f"mmjax: {preemption.name} before the first step; stopping (nothing new "
+                     "to save)")
       summary["preempted"] = True
     elif start < train.steps:
       _loop(config, objective, setup, state, it, checkpointer, writer, start, summary, preemption)
+    bad = getattr(it, "bad_by_dataset", None)
+    if bad is not None:  # records skipped as bad (data.bad_records="skip"), per dataset
+      summary["bad_records"] = {"total": sum(bad.values()), "by_dataset": bad}
+      if sum(bad.values()):
+        writer.message("mmjax: skipped bad records: " + ", ".join(
+            f"{name} {n}" for name, n in sorted(bad.items())))
   finally:
     checkpointer.close()
     writer.close()
@@ -243,7 +276,7 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
       clock.update(time=now, step=number)
       metrics.update(step_time_s=seconds, samples_per_s=batch_size / seconds,
                      tokens_per_s=tokens_per_step / seconds,
-                     mfu=mmflops.mfu(flops_per_step / seconds, peak))
+                     mfu=mmflops.mfu(flops_per_step / seconds, peak), **_bad_record_metrics(it))
       writer.write(number, metrics)
       writer.progress(number, metrics)
       summary.update(step=number, loss=metrics["loss"], skipped=int(metrics["skipped"]))
@@ -255,7 +288,8 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
       step_fn = trainstep.jit_step(setup, train).lower(state, batch).compile()
     summary["compile_s"] = time.perf_counter() - compile_start
     if preemption.before_start():  # during the compile: stop before a step there may be no time for
-      writer.message("mmjax: SIGTERM before the first step; stopping (nothing new to save)")
+      writer.message(f"mmjax: {preemption.name} before the first step; stopping (nothing new "
+                     "to save)")
       summary["preempted"] = True
       return
     clock["time"] = time.perf_counter()
@@ -281,7 +315,8 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
         clock["time"] = time.perf_counter()  # step times exclude evaluation and saving
       if stop:
         checkpointer.wait()
-        writer.message(f"mmjax: SIGTERM: saved the checkpoint of step {number}; stopping")
+        writer.message(f"mmjax: {preemption.name}: saved the checkpoint of step {number}; "
+                       "stopping")
         summary["preempted"] = True
         break
     fetch()

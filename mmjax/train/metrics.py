@@ -143,6 +143,8 @@ class MetricsWriter:
     shown = " ".join(f"{k}={_fmt(metrics[k])}" for k in
                      ("loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu")
                      if k in metrics)
+    if metrics.get("data/bad_records"):  # records skipped as bad: visible while it happens
+      shown += f" bad_records={int(metrics['data/bad_records'])}"
     self._bar.set_postfix_str(shown, refresh=False)
     self._bar.update(step - self._bar.n)
 

@@ -96,12 +96,18 @@ def test_mixture_with_a_text_corpus_and_skipped_bad_records(data_dir):
   with pytest.raises(UserError, match=r"record \d+: no template applies; it has \['caption'\]"):
     next(get_objective(config).make_iterator("train", 0, 1))
   config.data.bad_records = "skip"
+  with pytest.raises(UserError, match=r"data: 16 of the 16 records read from dataset 'captions' "
+                     r"were bad and skipped, more than data.max_bad_fraction=0.05"):
+    next(get_objective(config).make_iterator("train", 0, 1))
+  config.data.max_bad_fraction = 1.0  # every caption-only record is bad here, by design
   objective = get_objective(config)
   it = objective.make_iterator("train", 0, 1)
   batch = next(it)
   assert _documents([batch], objective.vocab).all()
   # The first pack window held 64 records of the stream, every fourth a caption record.
   assert it.bad_records == 16 and it.get_state()["bad_records"] == 16
+  assert it.bad_by_dataset == {"shapes": 0, "captions": 16}
+  assert it.get_state()["read_by_dataset"] == {"shapes": 48, "captions": 16}
   state = it.get_state()
   resumed = objective.make_iterator("train", 0, 1)
   resumed.set_state(state)

@@ -139,10 +139,13 @@ def token_datasets(config, split: str, registry: modalities.Registry, names: Seq
   for s, ds_dir, meta, absent, label in zip(sets, dirs, metas, lacking, labels):
     if mixed and split != "train" and split not in meta.get("splits", {}):
       continue
+    # Sizes only (a stat per shard): a truncated or replaced shard stops the run here, naming it.
+    tokens_tfds.verify_shards(ds_dir, meta, splits=[split])
     source = tokens_tfds.load_token_bytes(s.data_dir, s.name, split)
     parse = tokens_tfds.RecordParser(meta["modalities"], [n for n in names if n not in absent])
     specs.append(DatasetSpec(label, source, weight=s.weight,
-                             missing=tuple(dict.fromkeys(absent + s.missing)), decode=parse))
+                             missing=tuple(dict.fromkeys(absent + s.missing)), decode=parse,
+                             split=split, locate=tokens_tfds.shard_locator(ds_dir, meta, split)))
   if not specs:
     raise ConfigError(f"none of the datasets of data.mixture ({', '.join(dirs)}) has a split "
                       f"{split!r}")
