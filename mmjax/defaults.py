@@ -79,6 +79,8 @@ def shapes_data(**overrides) -> ml_collections.ConfigDict:
       num_workers=0,          # grain multiprocessing workers; 0 reads in the main process
       bad_records="error",    # a bad record (missing/wrong-length field, id >= vocab): "error" names
                               # it and stops; "skip" pads its batch row and counts it
+      max_bad_fraction=0.05,  # with "skip": stop when more than this share of a dataset's records
+                              # read so far were bad (1.0: never)
       missing="",             # comma-separated modalities the dataset may lack (empty where absent)
       # Several pre-tokenized datasets mixed per sample by weight, instead of data_dir / name:
       # (dict(data_dir=..., name=..., weight=3, missing="tok_rgb"), ...); a modality one of them
@@ -99,3 +101,21 @@ def model_target() -> dict:
       attention_impl="auto",  # xla (einsum), cudnn (GPU), splash (TPU); auto: by platform
       remat="none",           # remat of the scanned layers: none, full, minimal, save_dots,
   )                           # save_qkv_proj, save_out_proj, save_dot_except_mlp(wi)
+
+
+def image_text_data(**overrides) -> ml_collections.ConfigDict:
+  """Your own images and captions (`config.data` of the photo configs): a folder or a tfds dataset
+  read by `mmjax.data.sources`, for tokenizer training and `mmjax prepare tokens`; training reads
+  the token set `mmjax prepare tokens` wrote (data_dir / name, as with shapes_data)."""
+  section = shapes_data(
+      name="folder",          # "folder" (data.folder) or a tfds name, e.g. "coco_captions"
+      image_size=128,         # images are resized on their shorter side and centre-cropped to this
+      num_val=200,            # held-out images (or captions) that tokenizers report quality on
+                              # (taken from the end of train when the source has no validation)
+  )
+  section.folder = ""         # data.name = "folder": images with same-stem .txt captions
+  section.caption_index = 0   # tfds sources with several captions per image: which one
+  for key in ("num_train", "seed"):  # shapes scene generation only
+    del section[key]
+  section.update(overrides)
+  return section

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
 from mmjax import progress
 from mmjax.data.pipeline.demo_tokens import use_demo_tokens_if_unset
@@ -62,11 +63,10 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, *, out_dir: str,
   summary = {"objective": objective, "workdir": workdir, "num_scenes": num_scenes, **result,
              "seconds": time.perf_counter() - start}
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, METRICS_FILE)
-    with open(path, "w") as f:
-      json.dump(summary, f, indent=1, default=str)
-    summary["metrics_file"] = path
+    path = epath.Path(out_dir) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1, default=str))
+    summary["metrics_file"] = os.fspath(path)
   return summary
 
 

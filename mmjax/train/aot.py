@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import serialize_executable
 from jax.experimental import topologies
 
@@ -338,14 +339,17 @@ def run_aot(config: ml_collections.ConfigDict, topology: str, *, out_dir: str | 
 
 def _write(out_dir: str, lowered, compiled, result: dict[str, Any]) -> dict[str, Any]:
   """The program (StableHLO; the optimised HLO and the serialized executable when compiled)."""
-  os.makedirs(out_dir, exist_ok=True)
+  out = epath.Path(out_dir)  # a workdir: local or gs://
+  out.mkdir(parents=True, exist_ok=True)
   files: dict[str, Any] = {}
 
   def write(name: str, data: str | bytes) -> None:
-    path = os.path.join(out_dir, name)
-    with open(path, "wb" if isinstance(data, bytes) else "w") as f:
-      f.write(data)
-    files[name] = path
+    path = out / name
+    if isinstance(data, bytes):
+      path.write_bytes(data)
+    else:
+      path.write_text(data)
+    files[name] = os.fspath(path)
 
   write("step.stablehlo.mlir", lowered.as_text())
   if compiled is not None:

@@ -28,12 +28,13 @@ G = (alpha A / (beta B))^(1/(alpha+beta)).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from scipy import optimize
+
+from mmjax import paths
 
 HUBER_DELTA = 1e-3                            # on log residuals, as in Hoffmann et al. (2022)
 _EXPONENTS = np.geomspace(0.03, 2.0, 16)      # initial exponents (scaling exponents are ~0.05-1)
@@ -339,8 +340,7 @@ def plot_scaling(path: str, rows: Sequence[dict[str, Any]], fits: dict[str, Any]
     axis.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
     axis.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
   figure.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  figure.savefig(path, dpi=100)
+  paths.save_figure(figure, path)
   plt.close(figure)
   return path
 

@@ -74,7 +74,7 @@ def test_hosts_see_disjoint_complete_data(records):
 def _ids_transform(records, rng, **kwargs):
   """A stand-in for the 4M transform: the batch is the records' ids."""
   del rng, kwargs
-  return [int(r["id"]) for r in records], 0
+  return [int(r["id"]) for r in records], np.zeros(len(records), bool)
 
 
 def test_batches_of_all_hosts_cover_a_dataset_mixture_once_per_epoch(records):
