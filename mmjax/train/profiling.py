@@ -12,6 +12,7 @@ import os
 
 import jax
 
+from mmjax import paths
 from mmjax.config import ConfigError
 
 
@@ -37,7 +38,8 @@ class StepProfiler:
 
   def __init__(self, spec, workdir: str):
     self.steps = parse_steps(spec)
-    self.directory = os.path.join(workdir, "profile")
+    # A URL workdir stays a URL (paths.resolve); only local folders were tried here.
+    self.directory = os.fspath(paths.resolve(workdir) / "profile")
     self.active = False
 
   def before(self, step: int) -> None:
