@@ -7,7 +7,8 @@
              (`mmjax.eval.fourm_eval`), one grid per task
   decoder    teacher-forced validation loss and accuracy per modality
 
-Writes `<out_dir>/metrics.json` ({"objective", "step", "metrics", "grids", "samples", ...}) and the
+Writes `<out_dir>/metrics.json` ({"objective", "step", "metrics", "grids", "samples", "bounds"
+(4M on shapes: every generation metric's chance level and tokenizer ceiling), ...}) and the
 grids beside it; returns the same summary.
 """
 
@@ -103,6 +104,8 @@ def _eval_tokens_model(config, workdir: str, out_dir: str, *, num_scenes: int, s
       result[key].update(generated[key])
     result["generation_seconds"] = generated["seconds"]
     result["generation_note"] = generated.get("note", "")
+    if generated.get("bounds"):
+      result["bounds"] = generated["bounds"]
   return result
 
 
@@ -110,7 +113,7 @@ def _fourm_generation(config, model, out_dir: str, *, num_scenes: int, seed: int
                       grid_rows: int, task_names: Sequence[str] | None) -> dict[str, Any]:
   """Any-to-any metrics on the first `num_scenes` validation records (shapes data only)."""
   from mmjax.data import modality_tokenizers, tokens_tfds
-  from mmjax.eval import fourm_eval
+  from mmjax.eval import bounds, fourm_eval
 
   data = config.data
   ds_dir = tokens_tfds.dataset_dir(data.data_dir, data.name)
@@ -146,4 +149,6 @@ def _fourm_generation(config, model, out_dir: str, *, num_scenes: int, seed: int
       num_sentinels=int(config.masking.get("num_sentinels", 100)),
       generate_config=config.get("generate"), out_dir=out_dir, seed=seed, grid_rows=grid_rows,
       tasks=tasks, report=_progress)
+  # The chance level and tokenizer ceiling of every metric, on the same scenes.
+  generated["bounds"] = bounds.bounds(records, scenes, tokenizers, tasks)
   return generated
