@@ -226,11 +226,13 @@ def _require_workdir(args: argparse.Namespace, what: str) -> str:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+  from mmjax.eval import curves
   from mmjax.train import loop
 
   config = _load_config(args)
   workdir = _require_workdir(args, "checkpoints and metrics are written there")
-  print(json.dumps(loop.run_train(config, workdir), default=str))
+  evaluator = curves.make_training_eval(config, workdir)  # config.eval.every_steps
+  print(json.dumps(loop.run_train(config, workdir, evaluator=evaluator), default=str))
   return 0
 
 

@@ -35,6 +35,7 @@ import ml_collections
 
 from mmjax import config as mmconfig
 from mmjax import defaults
+from mmjax.eval import curves
 from mmjax.generate import fourm_settings
 
 SIZES = {
@@ -89,6 +90,8 @@ def get_config(arg=None):
   config.mesh = defaults.mesh()
   # `mmjax generate`: sampler settings (every key commented in mmjax/generate/fourm_settings.py).
   config.generate = fourm_settings.section(steps=8)
+  # Generation metrics during training (learning curves; every key in mmjax/eval/curves.py).
+  config.eval = curves.eval_section()
 
   if arg.runlocal:
     config.data.num_train, config.data.num_val = 256, 32

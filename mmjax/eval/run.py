@@ -111,44 +111,18 @@ def _eval_tokens_model(config, workdir: str, out_dir: str, *, num_scenes: int, s
 
 def _fourm_generation(config, model, out_dir: str, *, num_scenes: int, seed: int,
                       grid_rows: int, task_names: Sequence[str] | None) -> dict[str, Any]:
-  """Any-to-any metrics on the first `num_scenes` validation records (shapes data only)."""
-  from mmjax.data import modality_tokenizers, tokens_tfds
-  from mmjax.eval import bounds, fourm_eval
+  """Any-to-any metrics on the first `num_scenes` validation records (shapes data only), with
+  every metric's chance level and tokenizer ceiling under "bounds"."""
+  from mmjax.eval import fourm_eval
 
-  data = config.data
-  ds_dir = tokens_tfds.dataset_dir(data.data_dir, data.name)
-  source_info = tokens_tfds.read_metadata(ds_dir).get("source", {})
-  if not str(source_info.get("name", "")).startswith("shapes/"):
-    note = (f"no generation metrics: {ds_dir} was not tokenized from the shapes data "
-            f"(source {source_info.get('name', source_info.get('kind'))!r}), so no exact ground "
-            "truth is known")
-    _report(note)
-    return {"metrics": {}, "grids": {}, "samples": {}, "seconds": {}, "note": note}
-  registry = model.registry
-  tasks = fourm_eval.shapes_tasks(registry)
-  if task_names is not None:
-    unknown = sorted(set(task_names) - {t.name for t in tasks})
-    if unknown:
-      raise UserError(f"mmjax eval: unknown generation task(s) {', '.join(unknown)}; this config "
-                      f"has {', '.join(t.name for t in tasks)}")
-    tasks = [t for t in tasks if t.name in task_names]
-  source = tokens_tfds.load_tokens(data.data_dir, data.name, "validation")
-  records = [source[i] for i in range(min(num_scenes, len(source)))]
-  scenes = fourm_eval.ground_truth_scenes(records, int(source_info.get("seed", data.seed)),
-                                          int(data.image_size))
-  tokenizers_dir = data.get("tokenizers_dir", "") or os.path.join(data.data_dir, "tokenizers")
-  tokenizers = {}
-  for target in sorted({t.target for t in tasks}):
-    m = registry[target]
-    tokenizers[target] = modality_tokenizers.load_modality_tokenizer(
-        m, modality_tokenizers.tokenizer_dir_for(m, tokenizers_dir))
-  _report(f"generation on {len(records)} validation scenes: "
-          + ", ".join(t.name for t in tasks))
-  generated = fourm_eval.generation_metrics(
-      model, registry, records, scenes, tokenizers,
-      num_sentinels=int(config.masking.get("num_sentinels", 100)),
-      generate_config=config.get("generate"), out_dir=out_dir, seed=seed, grid_rows=grid_rows,
-      tasks=tasks, report=_progress)
-  # The chance level and tokenizer ceiling of every metric, on the same scenes.
-  generated["bounds"] = bounds.bounds(records, scenes, tokenizers, tasks)
+  setup = fourm_eval.ShapesGeneration.load(config, model.registry, num_scenes=num_scenes,
+                                           task_names=task_names)
+  if isinstance(setup, str):
+    _report(setup)
+    return {"metrics": {}, "grids": {}, "samples": {}, "seconds": {}, "note": setup}
+  _report(f"generation on {len(setup.records)} validation scenes: "
+          + ", ".join(t.name for t in setup.tasks))
+  generated = setup.run(model, out_dir=out_dir, seed=seed, grid_rows=grid_rows,
+                        report=_progress)
+  generated["bounds"] = setup.bounds()
   return generated
