@@ -44,22 +44,30 @@ TOKENIZER_ARG = "runlocal"  # the small image tokenizers; their config argument
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-  """Sizes of the demo's stages."""
+  """Sizes of the demo's stages (chosen by measurement: see the module docstring)."""
   num_train: int = 2000         # shapes scenes in the train split
   num_val: int = 200            # and in the validation split
   text_scenes: int = 2000       # scenes whose captions and boxes train the text tokenizer
-  tokenizer_steps: int = 300    # steps of each image tokenizer (runlocal size)
-  fourm_steps: int = 200        # steps of the 4M tiny model
+  tokenizer_steps: int = 1000   # steps of the depth and semseg tokenizers (runlocal size)
+  rgb_tokenizer_steps: int = 2000  # the rgb tokenizer's: it bounds caption->rgb (300 steps: 0.33)
+  fourm_steps: int = 800        # steps of the 4M tiny model
   fourm_batch: int = 16
-  eval_every: int = 100         # 4M validation passes during training
-  eval_scenes: int = 16         # validation scenes of the any-to-any generation metrics
+  fourm_lr: float = 1e-3
+  # Masking mixture components of "4m21" (all->all at alpha 0.01, 0.1, 1, 10; rgb->all; caption
+  # biased): one third each of all->all at 1, rgb->all and caption->all.
+  mixture_weights: tuple[float, ...] = (0, 0, 1, 0, 1, 1)
+  eval_every: int = 200         # 4M validation loss and learning-curve points during training
+  curve_scenes: int = 16        # validation scenes of each learning-curve point
+  curve_tasks: str = "rgb->caption,caption->tok_rgb"  # tasks of the learning curves
+  eval_scenes: int = 32         # validation scenes of the final any-to-any generation metrics
   eval_tasks: tuple[str, ...] | None = None  # generation tasks to score; None = all
   quick: bool = False           # smoke-test sizes (seconds of work; metrics meaningless)
 
   @classmethod
   def quick_settings(cls) -> DemoSettings:
-    return cls(num_train=64, num_val=16, text_scenes=200, tokenizer_steps=2, fourm_steps=2,
-               fourm_batch=8, eval_every=2, eval_scenes=2,
+    return cls(num_train=64, num_val=16, text_scenes=200, tokenizer_steps=2,
+               rgb_tokenizer_steps=2, fourm_steps=2, fourm_batch=8, eval_every=2,
+               curve_scenes=2, curve_tasks="rgb->caption", eval_scenes=2,
                eval_tasks=("rgb->caption", "caption->tok_rgb"), quick=True)
 
 
@@ -120,16 +128,16 @@ def _text_tokenizer(workdir: str, s: DemoSettings) -> dict[str, Any]:
 
 
 def _image_tokenizer(modality: str, workdir: str, s: DemoSettings) -> dict[str, Any]:
+  steps = s.rgb_tokenizer_steps if modality == "rgb" else s.tokenizer_steps
   report = _read_json(os.path.join(workdir, "tokenizer_eval.json"))
-  if report and report.get("steps") == s.tokenizer_steps:
+  if report and report.get("steps") == steps:
     _say(f"{modality} tokenizer in {workdir} exists; skipped")
     return report
   from mmjax.objectives import tokenizer
 
   config = _config(f"configs/tokenizers/shapes_{modality}.py:{TOKENIZER_ARG}",
-                   {"train.steps": s.tokenizer_steps, "data.num_train": s.num_train,
-                    "train.checkpoint_every": s.tokenizer_steps,
-                    "train.log_every": max(1, s.tokenizer_steps // 5)})
+                   {"train.steps": steps, "data.num_train": s.num_train,
+                    "train.checkpoint_every": steps, "train.log_every": max(1, steps // 5)})
   return tokenizer.run_image_tokenizer_train(config, workdir)["tokenizer_eval"]
 
 
@@ -137,10 +145,13 @@ def fourm_config(workdir: str, s: DemoSettings):
   """The demo's 4M config (4M tiny on the demo's tokens)."""
   return _config(f"configs/fourm/shapes.py:tiny,tokenizers={TOKENIZER_ARG}", {
       "data.data_dir": os.path.join(workdir, "tokens"),
-      "train.steps": s.fourm_steps, "train.batch_size": s.fourm_batch,
+      "train.steps": s.fourm_steps, "train.batch_size": s.fourm_batch, "train.lr": s.fourm_lr,
       "train.warmup_steps": max(1, s.fourm_steps // 10), "train.eval_every": s.eval_every,
       "train.checkpoint_every": s.eval_every, "train.log_every": max(1, s.fourm_steps // 20),
-      "train.eval_batches": 2})
+      "train.eval_batches": 2, "masking.mixture": "4m21",
+      "masking.mixture_weights": tuple(s.mixture_weights),
+      "eval.every_steps": s.eval_every, "eval.num_scenes": s.curve_scenes,
+      "eval.tasks": s.curve_tasks})
 
 
 def _train_losses(metrics_file: str) -> tuple[float | None, float | None]:
@@ -188,6 +199,7 @@ def _sample(config, fourm_dir: str, s: DemoSettings) -> dict[str, Any]:
 def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
   """Runs (or resumes) every stage; prints progress and a summary; returns the summary."""
   from mmjax.data import pretokenize
+  from mmjax.eval import curves
   from mmjax.train import loop
 
   start = time.perf_counter()
@@ -220,12 +232,15 @@ def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
   stages.figures["tokens"] = {split: v["records"] for split, v in tokens["splits"].items()}
 
   config = fourm_config(workdir, s)
-  trained = stages.run("4M training", loop.run_train, config, fourm_dir)
+  trained = stages.run("4M training", loop.run_train, config, fourm_dir,
+                       evaluator=curves.make_training_eval(config, fourm_dir))
   first, last = _train_losses(os.path.join(fourm_dir, "metrics.jsonl"))
   stages.figures["4M"] = {"steps": trained.get("step"), "loss_first": first, "loss_last": last,
                           **{k: v for k, v in (trained.get("eval") or {}).items()
                              if k in ("eval/loss",)}}
   stages.pngs["4M loss curve"] = trained.get("plot")
+  stages.pngs["4M learning curves"] = trained.get("curves") or _existing(
+      os.path.join(fourm_dir, curves.CURVES_FILE))
 
   evaluated = stages.run("evaluation", _evaluate, config, fourm_dir, s)
   stages.figures["eval"] = {k: round(v, 4) for k, v in evaluated["metrics"].items()
@@ -251,8 +266,13 @@ def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
              "figures": stages.figures, "pngs": stages.pngs}
   with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=str)
+  summary["report"] = write_report(workdir, summary, evaluated)
   _print_summary(summary)
   return summary
+
+
+def _existing(path: str) -> str | None:
+  return path if os.path.isfile(path) else None
 
 
 def _preview(workdir: str) -> str:
@@ -267,6 +287,48 @@ def _preview(workdir: str) -> str:
       column_titles=("rgb", "depth", "semseg"), row_titles=[s["caption"] for s in scenes])
 
 
+# The metrics of report.md's table: suffix -> whether higher is better.
+REPORT_METRICS = {"attr_acc": True, "exact": True, "parsed": True, "f1": True, "miou": True,
+                  "pixel_acc": True, "abs_rel": False}
+
+
+def _fmt(value: Any) -> str:
+  return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def write_report(workdir: str, summary: dict[str, Any], evaluated: dict[str, Any]) -> str:
+  """`<workdir>/report.md`: every generation metric with its chance level and tokenizer ceiling,
+  the teacher-forced accuracies, the tokenizers' quality, wall time per stage and the PNGs."""
+  metrics, bounds = evaluated.get("metrics", {}), evaluated.get("bounds") or {}
+  lines = [f"# mmjax demo ({summary['seconds'] / 60:.1f} min)", "",
+           f"Model of step {evaluated.get('step')}, generation scored on "
+           f"{evaluated.get('num_scenes')} validation scenes. Chance: another scene's ground truth "
+           "scored against this one; ceiling: the ground-truth tokens decoded by the tokenizer.",
+           "", "| metric | model | chance | ceiling |", "|---|---|---|---|"]
+  for key in sorted(k for k in metrics if k.startswith("gen/")):
+    if key.rsplit("/", 1)[-1] in REPORT_METRICS:
+      lines.append(f"| {key.removeprefix('gen/')} | {_fmt(metrics[key])} | "
+                   f"{_fmt(bounds.get('chance', {}).get(key))} | "
+                   f"{_fmt(bounds.get('ceiling', {}).get(key))} |")
+  lines += ["", "abs_rel: lower is better; the others higher.", "",
+            "| teacher-forced (validation) | value |", "|---|---|"]
+  lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())
+            if k.startswith(("val/acc/", "val/loss"))]
+  lines += ["", "| stage | seconds |", "|---|---|"]
+  lines += [f"| {k} | {v:.0f} |" for k, v in summary["stage_seconds"].items()]
+  lines += [f"| total | {summary['seconds']:.0f} |", ""]
+  for name, figures in summary["figures"].items():
+    lines.append(f"- {name}: `{json.dumps(figures, default=str)}`")
+  lines.append("")
+  for name, path in summary["pngs"].items():
+    if path:
+      lines += [f"## {name}", "", f"![{name}]({os.path.relpath(path, workdir)})", ""]
+  path = os.path.join(workdir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
   out = sys.stdout
   print("\nmmjax demo: summary", file=out)
@@ -275,6 +337,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
   print(f"  {'total':<16} {summary['seconds']:7.1f} s", file=out)
   for name, figures in summary["figures"].items():
     print(f"  {name}: {json.dumps(figures, default=str)}", file=out)
+  print(f"mmjax demo: report {os.path.join(summary['workdir'], 'report.md')}", file=out)
   print("mmjax demo: PNGs", file=out)
   for name, path in summary["pngs"].items():
     print(f"  {name:<28} {path}", file=out)

@@ -129,6 +129,11 @@ def test_demo_quick_runs_every_stage_then_resumes(tmp_path, capsys):
   assert 0.0 <= metrics["gen/caption->tok_rgb/attr_acc"] <= 1.0
   assert not any(k.startswith("gen/rgb->det") for k in metrics)  # quick: two tasks only
   assert "sample tok_rgb" in summary["pngs"] and "sample det" in summary["pngs"]
+  # Learning curves during training, and the report's table with chance and ceiling.
+  assert "4M learning curves" in summary["pngs"]
+  rows = [r.split("|") for r in (workdir / "report.md").read_text().splitlines()
+          if r.startswith("| rgb->caption/attr_acc |")]
+  assert len(rows) == 1 and float(rows[0][3]) < 0.5 and float(rows[0][4]) == 1.0  # chance, ceiling
 
   assert cli.main(["demo", "--quick", "--workdir", str(workdir)]) == 0
   again = capsys.readouterr().out
