@@ -39,6 +39,7 @@ from mmjax import config as mmconfig
 from mmjax.data.modality_tokenizers import resolve_config_path
 
 IMAGE_TOKENIZERS = ("rgb", "depth", "semseg")
+MODELS = {"fourm": "4M", "decoder": "decoder"}  # --model: its label in stage names
 TOKENIZER_ARG = "runlocal"  # the small image tokenizers; their config argument
 
 
@@ -61,6 +62,10 @@ class DemoSettings:
   curve_tasks: str = "rgb->caption,caption->tok_rgb"  # tasks of the learning curves
   eval_scenes: int = 32         # validation scenes of the final any-to-any generation metrics
   eval_tasks: tuple[str, ...] | None = None  # generation tasks to score; None = all
+  model: str = "fourm"          # "fourm" or "decoder" (the mixed-modal decoder on the same tokens)
+  decoder_steps: int = 800      # steps of the tiny decoder
+  decoder_batch: int = 8        # packed rows of 256 tokens (~2.7 records each)
+  decoder_lr: float = 1e-3
   quick: bool = False           # smoke-test sizes (seconds of work; metrics meaningless)
 
   @classmethod
@@ -68,7 +73,8 @@ class DemoSettings:
     return cls(num_train=64, num_val=16, text_scenes=200, tokenizer_steps=2,
                rgb_tokenizer_steps=2, fourm_steps=2, fourm_batch=8, eval_every=2,
                curve_scenes=2, curve_tasks="rgb->caption", eval_scenes=2,
-               eval_tasks=("rgb->caption", "caption->tok_rgb"), quick=True)
+               eval_tasks=("rgb->caption", "caption->tok_rgb"), decoder_steps=2,
+               decoder_batch=2, quick=True)
 
 
 def _say(message: str) -> None:
@@ -154,6 +160,24 @@ def fourm_config(workdir: str, s: DemoSettings):
       "eval.tasks": s.curve_tasks})
 
 
+def decoder_config(workdir: str, s: DemoSettings):
+  """The demo's decoder config (the tiny mixed-modal decoder on the demo's tokens)."""
+  return _config(f"configs/decoder/shapes.py:tiny,tokenizers={TOKENIZER_ARG}", {
+      "data.data_dir": os.path.join(workdir, "tokens"),
+      "train.steps": s.decoder_steps, "train.batch_size": s.decoder_batch,
+      "train.lr": s.decoder_lr, "train.warmup_steps": max(1, s.decoder_steps // 10),
+      "train.eval_every": s.eval_every, "train.checkpoint_every": s.eval_every,
+      "train.log_every": max(1, s.decoder_steps // 20), "train.eval_batches": 2,
+      "eval.every_steps": s.eval_every, "eval.num_scenes": s.curve_scenes,
+      "eval.tasks": s.curve_tasks.replace("rgb->caption", "tok_rgb->caption")})
+
+
+def _decoder_tasks(tasks):
+  """The demo's task names for the decoder, whose image input is the rgb tokens."""
+  return None if tasks is None else tuple(t.replace("rgb->caption", "tok_rgb->caption")
+                                          for t in tasks)
+
+
 def _train_losses(metrics_file: str) -> tuple[float | None, float | None]:
   """The first and last training loss in a metrics.jsonl."""
   losses = []
@@ -171,12 +195,14 @@ def _evaluate(config, fourm_dir: str, s: DemoSettings) -> dict[str, Any]:
 
   out_dir = os.path.join(fourm_dir, "eval")
   previous = _read_json(os.path.join(out_dir, run.METRICS_FILE))
-  if previous and previous.get("step") == s.fourm_steps and previous.get(
+  steps = int(config.train.steps)
+  if previous and previous.get("step") == steps and previous.get(
       "num_scenes") == s.eval_scenes:
-    _say(f"evaluation of step {s.fourm_steps} in {out_dir} exists; skipped")
+    _say(f"evaluation of step {steps} in {out_dir} exists; skipped")
     return previous
+  tasks = _decoder_tasks(s.eval_tasks) if config.objective == "decoder" else s.eval_tasks
   summary = run.run_eval(config, fourm_dir, out_dir=out_dir, num_scenes=s.eval_scenes,
-                         grid_rows=min(6, s.eval_scenes), tasks=s.eval_tasks)
+                         grid_rows=min(6, s.eval_scenes), tasks=tasks)
   return summary
 
 
@@ -189,10 +215,11 @@ def _sample(config, fourm_dir: str, s: DemoSettings) -> dict[str, Any]:
 
   out_dir = os.path.join(fourm_dir, "sample")
   previous = _read_json(os.path.join(out_dir, "summary.json"))
-  if previous and previous.get("step") == s.fourm_steps:
-    _say(f"sample of step {s.fourm_steps} in {out_dir} exists; skipped")
+  if previous and previous.get("step") == int(config.train.steps):
+    _say(f"sample of step {config.train.steps} in {out_dir} exists; skipped")
     return previous
-  return run.run_generate(config, fourm_dir, {"caption": SAMPLE_CAPTION}, ["tok_rgb", "det"],
+  targets = ["tok_rgb"] if config.objective == "decoder" else ["tok_rgb", "det"]
+  return run.run_generate(config, fourm_dir, {"caption": SAMPLE_CAPTION}, targets,
                           out_dir=out_dir, seed=0)
 
 
@@ -208,7 +235,11 @@ def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
   data_dir = os.path.join(workdir, "data")
   tokens_dir = os.path.join(workdir, "tokens")
   tokenizers_dir = os.path.join(tokens_dir, "tokenizers")
-  fourm_dir = os.path.join(workdir, "fourm")
+  if s.model not in MODELS:
+    from mmjax.errors import UserError
+    raise UserError(f"demo: --model must be one of {', '.join(MODELS)}, got {s.model!r}")
+  label = MODELS[s.model]
+  fourm_dir = os.path.join(workdir, s.model)  # the trained model's workdir
 
   shapes_summary = stages.run("shapes data", _prepare_shapes, data_dir, s)
   stages.figures["scenes"] = shapes_summary["splits"]
@@ -231,15 +262,15 @@ def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
   tokens = stages.run("pre-tokenize", pretokenize.run_prepare_tokens, tokens_config, tokens_dir)
   stages.figures["tokens"] = {split: v["records"] for split, v in tokens["splits"].items()}
 
-  config = fourm_config(workdir, s)
-  trained = stages.run("4M training", loop.run_train, config, fourm_dir,
+  config = (decoder_config if s.model == "decoder" else fourm_config)(workdir, s)
+  trained = stages.run(f"{label} training", loop.run_train, config, fourm_dir,
                        evaluator=curves.make_training_eval(config, fourm_dir))
   first, last = _train_losses(os.path.join(fourm_dir, "metrics.jsonl"))
-  stages.figures["4M"] = {"steps": trained.get("step"), "loss_first": first, "loss_last": last,
-                          **{k: v for k, v in (trained.get("eval") or {}).items()
-                             if k in ("eval/loss",)}}
-  stages.pngs["4M loss curve"] = trained.get("plot")
-  stages.pngs["4M learning curves"] = trained.get("curves") or _existing(
+  stages.figures[label] = {"steps": trained.get("step"), "loss_first": first, "loss_last": last,
+                           **{k: v for k, v in (trained.get("eval") or {}).items()
+                              if k in ("eval/loss",)}}
+  stages.pngs[f"{label} loss curve"] = trained.get("plot")
+  stages.pngs[f"{label} learning curves"] = trained.get("curves") or _existing(
       os.path.join(fourm_dir, curves.CURVES_FILE))
 
   evaluated = stages.run("evaluation", _evaluate, config, fourm_dir, s)
@@ -264,9 +295,10 @@ def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
   total = time.perf_counter() - start
   summary = {"workdir": workdir, "seconds": total, "stage_seconds": stages.timings,
              "figures": stages.figures, "pngs": stages.pngs}
-  with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
+  suffix = "" if s.model == "fourm" else f"_{s.model}"
+  with open(os.path.join(workdir, f"demo_summary{suffix}.json"), "w") as f:
     json.dump(summary, f, indent=1, default=str)
-  summary["report"] = write_report(workdir, summary, evaluated)
+  summary["report"] = write_report(workdir, summary, evaluated, f"report{suffix}.md")
   _print_summary(summary)
   return summary
 
@@ -296,11 +328,12 @@ def _fmt(value: Any) -> str:
   return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
 
 
-def write_report(workdir: str, summary: dict[str, Any], evaluated: dict[str, Any]) -> str:
-  """`<workdir>/report.md`: every generation metric with its chance level and tokenizer ceiling,
+def write_report(workdir: str, summary: dict[str, Any], evaluated: dict[str, Any],
+                 name: str = "report.md") -> str:
+  """`<workdir>/<name>`: every generation metric with its chance level and tokenizer ceiling,
   the teacher-forced accuracies, the tokenizers' quality, wall time per stage and the PNGs."""
   metrics, bounds = evaluated.get("metrics", {}), evaluated.get("bounds") or {}
-  lines = [f"# mmjax demo ({summary['seconds'] / 60:.1f} min)", "",
+  lines = [f"# mmjax demo: {evaluated.get('objective')} ({summary['seconds'] / 60:.1f} min)", "",
            f"Model of step {evaluated.get('step')}, generation scored on "
            f"{evaluated.get('num_scenes')} validation scenes. Chance: another scene's ground truth "
            "scored against this one; ceiling: the ground-truth tokens decoded by the tokenizer.",
@@ -323,7 +356,7 @@ def write_report(workdir: str, summary: dict[str, Any], evaluated: dict[str, Any
   for name, path in summary["pngs"].items():
     if path:
       lines += [f"## {name}", "", f"![{name}]({os.path.relpath(path, workdir)})", ""]
-  path = os.path.join(workdir, "report.md")
+  path = os.path.join(workdir, name)
   with open(path, "w") as f:
     f.write("\n".join(lines))
   return path
@@ -337,7 +370,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
   print(f"  {'total':<16} {summary['seconds']:7.1f} s", file=out)
   for name, figures in summary["figures"].items():
     print(f"  {name}: {json.dumps(figures, default=str)}", file=out)
-  print(f"mmjax demo: report {os.path.join(summary['workdir'], 'report.md')}", file=out)
+  print(f"mmjax demo: report {summary.get('report')}", file=out)
   print("mmjax demo: PNGs", file=out)
   for name, path in summary["pngs"].items():
     print(f"  {name:<28} {path}", file=out)

@@ -140,6 +140,13 @@ def test_demo_quick_runs_every_stage_then_resumes(tmp_path, capsys):
   assert again.count("exists; skipped") == 6  # text, 3 image tokenizers, evaluation, sample
   assert json.loads((workdir / "demo_summary.json").read_text())["figures"]["4M"]["steps"] == 2
 
+  # The decoder on the same tokens: its own training, evaluation and report.
+  assert cli.main(["demo", "--quick", "--model", "decoder", "--workdir", str(workdir)]) == 0
+  capsys.readouterr()
+  report = (workdir / "report_decoder.md").read_text()
+  assert "| caption->tok_rgb/attr_acc |" in report and "| tok_rgb->caption/attr_acc |" in report
+  assert (workdir / "decoder" / "curves.png").is_file()
+
 
 def test_tokenizer_train_text(tmp_path, capsys):
   import json

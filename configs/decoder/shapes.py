@@ -37,6 +37,7 @@ import ml_collections
 
 from mmjax import config as mmconfig
 from mmjax import defaults
+from mmjax.eval import curves
 
 SIZES = {
     "tiny": dict(d_model=256, num_layers=4, num_heads=4),
@@ -104,6 +105,9 @@ def get_config(arg=None):
       three_way_text_scale=3.0,   # st
       text_first=4,     # lowest text id that may be sampled: skips the text tokenizer's PAD..EOS
   ))
+
+  # Generation metrics during training (learning curves; every key in mmjax/eval/curves.py).
+  config.eval = curves.eval_section()
 
   if arg.runlocal:
     config.data.num_train, config.data.num_val = 256, 32

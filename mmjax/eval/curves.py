@@ -53,11 +53,13 @@ class TrainingEval:
     self._setup = None
 
   def __call__(self, step: int, model) -> dict[str, float]:
+    from mmjax import modalities
     from mmjax.eval import fourm_eval
 
     if self._setup is None:
       self._setup = fourm_eval.ShapesGeneration.load(
-          self.config, model.registry, num_scenes=self.num_scenes, task_names=self.task_names)
+          self.config, modalities.from_config(self.config.modalities),
+          num_scenes=self.num_scenes, task_names=self.task_names)
       if isinstance(self._setup, str):
         print(f"mmjax train: {self._setup}", file=sys.stderr, flush=True)
       else:
@@ -77,7 +79,8 @@ class TrainingEval:
 def make_training_eval(config, workdir: str) -> TrainingEval | None:
   """The hook `config.eval.every_steps` asks for, or None (off, or not a 4M config)."""
   section = config.get("eval")
-  if config.get("objective") != "fourm" or section is None or not section.get("every_steps"):
+  if (config.get("objective") not in ("fourm", "decoder") or section is None
+      or not section.get("every_steps")):
     return None
   import jax
   if jax.process_count() > 1:

@@ -247,7 +247,7 @@ def generation_metrics(model, registry: mod.Registry, records: Sequence[Mapping[
 
 @dataclasses.dataclass
 class ShapesGeneration:
-  """What the generation metrics of a 4M config need besides the model."""
+  """What the generation metrics of a 4M or decoder config need besides the model."""
   config: Any
   registry: mod.Registry
   tasks: list[Task]
@@ -291,7 +291,12 @@ class ShapesGeneration:
 
   def run(self, model, *, out_dir: str, seed: int = 0, grid_rows: int = 6,
           report: Callable[[str, bool], None] | None = None) -> dict[str, Any]:
-    """`generation_metrics` of `model` on these scenes."""
+    """The generation metrics of `model` (4M, or a decoder: `mmjax.eval.decoder_eval`)."""
+    if self.config.get("objective") == "decoder":
+      from mmjax.eval import decoder_eval
+      return decoder_eval.generation_metrics(
+          self.config, model, self.registry, self.records, self.scenes, self.tokenizers,
+          tasks=self.tasks, out_dir=out_dir, seed=seed, grid_rows=grid_rows, report=report)
     return generation_metrics(
         model, self.registry, self.records, self.scenes, self.tokenizers,
         num_sentinels=int(self.config.masking.get("num_sentinels", 100)),

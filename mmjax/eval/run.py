@@ -5,7 +5,8 @@
   fourm      teacher-forced validation loss and accuracy per modality, then any-to-any generation
              on `num_scenes` validation scenes of the shapes data, scored exactly
              (`mmjax.eval.fourm_eval`), one grid per task
-  decoder    teacher-forced validation loss and accuracy per modality
+  decoder    teacher-forced validation loss and accuracy per modality, then caption <-> rgb
+             generation scored the same way (`mmjax.eval.decoder_eval`)
 
 Writes `<out_dir>/metrics.json` ({"objective", "step", "metrics", "grids", "samples", "bounds"
 (4M on shapes: every generation metric's chance level and tokenizer ceiling), ...}) and the
@@ -97,8 +98,8 @@ def _eval_tokens_model(config, workdir: str, out_dir: str, *, num_scenes: int, s
   metrics = teacher_forced.validation_metrics(objective, model, max_batches=max_val_batches,
                                               seed=seed)
   result: dict[str, Any] = {"step": step, "metrics": metrics, "grids": {}, "samples": {}}
-  if config.objective == "fourm" and num_scenes > 0:
-    generated = _fourm_generation(config, model, out_dir, num_scenes=num_scenes, seed=seed,
+  if num_scenes > 0:
+    generated = _shapes_generation(config, model, out_dir, num_scenes=num_scenes, seed=seed,
                                   grid_rows=grid_rows, task_names=tasks)
     for key in ("metrics", "grids", "samples"):
       result[key].update(generated[key])
@@ -109,14 +110,16 @@ def _eval_tokens_model(config, workdir: str, out_dir: str, *, num_scenes: int, s
   return result
 
 
-def _fourm_generation(config, model, out_dir: str, *, num_scenes: int, seed: int,
+def _shapes_generation(config, model, out_dir: str, *, num_scenes: int, seed: int,
                       grid_rows: int, task_names: Sequence[str] | None) -> dict[str, Any]:
   """Any-to-any metrics on the first `num_scenes` validation records (shapes data only), with
   every metric's chance level and tokenizer ceiling under "bounds"."""
   from mmjax.eval import fourm_eval
 
-  setup = fourm_eval.ShapesGeneration.load(config, model.registry, num_scenes=num_scenes,
-                                           task_names=task_names)
+  from mmjax import modalities
+
+  setup = fourm_eval.ShapesGeneration.load(config, modalities.from_config(config.modalities),
+                                           num_scenes=num_scenes, task_names=task_names)
   if isinstance(setup, str):
     _report(setup)
     return {"metrics": {}, "grids": {}, "samples": {}, "seconds": {}, "note": setup}

@@ -28,7 +28,7 @@ def test_no_generation_metrics_no_curves(tmp_path):
 
 
 @pytest.mark.parametrize("every, objective, expected", [(0, "fourm", False), (5, "fourm", True),
-                                                         (5, "decoder", False)])
+                                                         (5, "decoder", True), (5, "tokenizer", False)])
 def test_the_hook_follows_eval_every_steps(tmp_path, every, objective, expected):
   config = mmconfig.load("configs/fourm/shapes.py:tiny")
   with config.unlocked():
