@@ -329,8 +329,8 @@ def _fmt(value: Any) -> str:
 
 
 def write_report(workdir: str, summary: dict[str, Any], evaluated: dict[str, Any],
-                 name: str = "report.md") -> str:
-  """`<workdir>/<name>`: every generation metric with its chance level and tokenizer ceiling,
+                 filename: str = "report.md") -> str:
+  """`<workdir>/<filename>`: every generation metric with its chance level and tokenizer ceiling,
   the teacher-forced accuracies, the tokenizers' quality, wall time per stage and the PNGs."""
   metrics, bounds = evaluated.get("metrics", {}), evaluated.get("bounds") or {}
   lines = [f"# mmjax demo: {evaluated.get('objective')} ({summary['seconds'] / 60:.1f} min)", "",
@@ -356,7 +356,7 @@ def write_report(workdir: str, summary: dict[str, Any], evaluated: dict[str, Any
   for name, path in summary["pngs"].items():
     if path:
       lines += [f"## {name}", "", f"![{name}]({os.path.relpath(path, workdir)})", ""]
-  path = os.path.join(workdir, name)
+  path = os.path.join(workdir, filename)
   with open(path, "w") as f:
     f.write("\n".join(lines))
   return path
