@@ -5,7 +5,8 @@ The stages, and the commands each one equals (W = --workdir, T = W/tokens):
   1 data        mmjax prepare shapes --out W/data --num-train N --num-val M
   2 text        mmjax tokenizer train --config configs/tokenizers/shapes_text.py
                     --workdir T/tokenizers/shapes_text
-  3 image toks  mmjax tokenizer train --config configs/tokenizers/shapes_{rgb,depth,semseg}.py:runlocal
+  3 image toks  mmjax tokenizer train
+                    --config configs/tokenizers/shapes_{rgb,depth,semseg}.py:runlocal
                     --workdir T/tokenizers/shapes_{rgb,...} --config.train.steps=S
                     (S: 2000 for rgb, 1000 for depth and semseg)
   4 tokens      mmjax prepare tokens --config configs/tokens/shapes.py:tokenizers=runlocal
@@ -28,9 +29,10 @@ everything for a smoke test.
 
 Why these sizes (measured on 200 validation scenes): the caption->rgb metric can never exceed what
 the rgb tokenizer's reconstructions of the true images score. After the former 300 steps of the
-runlocal rgb tokenizer that ceiling was 0.33 attribute accuracy, next to a chance level of 0.24 (so
-no model could show caption->rgb learning); after 2000 steps (89 s at a load average of ~8) it is 0.81, above
-the full-size tokenizer's after 1000 steps (0.79, 8x the compute per step). Depth and semseg
+runlocal rgb tokenizer that ceiling was 0.33 attribute accuracy, next to a chance level of 0.24
+(so no model could show caption->rgb learning); after 2000 steps (89 s at a load average of ~8)
+it is 0.81, above the full-size tokenizer's after 1000 steps (0.79, 8x the compute per step).
+Depth and semseg
 tokenizers at 1000 steps: ceilings abs-rel 0.053 and mIoU 0.77 (0.086 and 0.60 at 300 steps).
 """
 
@@ -342,9 +344,10 @@ def write_report(workdir: str, summary: dict[str, Any], evaluated: dict[str, Any
   the teacher-forced accuracies, the tokenizers' quality, wall time per stage and the PNGs."""
   metrics, bounds = evaluated.get("metrics", {}), evaluated.get("bounds") or {}
   lines = [f"# mmjax demo: {evaluated.get('objective')} ({summary['seconds'] / 60:.1f} min)", "",
-           f"Model of step {evaluated.get('step')}, generation scored on "
-           f"{evaluated.get('num_scenes')} validation scenes. Chance: another scene's ground truth "
-           "scored against this one; ceiling: the ground-truth tokens decoded by the tokenizer.",
+           (f"Model of step {evaluated.get('step')}, generation scored on "
+            f"{evaluated.get('num_scenes')} validation scenes. Chance: another scene's ground "
+            "truth scored against this one; ceiling: the ground-truth tokens decoded by the "
+            "tokenizer."),
            "", "| metric | model | chance | ceiling |", "|---|---|---|---|"]
   for key in sorted(k for k in metrics if k.startswith("gen/")):
     if key.rsplit("/", 1)[-1] in REPORT_METRICS:

@@ -114,9 +114,8 @@ def _shapes_generation(config, model, out_dir: str, *, num_scenes: int, seed: in
                       grid_rows: int, task_names: Sequence[str] | None) -> dict[str, Any]:
   """Any-to-any metrics on the first `num_scenes` validation records (shapes data only), with
   every metric's chance level and tokenizer ceiling under "bounds"."""
-  from mmjax.eval import fourm_eval
-
   from mmjax import modalities
+  from mmjax.eval import fourm_eval
 
   setup = fourm_eval.ShapesGeneration.load(config, modalities.from_config(config.modalities),
                                            num_scenes=num_scenes, task_names=task_names)

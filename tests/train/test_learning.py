@@ -10,7 +10,6 @@ caption of another scene scores an attribute accuracy of about 0.25 on this task
 
 import os
 
-import numpy as np
 import pytest
 
 from mmjax import config as mmconfig
