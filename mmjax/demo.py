@@ -32,8 +32,8 @@ the rgb tokenizer's reconstructions of the true images score. After the former 3
 runlocal rgb tokenizer that ceiling was 0.33 attribute accuracy, next to a chance level of 0.24
 (so no model could show caption->rgb learning); after 2000 steps (89 s at a load average of ~8)
 it is 0.81, above the full-size tokenizer's after 1000 steps (0.79, 8x the compute per step).
-Depth and semseg
-tokenizers at 1000 steps: ceilings abs-rel 0.053 and mIoU 0.77 (0.086 and 0.60 at 300 steps).
+Depth and semseg tokenizers at 1000 steps: ceilings abs-rel 0.053 and mIoU 0.77 (0.086 and 0.60
+at 300 steps).
 """
 
 from __future__ import annotations
