@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from mmjax import config as mmconfig
-from mmjax.data import folder, pretokenize
+from mmjax.data import folder
+from mmjax import pretokenize
 from mmjax.errors import UserError
 
 TFDS_NAME = "coco_captions/2017"

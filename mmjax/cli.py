@@ -72,6 +72,10 @@ def _build_parser() -> argparse.ArgumentParser:
   tokenizer_train = tokenizer_actions.add_parser("train", help="train a tokenizer, report quality")
   _add_common(tokenizer_train, config_required=True)
   tokenizer_train.set_defaults(run=_run_tokenizer_train)
+  fingerprint = tokenizer_actions.add_parser(
+      "fingerprint", help="(re)write tokenizer.json of a trained image tokenizer from its weights")
+  _add_common(fingerprint, config_required=True)
+  fingerprint.set_defaults(run=_run_tokenizer_fingerprint)
 
   train = commands.add_parser(
       "train", help="train (4M, decoder or tokenizer objective); resumes from DIR's checkpoint")
@@ -131,6 +135,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "without libtpu): shardings, state bytes and HLO FLOPs, no memory analysis")
   aot.set_defaults(run=_run_aot)
 
+  _add_convert_commands(commands)
+
   sweep = commands.add_parser("sweep", help="run or emit a grid of runs; collect results")
   _add_common(sweep, config_required=False)
   sweep.add_argument("--sweep", required=True, metavar="PATH", help="sweep file, e.g. "
@@ -143,6 +149,75 @@ def _build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _shipped(config: str) -> str:
+  """A shipped config, relative to the working directory or else to the repository."""
+  if os.path.isfile(config):
+    return config
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), config)
+
+
+def _add_convert_commands(commands) -> None:
+  """`mmjax import {fourm,chameleon}` and `mmjax export chameleon` (mmjax/convert/)."""
+  importer = commands.add_parser("import", help="released weights (ml-4m 4M, HF Chameleon) into "
+                                 "a workdir that train, eval and generate load")
+  kinds = importer.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
+  fourm = kinds.add_parser("fourm", help="an ml-4m checkpoint (safetensors + config.json)")
+  fourm.add_argument("--config", metavar="PATH[:ARG]", default=_shipped("configs/fourm/4m.py"),
+                     help="base config: its data, train and generate sections are kept; model "
+                          "and modalities come from the checkpoint (default configs/fourm/4m.py)")
+  fourm.add_argument("--drop-modality", action="append", default=[], metavar="NAME",
+                     help="leave a reference modality out (e.g. a T5-embedding input; repeatable)")
+  fourm.add_argument("--text-tokenizer", default="", metavar="TOKENIZER_JSON",
+                     help="4M's WordPiece tokenizer.json: copied into the workdir and used by the "
+                          "sequence modalities (prepare tokens, generate)")
+  chameleon = kinds.add_parser("chameleon", help="a Hugging Face Chameleon directory "
+                               "(config.json + safetensors shards)")
+  chameleon.add_argument("--config", metavar="PATH[:ARG]",
+                         default=_shipped("configs/decoder/shapes.py"),
+                         help="base config: data, train and generate sections are kept; model, "
+                              "modalities come from the checkpoint")
+  for command, run in ((fourm, _run_import_fourm), (chameleon, _run_import_chameleon)):
+    command.add_argument("--from", dest="source", required=True, metavar="DIR_OR_FILE",
+                         help="the checkpoint to import")
+    command.add_argument("--workdir", required=True, metavar="DIR",
+                         help="empty directory for the checkpoint, config.json and config.py")
+    command.set_defaults(run=run)
+  exporter = commands.add_parser("export", help="an mmjax model in a released layout")
+  export_kinds = exporter.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
+  to_chameleon = export_kinds.add_parser("chameleon", help="a dense mmjax decoder as a Hugging "
+                                         "Face Chameleon directory that transformers loads")
+  _add_common(to_chameleon, config_required=False)
+  to_chameleon.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+  to_chameleon.set_defaults(run=_run_export_chameleon)
+
+
+def _run_import_fourm(args: argparse.Namespace) -> int:
+  from mmjax.convert import fourm
+
+  base = _load_config(args)
+  summary = fourm.run_import(args.source, base, args.workdir, tuple(args.drop_modality),
+                             args.text_tokenizer)
+  print(json.dumps(summary, default=str))
+  return 0
+
+
+def _run_import_chameleon(args: argparse.Namespace) -> int:
+  from mmjax.convert import chameleon
+
+  summary = chameleon.run_import(args.source, _load_config(args), args.workdir)
+  print(json.dumps(summary, default=str))
+  return 0
+
+
+def _run_export_chameleon(args: argparse.Namespace) -> int:
+  from mmjax.convert import chameleon
+
+  workdir = _require_workdir(args, "the checkpoint is read from there")
+  config = _load_config(args) if args.config else chameleon.workdir_config(workdir)
+  print(json.dumps(chameleon.run_export(config, workdir, args.out), default=str))
+  return 0
+
+
 def _load_config(args: argparse.Namespace):
   """The command's config with its overrides applied and validated, or None without --config."""
   from mmjax import config as mmconfig  # imported late: `mmjax --help` should not load absl
@@ -152,6 +227,10 @@ def _load_config(args: argparse.Namespace):
       raise UserError(f"{args.overrides[0].split('=')[0]} given without --config")
     return None
   return mmconfig.load(args.config, args.overrides)
+
+
+# Each command imports its modules inside its handler: jax, tensorflow_datasets and matplotlib
+# take seconds to import, and `mmjax --help` or one command should pay only for what it uses.
 
 
 def _run_aot(args: argparse.Namespace) -> int:
@@ -183,13 +262,13 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _run_prepare_shapes(args: argparse.Namespace) -> int:
-  from mmjax.data import shapes
+  from mmjax.data.shapes import records as shapes_records
 
   _load_config(args)
   try:
-    summary = shapes.prepare_shapes(args.out, num_train=args.num_train, num_val=args.num_val,
-                                    seed=args.seed, image_size=args.image_size,
-                                    progress=True)
+    summary = shapes_records.prepare_shapes(args.out, num_train=args.num_train,
+                                            num_val=args.num_val, seed=args.seed,
+                                            image_size=args.image_size, progress=True)
   except ValueError as e:
     raise UserError(f"prepare shapes: {e}") from None
   print(json.dumps(summary, default=str))
@@ -197,7 +276,7 @@ def _run_prepare_shapes(args: argparse.Namespace) -> int:
 
 
 def _run_bench_shapes(args: argparse.Namespace) -> int:
-  from mmjax.data import shapes
+  from mmjax.data.shapes import world as shapes
 
   _load_config(args)
   result = shapes.benchmark_generation(args.num_scenes, image_size=args.image_size)
@@ -210,8 +289,8 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
   if not args.workdir:
     raise UserError("mmjax tokenizer train: --workdir is required (the tokenizer is written there)")
   if config.get("kind", "") == "text":
-    from mmjax.tokenizers import text
-    result = text.run_text_tokenizer_train(config, args.workdir)
+    from mmjax.objectives import text_tokenizer
+    result = text_tokenizer.run_text_tokenizer_train(config, args.workdir)
   elif config.get("objective", "") == "tokenizer":
     from mmjax.objectives import tokenizer
     result = tokenizer.run_image_tokenizer_train(config, args.workdir)
@@ -219,6 +298,18 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
     raise UserError(f"{args.config}: not a tokenizer config (needs kind='text' or "
                     "objective='tokenizer')")
   print(json.dumps(result, default=str))
+  return 0
+
+
+def _run_tokenizer_fingerprint(args: argparse.Namespace) -> int:
+  from mmjax.objectives import tokenizer
+
+  config = _load_config(args)
+  if not args.workdir:
+    raise UserError("mmjax tokenizer fingerprint: --workdir is required (the trained tokenizer)")
+  if config.get("objective", "") != "tokenizer":
+    raise UserError(f"{args.config}: not an image tokenizer config (needs objective='tokenizer')")
+  print(json.dumps(tokenizer.run_write_info(config, args.workdir), default=str))
   return 0
 
 
@@ -274,7 +365,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_prepare_tokens(args: argparse.Namespace) -> int:
-  from mmjax.data import pretokenize
+  from mmjax import pretokenize
 
   config = _load_config(args)
   workdir = _require_workdir(args, "tokenizers are read from <workdir>/tokenizers and the shards "
@@ -293,14 +384,14 @@ def _run_bench_step(args: argparse.Namespace) -> int:
 
 
 def _run_bench_decode(args: argparse.Namespace) -> int:
-  from mmjax.generate import decoder
+  from mmjax.generate import decoder_bench
 
-  print(json.dumps(decoder.run_bench_decode(_load_config(args)), default=str))
+  print(json.dumps(decoder_bench.run_bench_decode(_load_config(args)), default=str))
   return 0
 
 
 def _run_bench_data(args: argparse.Namespace) -> int:
-  from mmjax.data import bench
+  from mmjax.data.pipeline import bench
 
   result = bench.run_bench_data(_load_config(args), args.workdir)
   print(json.dumps(result, default=str))

@@ -80,10 +80,23 @@ def shapes_data(**overrides) -> ml_collections.ConfigDict:
       missing="",             # comma-separated modalities the dataset may lack (empty where absent)
       # Several pre-tokenized datasets mixed per sample by weight, instead of data_dir / name:
       # (dict(data_dir=..., name=..., weight=3, missing="tok_rgb"), ...); a modality one of them
-      # lacks is empty there (mmjax/data/pipeline.py). () = the one dataset at data_dir.
+      # lacks is empty there (mmjax/data/pipeline/). () = the one dataset at data_dir.
       mixture=(),
       check_tokenizers=True,  # at start, compare the data's tokenizer fingerprints with those of
                               # the config's tokenizers found in tokenizers_dir
+  ))
+  section.update(overrides)
+  return section
+
+
+def training_eval(**overrides) -> ml_collections.ConfigDict:
+  """Generation metrics during training (`config.eval` of 4M and decoder configs; learning curves
+  by `mmjax.eval.curves`)."""
+  section = ml_collections.ConfigDict(dict(
+      every_steps=0,   # generation metrics every this many training steps (and at the end); 0: off
+      num_scenes=16,   # validation scenes they are measured on
+      tasks="",        # comma-separated tasks, e.g. "rgb->caption,caption->tok_rgb"; "" = all
+      grid_rows=4,     # rows of the PNG grids written at each evaluation (eval/step_<N>/)
   ))
   section.update(overrides)
   return section

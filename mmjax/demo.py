@@ -46,7 +46,16 @@ import time
 from typing import Any
 
 from mmjax import config as mmconfig
-from mmjax.data.modality_tokenizers import resolve_config_path
+from mmjax import grids, pretokenize
+from mmjax.data.shapes import records as shapes_records
+from mmjax.data.shapes import world as shapes
+from mmjax.errors import UserError
+from mmjax.eval import curves
+from mmjax.eval import run as eval_run
+from mmjax.generate import run as generate_run
+from mmjax.objectives import text_tokenizer, tokenizer
+from mmjax.tokenizers.modality import TRAINED_INFO, resolve_config_path
+from mmjax.train import loop
 
 IMAGE_TOKENIZERS = ("rgb", "depth", "semseg")
 MODELS = {"fourm": "4M", "decoder": "decoder"}  # --model: its label in stage names
@@ -121,12 +130,9 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 
 def _prepare_shapes(data_dir: str, s: DemoSettings) -> dict[str, Any]:
-  from mmjax.data import shapes
-  from mmjax.errors import UserError
-
   try:
-    return shapes.prepare_shapes(data_dir, num_train=s.num_train, num_val=s.num_val, seed=0,
-                                 image_size=64, progress=True)
+    return shapes_records.prepare_shapes(data_dir, num_train=s.num_train, num_val=s.num_val,
+                                         seed=0, image_size=64, progress=True)
   except ValueError as e:
     raise UserError(f"demo: {e}") from None
 
@@ -136,24 +142,23 @@ def _text_tokenizer(workdir: str, s: DemoSettings) -> dict[str, Any]:
   if report and os.path.isfile(os.path.join(workdir, "text.model")):
     _say(f"text tokenizer in {workdir} exists; skipped")
     return report
-  from mmjax.tokenizers import text
 
   config = _config("configs/tokenizers/shapes_text.py",
                    {"num_train_scenes": s.text_scenes, "num_val_scenes": min(200, s.text_scenes)})
-  return text.run_text_tokenizer_train(config, workdir)
+  return text_tokenizer.run_text_tokenizer_train(config, workdir)
 
 
 def _image_tokenizer(modality: str, workdir: str, s: DemoSettings) -> dict[str, Any]:
   steps = s.rgb_tokenizer_steps if modality == "rgb" else s.tokenizer_steps
-  report = _read_json(os.path.join(workdir, "tokenizer_eval.json"))
-  if report and report.get("steps") == steps:
-    _say(f"{modality} tokenizer in {workdir} exists; skipped")
-    return report
-  from mmjax.objectives import tokenizer
-
   config = _config(f"configs/tokenizers/shapes_{modality}.py:{TOKENIZER_ARG}",
                    {"train.steps": steps, "data.num_train": s.num_train,
                     "train.checkpoint_every": steps, "train.log_every": max(1, steps // 5)})
+  report = _read_json(os.path.join(workdir, "tokenizer_eval.json"))
+  if report and report.get("steps") == steps:
+    _say(f"{modality} tokenizer in {workdir} exists; skipped")
+    if not os.path.isfile(os.path.join(workdir, TRAINED_INFO)):  # trained before it was recorded
+      tokenizer.run_write_info(config, workdir)
+    return report
   return tokenizer.run_image_tokenizer_train(config, workdir)["tokenizer_eval"]
 
 
@@ -201,18 +206,16 @@ def _train_losses(metrics_file: str) -> tuple[float | None, float | None]:
 
 
 def _evaluate(config, fourm_dir: str, s: DemoSettings) -> dict[str, Any]:
-  from mmjax.eval import run
-
   out_dir = os.path.join(fourm_dir, "eval")
-  previous = _read_json(os.path.join(out_dir, run.METRICS_FILE))
+  previous = _read_json(os.path.join(out_dir, eval_run.METRICS_FILE))
   steps = int(config.train.steps)
   if previous and previous.get("step") == steps and previous.get(
       "num_scenes") == s.eval_scenes:
     _say(f"evaluation of step {steps} in {out_dir} exists; skipped")
     return previous
   tasks = _decoder_tasks(s.eval_tasks) if config.objective == "decoder" else s.eval_tasks
-  summary = run.run_eval(config, fourm_dir, out_dir=out_dir, num_scenes=s.eval_scenes,
-                         grid_rows=min(6, s.eval_scenes), tasks=tasks)
+  summary = eval_run.run_eval(config, fourm_dir, out_dir=out_dir, num_scenes=s.eval_scenes,
+                              grid_rows=min(6, s.eval_scenes), tasks=tasks)
   return summary
 
 
@@ -221,7 +224,6 @@ SAMPLE_CAPTION = "a large red circle in the center and a small blue square in th
 
 def _sample(config, fourm_dir: str, s: DemoSettings) -> dict[str, Any]:
   """caption -> rgb tokens -> boxes (chained), as `mmjax generate` does."""
-  from mmjax.generate import run
 
   out_dir = os.path.join(fourm_dir, "sample")
   previous = _read_json(os.path.join(out_dir, "summary.json"))
@@ -229,15 +231,12 @@ def _sample(config, fourm_dir: str, s: DemoSettings) -> dict[str, Any]:
     _say(f"sample of step {config.train.steps} in {out_dir} exists; skipped")
     return previous
   targets = ["tok_rgb"] if config.objective == "decoder" else ["tok_rgb", "det"]
-  return run.run_generate(config, fourm_dir, {"caption": SAMPLE_CAPTION}, targets,
-                          out_dir=out_dir, seed=0)
+  return generate_run.run_generate(config, fourm_dir, {"caption": SAMPLE_CAPTION}, targets,
+                                   out_dir=out_dir, seed=0)
 
 
 def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
   """Runs (or resumes) every stage; prints progress and a summary; returns the summary."""
-  from mmjax.data import pretokenize
-  from mmjax.eval import curves
-  from mmjax.train import loop
 
   start = time.perf_counter()
   s = settings
@@ -246,7 +245,6 @@ def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
   tokens_dir = os.path.join(workdir, "tokens")
   tokenizers_dir = os.path.join(tokens_dir, "tokenizers")
   if s.model not in MODELS:
-    from mmjax.errors import UserError
     raise UserError(f"demo: --model must be one of {', '.join(MODELS)}, got {s.model!r}")
   label = MODELS[s.model]
   fourm_dir = os.path.join(workdir, s.model)  # the trained model's workdir
@@ -318,9 +316,6 @@ def _existing(path: str) -> str | None:
 
 
 def _preview(workdir: str) -> str:
-  from mmjax.data import shapes
-  from mmjax.eval import grids
-
   scenes = [shapes.generate_scene(i, split="validation") for i in range(6)]
   return grids.save_grid(
       os.path.join(workdir, "shapes_preview.png"),

@@ -15,7 +15,7 @@ nowhere else. The order of the section is the modality id order.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from mmjax.config import ConfigError, to_dataclass
@@ -132,3 +132,12 @@ def from_config(section: Mapping[str, Any]) -> Registry:
     fields.setdefault("name", name)
     modalities.append(to_dataclass(Modality, fields, where=f"modalities.{name}"))
   return Registry(tuple(modalities))
+
+
+def name_list(value: Any, where: str) -> tuple[str, ...]:
+  """Modality names given comma-separated or as a sequence."""
+  if isinstance(value, str):
+    return tuple(n.strip() for n in value.split(",") if n.strip())
+  if isinstance(value, Sequence) and all(isinstance(n, str) for n in value):
+    return tuple(n.strip() for n in value if n.strip())
+  raise ConfigError(f"config key '{where}' must be comma-separated modality names, got {value!r}")

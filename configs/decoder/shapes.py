@@ -37,7 +37,6 @@ import ml_collections
 
 from mmjax import config as mmconfig
 from mmjax import defaults
-from mmjax.eval import curves
 
 SIZES = {
     "tiny": dict(d_model=256, num_layers=4, num_heads=4),
@@ -73,7 +72,7 @@ def get_config(arg=None):
       templates=(("caption", "tok_rgb"), ("tok_rgb", "caption")),
       probabilities=(0.5, 0.5),
       image_blocks_bidirectional=False,  # True: attention inside an image is bidirectional
-      # Keys of mmjax.data.sequences.SequencesConfig:
+      # Keys of mmjax.data.sequences.documents.SequencesConfig:
       loss_weights=dict(caption=1.0, tok_rgb=1.0),  # per modality of the target; unlisted: 1.0
       documents_per_record=1,     # documents drawn from each record (templates with replacement)
       drop_text_specials=True,    # drop the text tokenizer's PAD/BOS/EOS inside a text segment
@@ -106,8 +105,8 @@ def get_config(arg=None):
       text_first=4,     # lowest text id that may be sampled: skips the text tokenizer's PAD..EOS
   ))
 
-  # Generation metrics during training (learning curves; every key in mmjax/eval/curves.py).
-  config.eval = curves.eval_section()
+  # Generation metrics during training (learning curves: mmjax/eval/curves.py).
+  config.eval = defaults.training_eval()
 
   if arg.runlocal:
     config.data.num_train, config.data.num_val = 256, 32

@@ -47,7 +47,8 @@ def get_config(arg=None):
 
   config.model = ml_collections.ConfigDict(dict(
       d_model=width, num_heads=heads, encoder_layers=depth, decoder_layers=depth,
-      num_input_tokens=128, num_target_tokens=128, dtype="auto"))  # bf16 on TPU/GPU
+      num_input_tokens=128, num_target_tokens=128, dtype="auto",  # bf16 on TPU/GPU
+      tie_heads=True))  # each output head is its decoder token table, as in the released models
 
   # The reference recipe: AdamW (0.9, 0.95), wd 0.05, base LR 1e-4 per 256 samples (2e-5 for XL).
   base_lr = 2e-5 if arg.variant == "XL" else 1e-4

@@ -35,7 +35,6 @@ import ml_collections
 
 from mmjax import config as mmconfig
 from mmjax import defaults
-from mmjax.eval import curves
 from mmjax.generate import fourm_settings
 
 SIZES = {
@@ -85,13 +84,14 @@ def get_config(arg=None):
   config.model.num_input_tokens = 128
   config.model.num_target_tokens = 128
   config.model.dtype = "auto"  # bfloat16 on TPU/GPU, float32 on CPU
+  config.model.tie_heads = False  # untied heads (the reference ties; measured above untied)
 
   config.train = defaults.train(steps=2000, batch_size=32, lr=5e-4, warmup_steps=200)
   config.mesh = defaults.mesh()
   # `mmjax generate`: sampler settings (every key commented in mmjax/generate/fourm_settings.py).
   config.generate = fourm_settings.section(steps=8)
-  # Generation metrics during training (learning curves; every key in mmjax/eval/curves.py).
-  config.eval = curves.eval_section()
+  # Generation metrics during training (learning curves: mmjax/eval/curves.py).
+  config.eval = defaults.training_eval()
 
   if arg.runlocal:
     config.data.num_train, config.data.num_val = 256, 32

@@ -12,7 +12,7 @@ import ml_collections
 
 from mmjax import config as mmconfig
 from mmjax import defaults
-from mmjax.data import shapes
+from mmjax.data.shapes import world as shapes
 
 
 def get_config(arg=None):

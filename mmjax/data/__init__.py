@@ -1,1 +1,2 @@
-"""Data: the synthetic shapes world, record builders, and the input pipeline."""
+"""Data, in the order it flows: raw data (`shapes/`, `folder`) -> token sets on disk (`tokens/`) ->
+the objectives' transforms (`fourm/`, `sequences/`) -> the input pipeline (`pipeline/`)."""

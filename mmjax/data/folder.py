@@ -13,7 +13,7 @@ becomes RGB (grayscale is replicated, palette images expanded, alpha composited 
 scaled to 8), then the shorter side is resized to `image_size` (bicubic, antialiased) and the centre
 cropped to a square. The caption is the bytes of the `.txt` file beside the image (same stem), with
 surrounding whitespace stripped; it stays bytes, as tfds text fields are, so decoding (UTF-8) and
-emptiness are checked where it is tokenized (`mmjax.data.pretokenize`), which names the file. A
+emptiness are checked where it is tokenized (`mmjax.pretokenize`), which names the file. A
 missing caption file leaves `caption` out of the sample; an unreadable image raises a UserError
 naming the file. The folder has no depth, semseg or boxes: those modalities are absent.
 """

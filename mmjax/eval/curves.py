@@ -1,7 +1,8 @@
 """Learning curves: the generation metrics every K training steps, and their plot.
 
-`config.eval.every_steps` = K > 0 makes `mmjax train` (and the demo) run the shapes generation
-metrics of `mmjax eval` on `config.eval.num_scenes` validation scenes every K steps and at the end
+`config.eval.every_steps` = K > 0 (the section: `mmjax.defaults.training_eval`) makes `mmjax train`
+(and the demo) run the shapes generation metrics of `mmjax eval` on `config.eval.num_scenes`
+validation scenes every K steps and at the end
 (`TrainingEval`, called by the training loop with the current model). The metrics go to the run's
 metrics.jsonl and TensorBoard like the losses; the chance level and tokenizer ceiling of every
 metric (`mmjax.eval.bounds`) go to `<workdir>/bounds.json` once; at the end `curves.png` shows each
@@ -16,26 +17,15 @@ import os
 import sys
 from typing import Any
 
+from mmjax import modalities
 from mmjax.config import ConfigError
+from mmjax.eval import shapes_generation
 from mmjax.train.metrics import read_jsonl
 
 BOUNDS_FILE = "bounds.json"
 CURVES_FILE = "curves.png"
 # The metric of each task kind that the curves show, and whether higher is better.
 HEADLINE = ("attr_acc", "f1", "miou", "abs_rel")
-
-
-def eval_section(**overrides):
-  """`config.eval` of a 4M config: evaluation during training."""
-  import ml_collections
-  section = ml_collections.ConfigDict(dict(
-      every_steps=0,   # generation metrics every this many training steps (and at the end); 0: off
-      num_scenes=16,   # validation scenes they are measured on
-      tasks="",        # comma-separated tasks, e.g. "rgb->caption,caption->tok_rgb"; "" = all
-      grid_rows=4,     # rows of the PNG grids written at each evaluation (eval/step_<N>/)
-  ))
-  section.update(overrides)
-  return section
 
 
 class TrainingEval:
@@ -53,11 +43,8 @@ class TrainingEval:
     self._setup = None
 
   def __call__(self, step: int, model) -> dict[str, float]:
-    from mmjax import modalities
-    from mmjax.eval import fourm_eval
-
     if self._setup is None:
-      self._setup = fourm_eval.ShapesGeneration.load(
+      self._setup = shapes_generation.ShapesGeneration.load(
           self.config, modalities.from_config(self.config.modalities),
           num_scenes=self.num_scenes, task_names=self.task_names)
       if isinstance(self._setup, str):

@@ -19,7 +19,10 @@ from typing import Any
 import numpy as np
 
 from mmjax import modalities as mod
+from mmjax.data.sequences.documents import SharedVocab
 from mmjax.eval import fourm_eval
+from mmjax.generate import decoder as sampler
+from mmjax.generate import decoder_run
 
 
 def generation_metrics(config, model, registry: mod.Registry,
@@ -28,10 +31,6 @@ def generation_metrics(config, model, registry: mod.Registry,
                        out_dir: str, seed: int = 0, batch_size: int = 16, grid_rows: int = 6,
                        report: Callable[[str, bool], None] | None = None) -> dict[str, Any]:
   """{"metrics", "grids", "samples", "seconds"} of every task over the records."""
-  from mmjax.data.sequences import SharedVocab
-  from mmjax.generate import decoder as sampler
-  from mmjax.generate import decoder_run
-
   settings = decoder_run.generate_config(config)
   vocab = SharedVocab.from_registry(registry)
   out: dict[str, Any] = {"metrics": {}, "grids": {}, "samples": {}, "seconds": {}}

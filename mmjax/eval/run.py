@@ -25,7 +25,14 @@ from typing import Any
 import jax
 import ml_collections
 
+from mmjax import modalities
+from mmjax.data.pipeline.demo_tokens import use_demo_tokens_if_unset
 from mmjax.errors import UserError
+from mmjax.eval import shapes_generation, teacher_forced
+from mmjax.objectives import tokenizer as tokenizer_objective
+from mmjax.tokenizers import image_metrics
+from mmjax.train.loop import load_model
+from mmjax.train.objective import get_objective
 
 METRICS_FILE = "metrics.json"
 
@@ -48,7 +55,6 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, *, out_dir: str,
   if objective == "tokenizer":
     result = _eval_tokenizer(config, workdir, out_dir, grid_rows)
   elif objective in ("fourm", "decoder"):
-    from mmjax.data.pipeline import use_demo_tokens_if_unset
     use_demo_tokens_if_unset(config)
     result = _eval_tokens_model(config, workdir, out_dir, num_scenes=num_scenes, seed=seed,
                                 max_val_batches=max_val_batches, grid_rows=grid_rows,
@@ -68,10 +74,6 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, *, out_dir: str,
 
 
 def _eval_tokenizer(config, workdir: str, out_dir: str, grid_rows: int) -> dict[str, Any]:
-  from mmjax.objectives import tokenizer as tokenizer_objective
-  from mmjax.tokenizers import image_metrics
-  from mmjax.train.checkpoint import load_model
-
   model, step = load_model(config, workdir)
   modality = model.cfg.modality
   images = tokenizer_objective.validation_images(config, modality)
@@ -88,10 +90,6 @@ def _eval_tokenizer(config, workdir: str, out_dir: str, grid_rows: int) -> dict[
 def _eval_tokens_model(config, workdir: str, out_dir: str, *, num_scenes: int, seed: int,
                        max_val_batches: int, grid_rows: int,
                        tasks: Sequence[str] | None) -> dict[str, Any]:
-  from mmjax.eval import teacher_forced
-  from mmjax.train.checkpoint import load_model
-  from mmjax.train.objective import get_objective
-
   model, step = load_model(config, workdir)
   objective = get_objective(config)
   _report(f"{config.objective} model of step {step}: teacher-forced validation metrics")
@@ -114,11 +112,9 @@ def _shapes_generation(config, model, out_dir: str, *, num_scenes: int, seed: in
                       grid_rows: int, task_names: Sequence[str] | None) -> dict[str, Any]:
   """Any-to-any metrics on the first `num_scenes` validation records (shapes data only), with
   every metric's chance level and tokenizer ceiling under "bounds"."""
-  from mmjax import modalities
-  from mmjax.eval import fourm_eval
-
-  setup = fourm_eval.ShapesGeneration.load(config, modalities.from_config(config.modalities),
-                                           num_scenes=num_scenes, task_names=task_names)
+  setup = shapes_generation.ShapesGeneration.load(
+      config, modalities.from_config(config.modalities), num_scenes=num_scenes,
+      task_names=task_names)
   if isinstance(setup, str):
     _report(setup)
     return {"metrics": {}, "grids": {}, "samples": {}, "seconds": {}, "note": setup}

@@ -29,8 +29,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
 import numpy as np
+from scipy import ndimage
 
-from mmjax.data import shapes
+from mmjax.data.shapes import world as shapes
 from mmjax.tokenizers import image_metrics
 
 ATTRIBUTES = ("size", "color", "shape", "position")
@@ -185,7 +186,6 @@ def _fit_shape(region: np.ndarray, background: np.ndarray) -> tuple[float, int, 
 def image_objects(rgb_HW3: np.ndarray) -> list[Object]:
   """The objects an rgb image shows: one per connected region of one palette colour that is
   large enough, with the size, shape and centre of its best-fitting template."""
-  from scipy import ndimage  # late: only image evaluation needs it
 
   colors = color_map(rgb_HW3)
   size = colors.shape[0]

@@ -1,7 +1,7 @@
 """`mmjax generate` for decoder checkpoints: caption -> image, image file -> caption, and a caption
 plus an image file -> a target.
 
-The prompt is the start of a training document (`mmjax.data.sequences`), cut where the target
+The prompt is the start of a training document (`data.sequences.documents`), cut where the target
 begins; the sampler (`mmjax.generate.decoder`) writes the rest:
 
   caption -> tok_rgb:  BOS caption ids BOI_rgb | codes... EOI_rgb      (then decoded to a PNG)
@@ -20,7 +20,7 @@ bidirectional block, as in training, and cannot sample images (their codes had l
 The image tokenizer decodes codes to pixels and tokenizes input images; the text tokenizer does
 the same for captions. Both are the trained ones under `data.tokenizers_dir` ("" =
 <data.data_dir>/tokenizers), one directory per tokenizer config stem
-(`mmjax.data.modality_tokenizers.tokenizer_dir_for`).
+(`mmjax.tokenizers.modality.tokenizer_dir_for`).
 """
 
 from __future__ import annotations
@@ -34,11 +34,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from mmjax import grids
 from mmjax import modalities as mm
 from mmjax.config import to_dataclass
+from mmjax.data.folder import load_image
+from mmjax.data.sequences.documents import SharedVocab, sequences_config
+from mmjax.data.tokens import records as tokens_tfds
 from mmjax.errors import UserError
 from mmjax.generate import decoder as sampler
+from mmjax.objectives.tokenizer import load_modality_tokenizer
+from mmjax.tokenizers.modality import tokenizer_dir_for
+from mmjax.train.loop import load_model
 
 _SUPPORTED = ("caption -> image (a sequence input, an image_tokens target), image file -> caption, "
               "or a caption and an image file -> a target")
@@ -142,7 +150,6 @@ def _check_request(registry: mm.Registry, templates, inputs: Mapping[str, str],
 
 
 def _load_tokenizer(modality: mm.Modality, root: str):
-  from mmjax.data.modality_tokenizers import load_modality_tokenizer, tokenizer_dir_for
   return load_modality_tokenizer(modality, tokenizer_dir_for(modality, root), batch_size=8)
 
 
@@ -155,9 +162,6 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
                      allow_random_init: bool = False) -> dict[str, Any]:
   """Samples `num_samples` of the target from the inputs; writes files into `out_dir` and
   <out_dir>/summary.json, and returns the summary."""
-  from mmjax.data.sequences import SharedVocab, sequences_config
-  from mmjax.eval import grids
-  from mmjax.train.checkpoint import load_model
 
   start = time.perf_counter()
   if num_samples < 1:
@@ -198,7 +202,6 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
       continue
     if not os.path.isfile(value):
       raise UserError(f"mmjax generate: input {m.name}: no image file at {value!r}")
-    from mmjax.data.folder import load_image
     pixels = load_image(value, tok.size)
     codes = np.asarray(tok.encode_values([pixels])[0]).reshape(-1)
     ids = vocab.to_global(m.name, codes).tolist()
@@ -282,7 +285,6 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
 def _check_tokenizer_versions(config, fingerprints: Mapping[str, str]) -> bool:
   """UserError when the pre-tokenized data at data.data_dir was made by other tokenizers (the
   decoder learned their codes: decoding with retrained ones gives garbage); False if no data."""
-  from mmjax.data import tokens_tfds
   data = config.data
   if not data.get("data_dir"):
     return False
@@ -314,9 +316,6 @@ def _caption_text(tokenizer, row: np.ndarray, eos: int) -> str:
 
 
 def _save_png(path: str, image: np.ndarray, kind: str) -> str:
-  from PIL import Image
-
-  from mmjax.eval import grids
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   Image.fromarray(grids.to_rgb(np.asarray(image), kind)).save(path)
   return path

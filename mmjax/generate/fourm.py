@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmjax.data.fourm_transform import patchify
+from mmjax.data.fourm.transform import patchify
 from mmjax.generate import fourm_schedules as sched
 from mmjax.generate.fourm_settings import TargetSettings
 from mmjax.modalities import IMAGE_PIXELS, Registry

@@ -28,15 +28,18 @@ from typing import Any
 
 import jax
 import numpy as np
+from PIL import Image, ImageDraw
 
+from mmjax import grids
 from mmjax import modalities as mod
 from mmjax.config import ConfigError
-from mmjax.data import modality_tokenizers as mt
 from mmjax.errors import UserError
-from mmjax.eval import grids
 from mmjax.generate import fourm as gen
 from mmjax.generate import fourm_settings
+from mmjax.objectives import tokenizer as tokenizer_objective
+from mmjax.tokenizers import modality as mt
 from mmjax.tokenizers import special
+from mmjax.train.loop import load_model
 
 _KIND_OF = {"rgb": "rgb", "depth": "depth", "semseg": "classes"}  # tokenizer kind -> grids kind
 
@@ -85,7 +88,6 @@ def tokenizers_dir(config, workdir: str) -> str:
 
 def _read_image(path: str, size: int, mode: str, name: str) -> np.ndarray:
   """[size, size(, 3)] from an image file, resized (nearest for class maps) if needed."""
-  from PIL import Image
   if not os.path.isfile(path):
     raise UserError(f"mmjax generate: --input {name}={path}: no such image file")
   try:
@@ -109,8 +111,8 @@ class _Tokenizers:
     if name not in self.loaded:
       m = self.registry[name]
       try:
-        self.loaded[name] = mt.load_modality_tokenizer(m, mt.tokenizer_dir_for(m, self.root),
-                                                       batch_size=8)
+        self.loaded[name] = tokenizer_objective.load_modality_tokenizer(
+            m, mt.tokenizer_dir_for(m, self.root), batch_size=8)
       except ConfigError as e:
         raise UserError(f"mmjax generate: {e}") from None
     return self.loaded[name]
@@ -152,7 +154,6 @@ def _encode_inputs(layout: gen.EncoderLayout, ctx, registry, inputs, tokenizers,
 
 def _draw_boxes(image: np.ndarray, boxes_K4: np.ndarray, labels: Sequence[str],
                 scale: int = 4) -> np.ndarray:
-  from PIL import Image, ImageDraw
   canvas = Image.fromarray(np.asarray(image, np.uint8)).resize(
       (image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
   draw = ImageDraw.Draw(canvas)
@@ -165,7 +166,6 @@ def _draw_boxes(image: np.ndarray, boxes_K4: np.ndarray, labels: Sequence[str],
 
 
 def _save_png(path: str, image: np.ndarray) -> str:
-  from PIL import Image
   Image.fromarray(np.asarray(image, np.uint8)).save(path)
   return path
 
@@ -175,7 +175,6 @@ def generate_fourm(config, workdir: str, inputs: Mapping[str, str], targets: Seq
                    allow_random_init: bool = False) -> dict[str, Any]:
   """Generates `targets` (chained, in `generate.order`) from `inputs`; writes files to out_dir and
   returns the summary (also written as summary.json)."""
-  from mmjax.train.checkpoint import load_model
 
   registry = mod.from_config(config.modalities)
   targets = _check_names(registry, inputs, targets)

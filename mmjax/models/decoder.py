@@ -7,7 +7,7 @@ Layers are stacked (leading `layers` axis) and run under `lax.scan` with a named
 non-embedding weight untied per modality, global attention); "moma" (expert-choice FFN experts in
 modality groups); "moe" (modality-agnostic token-choice top-k).
 
-Inputs are the per-token fields of `mmjax.data.sequence_batch`. The same call serves training,
+Inputs are the per-token fields of `mmjax.data.sequences.batch`. The same call serves training,
 prefill and cached decoding: with a cache, this call's keys/values are written at `cache_index`
 and attention runs over the whole cache, masked by the cached segment/block fields.
 """

@@ -69,26 +69,3 @@ def decoder_params(cfg: DecoderConfig, *, vocab_size: int, num_modalities: int) 
   total = cfg.num_layers * groups * (attn + ffn_total) + groups * d + embed
   active = cfg.num_layers * (attn + ffn_active) + d + embed
   return {"total": int(total), "active": int(active)}
-
-
-def main() -> None:
-  """Prints training FLOPs per token and parameters of configs/decoder/shapes.py:1B by sparsity,
-  at the config's length and vocabulary and at Chameleon's (4096 tokens, 65,536 ids)."""
-  from mmjax.config import load
-  from mmjax.objectives.decoder import DecoderObjective
-
-  for sparsity in ("dense", "mot", "moma", "moe"):
-    objective = DecoderObjective(load(f"configs/decoder/shapes.py:1B,sparsity={sparsity}"))
-    cfg, modalities = objective.cfg, len(objective.registry)
-    own = decoder_train_flops_per_token(cfg, vocab_size=objective.vocab.size,
-                                        num_modalities=modalities)["total"]
-    chameleon = decoder_train_flops_per_token(cfg, vocab_size=65536, num_modalities=modalities,
-                                              seq_len=4096)["total"]
-    params = decoder_params(cfg, vocab_size=objective.vocab.size, num_modalities=modalities)
-    print(f"{sparsity:5s} train GFLOP/token {own / 1e9:.2f} (L={cfg.max_length}, "
-          f"V={objective.vocab.size}), {chameleon / 1e9:.2f} (L=4096, V=65536); params "
-          f"{params['total'] / 1e9:.2f}B, active {params['active'] / 1e9:.2f}B")
-
-
-if __name__ == "__main__":
-  main()

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from mmjax.config import load
 from mmjax.modalities import Registry
+from mmjax.modalities import from_config
 from mmjax.models.configs import FourMConfig
+from mmjax.models.configs import model_config
 
 
 def _mlp(cfg: FourMConfig, tokens: int) -> float:
@@ -46,9 +49,6 @@ def fourm_flops(cfg: FourMConfig, registry: Registry, target_counts: Mapping[str
 
 def main() -> None:
   """Prints the figures of configs/fourm/4m.py:B at 128/128 with targets split evenly."""
-  from mmjax.config import load
-  from mmjax.modalities import from_config
-  from mmjax.models.configs import model_config
   config = load("configs/fourm/4m.py:B")
   cfg, reg = model_config(config), from_config(config.modalities)
   targets = reg.targets()

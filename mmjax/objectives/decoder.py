@@ -1,10 +1,11 @@
 """The "decoder" objective: the mixed-modal decoder, its loss and its packed-sequence data.
 
 Data: pre-tokenized records (`mmjax prepare tokens`, one dataset or the weighted `data.mixture`,
-checked against the config and read with `mmjax.data.pipeline.token_datasets`) become documents and
-packed rows (`mmjax.data.sequences`, `mmjax.data.packing`) of `model.max_length` slots, the layout
-of `mmjax.data.sequence_batch`, in `data.num_workers` worker processes. With
-`data.bad_records="skip"` bad records give no documents and `iterator.bad_records` counts them
+checked against the config and read with `mmjax.data.pipeline.token_sets`) become documents and
+packed rows (`mmjax.data.sequences.documents`, `mmjax.data.sequences.packing`) of
+`model.max_length` slots, the layout of `mmjax.data.sequences.batch`, in `data.num_workers`
+worker processes. With `data.bad_records="skip"` bad records give no documents and
+`iterator.bad_records` counts them
 (when a pack window is read: a resume from inside a window counts its bad records again).
 """
 
@@ -15,11 +16,15 @@ import numpy as np
 from flax import nnx
 
 from mmjax import modalities as mm
-from mmjax.data import sequence_batch
-from mmjax.data.sequences import SharedVocab
+from mmjax.config import load
+from mmjax.data.pipeline import stream
+from mmjax.data.sequences import batch as sequence_batch
+from mmjax.data.sequences import documents as sequences
+from mmjax.data.sequences import packing
+from mmjax.data.sequences.documents import SharedVocab
 from mmjax.models.configs import model_config
 from mmjax.models.decoder import Decoder
-from mmjax.models.decoder_flops import decoder_train_flops_per_token
+from mmjax.models.decoder_flops import decoder_params, decoder_train_flops_per_token
 from mmjax.models.decoder_loss import decoder_loss
 from mmjax.train.objective import register_objective
 
@@ -50,23 +55,25 @@ class DecoderObjective:
     return {name: ("batch", "length") for name in sequence_batch.FIELDS}
 
   def make_iterator(self, split: str, process_index: int, process_count: int):
-    from mmjax.data import packing, pipeline, sequences  # late: tfds import is slow
+    # Late: token sets are read with tensorflow_datasets, seconds to import, and every command
+    # that builds an objective (bench, aot, tokenizer training) imports this module.
+    from mmjax.data.pipeline import token_sets  # noqa: PLC0415
     if split not in _SPLITS:
       raise ValueError(f"decoder objective: unknown split {split!r}; use 'train' or 'val'")
     data = self.config.data
     needed = list(dict.fromkeys(n for t in self.config.sequences.templates for n in t))
     # Serialized records parsed straight from the proto: tfds' Python decoding is ~5x slower.
-    specs = pipeline.token_datasets(self.config, _SPLITS[split], self.registry, needed)
-    ds = pipeline.record_dataset(specs, seed=int(data.shuffle_seed), process_index=process_index,
-                                 process_count=process_count,
-                                 num_epochs=None if split == "train" else 1)
-    ds = ds.map(pipeline.untag).to_iter_dataset()
+    specs = token_sets.token_datasets(self.config, _SPLITS[split], self.registry, needed)
+    ds = stream.record_dataset(specs, seed=int(data.shuffle_seed), process_index=process_index,
+                               process_count=process_count,
+                               num_epochs=None if split == "train" else 1)
+    ds = ds.map(stream.untag).to_iter_dataset()
     builder = sequences.builder_from_config(self.config)
     ds = packing.PackedSequencesIterDataset(ds, builder, self.cfg.max_length,
                                             seed=int(data.shuffle_seed) + process_index)
     ds = ds.batch(self.config.train.batch_size // process_count, drop_remainder=True)
     ds = ds.map(_CountSkipped(builder))
-    return pipeline.BatchIterator(pipeline.in_workers(ds, data.get("num_workers", 0)))
+    return stream.BatchIterator(stream.in_workers(ds, data.get("num_workers", 0)))
 
   def synthetic_batch(self, batch_size: int, seed: int) -> dict[str, np.ndarray]:
     """Rows of packed random documents: text, then an image wrapped in its specials."""
@@ -119,7 +126,7 @@ class DecoderObjective:
 class _CountSkipped:
   """A batch -> (batch, bad records the builder skipped since the previous batch). It runs where
   the packing does (a worker process's own copy of the builder), so the count travels with the
-  batch to `pipeline.BatchIterator`."""
+  batch to `stream.BatchIterator`."""
 
   def __init__(self, builder):
     self.builder, self.reported = builder, 0
@@ -132,3 +139,23 @@ class _CountSkipped:
 @register_objective("decoder")
 def make_decoder_objective(config: ml_collections.ConfigDict) -> DecoderObjective:
   return DecoderObjective(config)
+
+
+def main() -> None:
+  """Prints training FLOPs per token and parameters of configs/decoder/shapes.py:1B by sparsity,
+  at the config's length and vocabulary and at Chameleon's (4096 tokens, 65,536 ids)."""
+  for sparsity in ("dense", "mot", "moma", "moe"):
+    objective = DecoderObjective(load(f"configs/decoder/shapes.py:1B,sparsity={sparsity}"))
+    cfg, modalities = objective.cfg, len(objective.registry)
+    own = decoder_train_flops_per_token(cfg, vocab_size=objective.vocab.size,
+                                        num_modalities=modalities)["total"]
+    chameleon = decoder_train_flops_per_token(cfg, vocab_size=65536, num_modalities=modalities,
+                                              seq_len=4096)["total"]
+    params = decoder_params(cfg, vocab_size=objective.vocab.size, num_modalities=modalities)
+    print(f"{sparsity:5s} train GFLOP/token {own / 1e9:.2f} (L={cfg.max_length}, "
+          f"V={objective.vocab.size}), {chameleon / 1e9:.2f} (L=4096, V=65536); params "
+          f"{params['total'] / 1e9:.2f}B, active {params['active'] / 1e9:.2f}B")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,7 +1,7 @@
 """The 4M objective for the trainer (registered as "fourm"): model, loss, data, synthetic batches.
 
 Data: the pre-tokenized records of `config.data` (`mmjax prepare tokens`; one dataset or the
-weighted `data.mixture`) through the 4M masking pipeline (mmjax/data/pipeline.py). Each dataset is
+weighted `data.mixture`) through the 4M masking pipeline (mmjax/data/pipeline/). Each dataset is
 checked against the config when the iterator is made (modalities, vocabularies, tokenizer
 fingerprints, masking.num_sentinels) and its records are parsed by its own modality order. FLOPs
 per sample assume the decoder's M slots split evenly over the target modalities (the heads are a
@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from mmjax import modalities
-from mmjax.data import fourm_batch
+from mmjax.data.fourm import batch as fourm_batch
+from mmjax.data.pipeline import fourm as fourm_pipeline
 from mmjax.models.configs import model_config
 from mmjax.models.flops import fourm_flops
 from mmjax.models.fourm import FourM
@@ -48,16 +49,18 @@ class FourMObjective:
             for name in fourm_batch.FIELDS}
 
   def make_iterator(self, split: str, process_index: int, process_count: int):
-    from mmjax.data import pipeline
+    # Late: token sets are read with tensorflow_datasets, seconds to import, and every command
+    # that builds an objective (bench, aot, tokenizer training) imports this module.
+    from mmjax.data.pipeline import token_sets  # noqa: PLC0415
     if split not in _SPLITS:
       raise ValueError(f"fourm objective: unknown split {split!r}; use 'train' or 'val'")
     # Serialized records parsed straight from the proto: tfds' Python decoding is ~5x slower.
-    specs = pipeline.token_datasets(
+    specs = token_sets.token_datasets(
         self.config, _SPLITS[split], self.registry, self.registry.names,
         num_sentinels=int(self.config.masking.get("num_sentinels", 100)))
-    return pipeline.make_iterator(self.config, specs, process_index=process_index,
-                                  process_count=process_count, registry=self.registry,
-                                  num_epochs=None if split == "train" else 1)
+    return fourm_pipeline.make_iterator(self.config, specs, process_index=process_index,
+                                        process_count=process_count, registry=self.registry,
+                                        num_epochs=None if split == "train" else 1)
 
   def synthetic_batch(self, batch_size: int, seed: int) -> dict[str, np.ndarray]:
     return synthetic_batch(self.registry, batch_size, self.cfg.num_input_tokens,

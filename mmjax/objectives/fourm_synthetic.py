@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmjax.data import fourm_batch
+from mmjax.data.fourm import batch as fourm_batch
 from mmjax.modalities import Registry
 
 

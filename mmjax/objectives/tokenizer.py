@@ -10,11 +10,17 @@ batches. Generating is faster than decoding the tfds records (about 3k scenes/s 
 
 `run_image_tokenizer_train(config, workdir)` trains (resuming if the workdir has a checkpoint), then
 evaluates the final model on `data.num_val` validation scenes and writes `tokenizer_eval.json` and
-`reconstructions.png` (originals above reconstructions) into the workdir.
+`reconstructions.png` (originals above reconstructions) into the workdir, and `tokenizer.json`
+(`mmjax.tokenizers.modality.TRAINED_INFO`: the fingerprint of the newest checkpoint's weights and
+the architecture) beside the checkpoints, which the data checks read instead of the weights.
+
+`load_modality_tokenizer(modality, dir)` loads any modality's trained tokenizer behind the
+`ModalityTokenizer` interface: text from its SentencePiece model, images from their checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -26,10 +32,17 @@ import numpy as np
 from flax import nnx
 
 from mmjax import config as mmconfig
-from mmjax import defaults
-from mmjax.data import shapes
+from mmjax import defaults, grids
+from mmjax import modalities as mod
+from mmjax.config import ConfigError
+from mmjax.data.shapes import world as shapes
+from mmjax.errors import UserError
 from mmjax.tokenizers import image_metrics
-from mmjax.tokenizers.image import LOGICAL_RULES, ImageTokenizer, ImageTokenizerConfig
+from mmjax.tokenizers import modality as mt
+from mmjax.tokenizers.image import (LOGICAL_RULES, ImageTokenizer, ImageTokenizerConfig,
+                                    image_fingerprint)
+from mmjax.train.loop import CONFIG_FILE, run_train
+from mmjax.train.loop import load_model
 from mmjax.train.objective import register_objective
 
 OBJECTIVE = "tokenizer"
@@ -156,9 +169,10 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str) -> ImageTokeni
   """The tokenizer of the latest checkpoint in `workdir`, on the host's default device, with the
   architecture it was trained with (the model section of the run's config file), whatever
   `config.model` says: a tokenizer config argument such as `runlocal` need not be repeated."""
-  from mmjax.train.checkpoint import load_model
-  from mmjax.train.loop import CONFIG_FILE
+  return _load_trained(config, workdir)[0]
 
+
+def _load_trained(config: ml_collections.ConfigDict, workdir: str) -> tuple[ImageTokenizer, int]:
   path = os.path.join(workdir, CONFIG_FILE)
   if os.path.isfile(path):
     with open(path) as f:
@@ -166,7 +180,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str) -> ImageTokeni
     config = ml_collections.ConfigDict(config.to_dict())
     config.model = ml_collections.ConfigDict(
         {k: tuple(v) if isinstance(v, list) else v for k, v in trained.items()})
-  return load_model(config, workdir)[0]
+  return load_model(config, workdir)
 
 
 def validation_images(config: ml_collections.ConfigDict, modality: str) -> np.ndarray:
@@ -176,8 +190,6 @@ def validation_images(config: ml_collections.ConfigDict, modality: str) -> np.nd
 
 
 def save_reconstruction_grid(path: str, model: ImageTokenizer, images: np.ndarray) -> str:
-  from mmjax.eval import grids
-
   recon = image_metrics.reconstructions(model, images)
   kind = {"rgb": "rgb", "depth": "depth", "semseg": "classes"}[model.cfg.modality]
   if kind == "depth":  # one depth scale for an original and its reconstruction
@@ -197,10 +209,8 @@ def run_image_tokenizer_train(config: ml_collections.ConfigDict, workdir: str) -
   Writes `tokenizer_eval.json` (metrics, training time, steps/s) and `reconstructions.png` into
   `workdir`; returns the trainer's summary with the evaluation under "tokenizer_eval".
   """
-  from mmjax.train.loop import run_train
-
   summary = run_train(config, workdir)
-  model = load_trained(config, workdir)
+  model, step = _load_trained(config, workdir)
   modality = model.cfg.modality
   images = validation_images(config, modality)
   metrics = image_metrics.evaluate_image_tokenizer(model, images,
@@ -210,6 +220,7 @@ def run_image_tokenizer_train(config: ml_collections.ConfigDict, workdir: str) -
             "codebook_size": model.codebook_size, "steps": summary.get("step"),
             **{k: v for k, v in metrics.items()}}
   if jax.process_index() == 0:
+    _write_info(workdir, model, step)
     with open(metrics_path, "w") as f:
       json.dump(report, f, indent=2)
     grid_path = save_reconstruction_grid(os.path.join(workdir, "reconstructions.png"), model,
@@ -217,3 +228,47 @@ def run_image_tokenizer_train(config: ml_collections.ConfigDict, workdir: str) -
   else:
     grid_path = None
   return {**summary, "tokenizer_eval": report, "eval_file": metrics_path, "grid": grid_path}
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained tokenizers: their record beside the checkpoints, and loading them.
+
+
+def _write_info(workdir: str, model: ImageTokenizer, step: int) -> str:
+  """tokenizer.json from the weights just restored from checkpoint `step`: the fingerprint is the
+  same hash `ImageModalityTokenizer` takes of them when it tokenizes."""
+  return mt.write_trained_info(workdir, {
+      "fingerprint": image_fingerprint(model), "step": int(step),
+      "modality": model.cfg.modality, "model": dataclasses.asdict(model.cfg)})
+
+
+def run_write_info(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`mmjax tokenizer fingerprint`: (re)writes tokenizer.json of the tokenizer trained in `workdir`
+  (one trained before tokenizers recorded it, or whose training stopped before writing it)."""
+  model, step = _load_trained(config, workdir)
+  path = _write_info(workdir, model, step)
+  with open(path) as f:
+    return {"path": path, **json.load(f)}
+
+
+def _load_image(modality: mod.Modality, tokenizer_dir: str) -> ImageTokenizer:
+  """The trained image tokenizer in `tokenizer_dir`: the latest checkpoint of `mmjax tokenizer
+  train --config <modality.tokenizer> --workdir <tokenizer_dir>` (the config names the objective;
+  the architecture is the one the run recorded)."""
+  if not os.path.isdir(os.path.join(tokenizer_dir, "checkpoints")):
+    raise UserError(f"modality {modality.name}: no trained tokenizer in {tokenizer_dir} (train "
+                    f"it with `mmjax tokenizer train --config {modality.tokenizer} --workdir "
+                    f"{tokenizer_dir}`)")
+  config = mmconfig.load(mt.resolve_config_path(modality.tokenizer))
+  return load_trained(config, tokenizer_dir)
+
+
+def load_modality_tokenizer(modality: mod.Modality, tokenizer_dir: str, *,
+                            batch_size: int = 64) -> mt.ModalityTokenizer:
+  """The tokenizer of `modality`, trained into `tokenizer_dir` (the --workdir of `mmjax tokenizer
+  train --config <modality.tokenizer>`), behind the ModalityTokenizer interface."""
+  if modality.kind == mod.IMAGE_PIXELS:
+    raise ConfigError(f"modality {modality.name} is raw pixels: it has no tokenizer")
+  if modality.is_sequence:
+    return mt.load_text_modality_tokenizer(modality, tokenizer_dir)
+  return mt.ImageModalityTokenizer(modality, _load_image(modality, tokenizer_dir), batch_size)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 
 import jax
@@ -378,3 +379,14 @@ class ImageTokenizer(nnx.Module):
 
 def create_tokenizer(cfg: ImageTokenizerConfig, seed: int = 0) -> ImageTokenizer:
   return ImageTokenizer(cfg, rngs=nnx.Rngs(seed))
+
+
+def image_fingerprint(tokenizer: ImageTokenizer) -> str:
+  """sha256 of an image tokenizer's config and weights (RNG state excluded)."""
+  digest = hashlib.sha256(repr(tokenizer.cfg).encode())
+  state = nnx.state(tokenizer, nnx.Not(nnx.RngState))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    a = np.asarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}".encode())
+    digest.update(np.ascontiguousarray(a).tobytes())
+  return digest.hexdigest()

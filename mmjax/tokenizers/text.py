@@ -177,7 +177,7 @@ def _layout_of(model_bytes: bytes, *, where: str) -> special.SpecialIds:
   return special.SpecialIds(num_sentinels=k, coord_bins=bins, class_names=names)
 
 
-def _as_config(config: TextTokenizerConfig | Mapping[str, Any]) -> TextTokenizerConfig:
+def as_config(config: TextTokenizerConfig | Mapping[str, Any]) -> TextTokenizerConfig:
   if isinstance(config, TextTokenizerConfig):
     return config
   fields = {f.name for f in dataclasses.fields(TextTokenizerConfig)}
@@ -192,7 +192,7 @@ def train_text_tokenizer(sentences: Iterable[str], out_prefix: str,
   `config` is a TextTokenizerConfig or a mapping with its keys (other keys are ignored, so a whole
   tokenizer config section can be passed).
   """
-  cfg = _as_config(config)
+  cfg = as_config(config)
   ids = cfg.special
   count = [0]
 
@@ -228,66 +228,3 @@ def train_text_tokenizer(sentences: Iterable[str], out_prefix: str,
     f.write(data)
   os.replace(tmp, path)  # atomic: a reader never sees half a model
   return TextTokenizer(data, path)
-
-
-# ---------------------------------------------------------------------------------------------
-# `mmjax tokenizer train` for the text tokenizer of the shapes world.
-
-
-def shapes_sentences(num_scenes: int, *, split: str, seed: int, image_size: int,
-                     coord_bins: int) -> Iterator[tuple[str, str]]:
-  """(caption, det string) of the first `num_scenes` scenes of a shapes split."""
-  from mmjax.data import shapes  # the shapes world is data, the tokenizer does not depend on it
-  from mmjax.tokenizers import boxes
-
-  for i in range(num_scenes):
-    scene = shapes.generate_scene(i, seed=seed, split=split, image_size=image_size)
-    yield scene["caption"], boxes.det_text(scene["det_boxes"], scene["det_classes"], shapes.SHAPES,
-                                           coord_bins)
-
-
-def run_text_tokenizer_train(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
-  """Trains the text tokenizer on shapes captions + det strings; writes `<workdir>/text.model`.
-
-  Returns (and writes to `<workdir>/text_tokenizer.json`) the vocabulary size, the fingerprint, the
-  exact round-trip rates of validation captions and det strings, and mean tokens per caption / box.
-  """
-  import json
-  import time
-
-  cfg = _as_config(config["tokenizer"])
-  data = config["data"]
-  common = dict(seed=int(data["seed"]), image_size=int(data["image_size"]),
-                coord_bins=cfg.coord_bins)
-  os.makedirs(workdir, exist_ok=True)
-  start = time.perf_counter()
-
-  def train_stream() -> Iterator[str]:
-    for caption, det in shapes_sentences(int(config["num_train_scenes"]), split="train", **common):
-      yield caption
-      yield det
-
-  tokenizer = train_text_tokenizer(train_stream(), os.path.join(workdir, "text"), cfg)
-  train_seconds = time.perf_counter() - start
-  val = list(shapes_sentences(int(config["num_val_scenes"]), split="validation", **common))
-  captions, dets = [c for c, _ in val], [d for _, d in val]
-  cap_ids, det_ids = tokenizer.encode_batch(captions), tokenizer.encode_batch(dets)
-  num_boxes = sum(d.count("v0=") for d in dets)
-  report = {
-      "model": tokenizer.path,
-      "fingerprint": tokenizer.fingerprint,
-      "vocab_size": tokenizer.vocab_size,
-      "num_reserved": tokenizer.special.num_reserved,
-      "val_captions": len(captions),
-      "caption_round_trip": float(np.mean([tokenizer.decode(i) == c
-                                           for i, c in zip(cap_ids, captions)])),
-      "det_round_trip": float(np.mean([tokenizer.decode(i) == d for i, d in zip(det_ids, dets)])),
-      "tokens_per_caption": float(np.mean([len(i) for i in cap_ids])),
-      "max_tokens_per_caption": int(max(len(i) for i in cap_ids)),
-      "tokens_per_box": float(sum(len(i) for i in det_ids) / max(num_boxes, 1)),
-      "unk_rate": float(np.mean(np.concatenate(cap_ids + det_ids) == special.UNK)),
-      "train_seconds": train_seconds,
-  }
-  with open(os.path.join(workdir, "text_tokenizer.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  return report

@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import serialize_executable
+from jax.experimental import topologies
 
 from mmjax.errors import UserError
 from mmjax.train import flops as mmflops
@@ -99,7 +101,6 @@ def tpu_compiler_available() -> bool:
 
 def topology_devices(topology: Topology) -> list[jax.Device]:
   """One device per chip of the topology, as libtpu describes it."""
-  from jax.experimental import topologies
 
   # libtpu takes a machine-wide lock file for the chips it drives; a compile-only topology drives
   # none, and other processes (any JAX process here with libtpu installed) may hold the lock.
@@ -295,7 +296,6 @@ def _write(out_dir: str, lowered, compiled, result: dict[str, Any]) -> dict[str,
   if compiled is not None:
     write("step.hlo.txt", compiled.as_text())
     try:
-      from jax.experimental import serialize_executable
       payload, _, _ = serialize_executable.serialize(compiled)
       write("step.executable", payload)
     except Exception as e:  # noqa: BLE001 -- compile-only clients may not serialize.

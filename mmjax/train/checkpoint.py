@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from mmjax.config import ConfigError
 from mmjax.train.state import TrainState
@@ -39,7 +40,7 @@ _TMP_MARKER = "orbax-checkpoint-tmp"
 _OK, _CORRUPT, _MISMATCH = 0, 1, 2
 
 
-def _report(message: str) -> None:
+def report(message: str) -> None:
   print(f"mmjax: {message}", file=sys.stderr, flush=True)
 
 
@@ -129,14 +130,55 @@ def _agree(outcome: int) -> int:
   """The worst outcome over all processes, so that all of them take the same branch."""
   if jax.process_count() == 1:
     return outcome
-  from jax.experimental import multihost_utils  # noqa: PLC0415
   return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+
+
+def restore_newest(restore: Callable[[int, Any], Any], steps: list[int], directory: str,
+                   abstract_state: Any, *, iterator: Any = None,
+                   agree: Callable[[int], int] = lambda outcome: outcome,
+                   on_corrupt: Callable[[int, str], None]) -> tuple[Any, int] | None:
+  """(state, step) of the newest of `steps` in `directory` that restores into `abstract_state`, or
+  None. `restore(step, args)` reads a checkpoint (a CheckpointManager's restore).
+
+  Each candidate's state tree is checked against `abstract_state` before it is read. Given an
+  `iterator`, it is set to the checkpoint's data position once the state restored. `agree` makes
+  every process take the same branch (the worst outcome of all). A mismatch (another config wrote
+  the checkpoint) raises CheckpointMismatchError; an unreadable checkpoint goes to
+  `on_corrupt(step, detail)` and the previous one is tried.
+  """
+  for step in reversed(sorted(steps)):
+    outcome, detail = _check_tree(os.path.join(directory, str(step)), abstract_state)
+    state = None
+    if outcome == _OK:
+      try:
+        state = restore(step, ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
+      except Exception as e:  # noqa: BLE001 -- a failed read means this checkpoint is unusable.
+        outcome, detail = (_MISMATCH if _is_shape_error(e) else _CORRUPT), _one_line(e)
+    # A checkpoint without an iterator (written by `mmjax import`): the data starts afresh.
+    has_iter = os.path.isdir(os.path.join(directory, str(step), "iter"))
+    if outcome == _OK and iterator is not None and has_iter:
+      try:
+        restore(step, ocp.args.Composite(iter=grain.checkpoint.CheckpointRestore(iterator)))
+      except Exception as e:  # noqa: BLE001 -- the params read: the data pipeline has changed.
+        outcome = _MISMATCH
+        detail = (f"its data iterator state does not fit the current data pipeline (changed "
+                  f"data.num_workers, data.mixture, host count or iterator format?): "
+                  f"{_one_line(e)}")
+    agreed = agree(outcome)
+    if agreed == _MISMATCH:
+      raise _mismatch_error(directory, step, detail if outcome == _MISMATCH else "")
+    if agreed == _CORRUPT:
+      on_corrupt(step, detail or "failed on another process")
+      continue
+    return state, step
+  return None
 
 
 class Checkpointer:
   """Saves and restores (state, iterator) in `directory`."""
 
-  def __init__(self, directory: str, *, keep: int, report: Callable[[str], None] = _report):
+  def __init__(self, directory: str, *, keep: int, report: Callable[[str], None] = report):
     if keep < 1:
       raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
     self.directory = os.path.abspath(directory)
@@ -176,35 +218,15 @@ class Checkpointer:
     fallback to a fresh start leaves it at the beginning). A checkpoint whose tree differs from
     `abstract_state` raises CheckpointMismatchError and leaves every checkpoint in place.
     """
-    for step in reversed(self.steps()):
-      outcome, detail = _check_tree(os.path.join(self.directory, str(step)), abstract_state)
-      state = None
-      if outcome == _OK:
-        try:
-          state = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state)))["state"]
-        except Exception as e:  # noqa: BLE001 -- a failed read means this checkpoint is unusable.
-          outcome, detail = (_MISMATCH if _is_shape_error(e) else _CORRUPT), _one_line(e)
-      if outcome == _OK:
-        try:
-          self.manager.restore(step, args=ocp.args.Composite(
-              iter=grain.checkpoint.CheckpointRestore(iterator)))
-        except Exception as e:  # noqa: BLE001 -- the params read: the data pipeline has changed.
-          outcome = _MISMATCH
-          detail = (f"its data iterator state does not fit the current data pipeline (changed "
-                    f"data.num_workers, data.mixture, host count or iterator format?): "
-                    f"{_one_line(e)}")
-      agreed = _agree(outcome)
-      if agreed == _MISMATCH:
-        raise _mismatch_error(self.directory, step, detail if outcome == _MISMATCH else "")
-      if agreed == _CORRUPT:
-        self.report(f"checkpoint step {step} in {self.directory} cannot be restored "
-                    f"({detail or 'failed on another process'}); moving it to corrupt-{step} and "
-                    "trying the previous one")
-        self._move_aside(step)
-        continue
-      return state, step
-    return None
+    def corrupt(step: int, detail: str) -> None:
+      self.report(f"checkpoint step {step} in {self.directory} cannot be restored ({detail}); "
+                  f"moving it to corrupt-{step} and trying the previous one")
+      self._move_aside(step)
+
+    # self.manager, not a reference to it: moving a checkpoint aside reopens the manager.
+    return restore_newest(lambda step, args: self.manager.restore(step, args=args), self.steps(),
+                          self.directory, abstract_state, iterator=iterator, agree=_agree,
+                          on_corrupt=corrupt)
 
   def _move_aside(self, step: int) -> None:
     """Renames on process 0 only; the others reopen the manager (which lists the steps) after it."""
@@ -216,7 +238,6 @@ class Checkpointer:
         shutil.rmtree(target)
       os.rename(source, target)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # noqa: PLC0415
       multihost_utils.sync_global_devices(f"mmjax checkpoint corrupt-{step}")
     self._open()
 
@@ -228,47 +249,13 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_model(config: Any, workdir: str, *, allow_random_init: bool = False) -> tuple[Any, int]:
-  """(model, step) of the latest valid checkpoint in `<workdir>/checkpoints`, on the host.
-
-  For evaluation and generation: only the train state is read, not the data iterator. Without a
-  checkpoint it is an error, unless `allow_random_init` (then a freshly initialised model, step 0).
-  """
-  from flax import nnx  # late: nnx is heavy and this module is imported by the trainer's CLI path
-
-  from mmjax.errors import UserError
-  from mmjax.train.loop import build
-
-  _, setup = build(config)
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(directory) if os.path.isdir(directory) else None
-  state, step = None, 0
+def save_state(directory: str, step: int, state: TrainState) -> None:
+  """Writes `state` as checkpoint `step` of `directory` without a data iterator (imported weights:
+  `mmjax train` restores the state and starts its data from the beginning)."""
+  manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                  options=ocp.CheckpointManagerOptions(create=True))
   try:
-    for candidate in reversed(sorted(manager.all_steps()) if manager else []):
-      outcome, detail = _check_tree(os.path.join(directory, str(candidate)), setup.abstract_state)
-      if outcome == _OK:
-        try:
-          state = manager.restore(candidate, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(setup.abstract_state)))["state"]
-        except Exception as e:  # noqa: BLE001 -- report and fall back to the previous checkpoint.
-          outcome, detail = (_MISMATCH if _is_shape_error(e) else _CORRUPT), _one_line(e)
-      if outcome == _MISMATCH:
-        raise _mismatch_error(os.path.abspath(directory), candidate, detail)
-      if outcome == _CORRUPT:
-        _report(f"checkpoint step {candidate} in {directory} cannot be restored ({detail}); "
-                "trying the previous one")
-        continue
-      step = candidate
-      break
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+    manager.wait_until_finished()
   finally:
-    if manager:
-      manager.close()
-  if state is None:
-    if not allow_random_init:
-      raise UserError(f"no checkpoint to load in {directory} (train first: mmjax train --config "
-                      f"... --workdir {workdir})")
-    _report(f"no checkpoint in {directory}; using a randomly initialised model")
-    with setup.context():
-      state = setup.init()
-  state = jax.device_get(state)
-  return nnx.merge(setup.graphdef, state["params"], state["rest"]), step
+    manager.close()

@@ -20,18 +20,20 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mmjax import config as mmconfig
 from mmjax import sharding as mmsharding
-from mmjax.data import pipeline
+from mmjax.data.pipeline import demo_tokens
 from mmjax.errors import UserError
 from mmjax.models.configs import MODEL_CONFIGS
 from mmjax.models.layers import resolve_dtype_name
+from mmjax.train import checkpoint
 from mmjax.train import flops as mmflops
 from mmjax.train import state as trainstate
 from mmjax.train import step as trainstep
-from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.metrics import MetricsWriter
 from mmjax.train.objective import get_objective
 
@@ -68,7 +70,6 @@ class _Preemption:
   def agreed(self) -> bool:
     """Whether any process has seen a SIGTERM; for branches all processes must take together."""
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # noqa: PLC0415
       seen = multihost_utils.process_allgather(np.int32(self.requested))
       self.requested = bool(np.max(seen))
     return self.requested
@@ -80,7 +81,7 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   devices = list(jax.devices() if devices is None else devices)
   mmconfig.validate(config, num_devices=len(devices))
   if config.get("objective") in MODEL_CONFIGS:
-    pipeline.use_demo_tokens_if_unset(config)
+    demo_tokens.use_demo_tokens_if_unset(config)
     # "auto": the platform the run compiles for decides.
     with config.model.unlocked():
       config.model.dtype = resolve_dtype_name(config.model.get("dtype", "auto"),
@@ -99,6 +100,38 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   mmsharding.check_batch(mesh, config.mesh, config.train.batch_size // micro,
                          key="train.batch_size / train.microbatches")
   return objective, trainstate.make_setup(config, objective, mesh)
+
+
+def load_model(config: Any, workdir: str, *, allow_random_init: bool = False) -> tuple[Any, int]:
+  """(model, step) of the latest valid checkpoint in `<workdir>/checkpoints`, on the host.
+
+  For evaluation and generation: only the train state is read, not the data iterator. Without a
+  checkpoint it is an error, unless `allow_random_init` (then a freshly initialised model, step 0).
+  """
+  _, setup = build(config)
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  manager = ocp.CheckpointManager(directory) if os.path.isdir(directory) else None
+  try:
+    found = manager and checkpoint.restore_newest(
+        lambda step, args: manager.restore(step, args=args), list(manager.all_steps()),
+        directory, setup.abstract_state,
+        on_corrupt=lambda step, detail: checkpoint.report(
+            f"checkpoint step {step} in {directory} cannot be restored ({detail}); trying the "
+            "previous one"))
+  finally:
+    if manager:
+      manager.close()
+  if found:
+    state, step = found
+  else:
+    if not allow_random_init:
+      raise UserError(f"no checkpoint to load in {directory} (train first: mmjax train --config "
+                      f"... --workdir {workdir})")
+    checkpoint.report(f"no checkpoint in {directory}; using a randomly initialised model")
+    with setup.context():
+      state, step = setup.init(), 0
+  state = jax.device_get(state)
+  return nnx.merge(setup.graphdef, state["params"], state["rest"]), step
 
 
 def _evaluate(config, objective, setup, eval_fn, state) -> dict[str, float]:
@@ -133,7 +166,8 @@ def _run(config, workdir, stream, preemption: _Preemption, evaluator=None) -> di
   objective, setup = build(config)
   os.makedirs(workdir, exist_ok=True)
   it = objective.make_iterator("train", jax.process_index(), jax.process_count())
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train.keep_checkpoints)
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         keep=train.keep_checkpoints)
   try:
     restored = checkpointer.restore_latest(setup.abstract_state, it)
   except BaseException:

@@ -48,7 +48,7 @@ class MetricsWriter:
     with open(self.path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
     self._file = open(self.path, "a")
-    from tensorboardX import SummaryWriter
+    from tensorboardX import SummaryWriter  # noqa: PLC0415 -- late: only when TensorBoard logs
     self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -99,9 +99,9 @@ class MetricsWriter:
     """Loss (and eval loss) against step, beside the metrics file."""
     if not self.enabled:
       return None
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 -- late: a second to import, only for the PNG
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     records = read_jsonl(self.path)
     fig, ax = plt.subplots(figsize=(6, 4))

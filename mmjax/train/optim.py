@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from mmjax.config import ConfigError
+from mmjax.sharding import logical_names
 
 SCHEDULES = ("cosine", "wsd", "rsqrt", "constant")
 
@@ -85,7 +86,6 @@ def decays(path_names: list[str], shape: tuple[int, ...],
 
 def weight_decay_mask(params: Any) -> Any:
   """A tree like `params` with True where weight decay applies."""
-  from mmjax.sharding import logical_names
 
   def one(path, leaf):
     if isinstance(leaf, nnx.Variable):

@@ -186,11 +186,11 @@ def plot_scaling(path: str, rows: Sequence[dict[str, Any]], fits: dict[str, Any]
                  key: str, label: str | None = None) -> str:
   """log-log loss (`row[key]`) vs parameters (by token budget) and vs compute, with the fits."""
   label = label or key
-  import matplotlib
+  import matplotlib  # noqa: PLC0415 -- late: a second to import, only for the PNG
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import matplotlib.ticker
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.ticker  # noqa: PLC0415
 
   params = np.array([r["params"] for r in rows], np.float64)
   compute = np.array([r["train_flops"] for r in rows], np.float64)

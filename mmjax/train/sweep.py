@@ -30,8 +30,14 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
+
 from mmjax import config as mmconfig
 from mmjax.errors import UserError
+from mmjax.train import scaling
+from mmjax.train.loop import build, run_train
+from mmjax.train.metrics import METRICS_FILE, read_jsonl
+from mmjax.train.objective import get_objective
 
 MARKER = "sweep_point.json"
 RESULTS = "results.jsonl"
@@ -168,7 +174,6 @@ def run_points(sweep: Mapping[str, Any], workdir: str, *,
                log: Callable[[str], None] | None = None) -> dict[str, str]:
   """Trains every unfinished point in order; returns {name: "ran" | "skipped" | "preempted"}."""
   if train_fn is None:
-    from mmjax.train.loop import run_train
     train_fn = run_train
   log = log or (lambda text: print(text, file=sys.stderr, flush=True))
   configs = {name: point_config(sweep, name) for name in sweep["points"]}  # all checked up front
@@ -203,7 +208,6 @@ def _final(records: Sequence[Mapping[str, Any]], key: str) -> tuple[Any, Any]:
 def _sizes(config, point_dir: str) -> dict[str, Any]:
   """Parameters, training FLOPs and tokens of a point's run: parameters from the run's marker or
   the abstract model (None if the run's mesh cannot be built here), the rest from the objective."""
-  from mmjax.train.objective import get_objective
 
   objective = get_objective(config)
   params = None
@@ -212,9 +216,7 @@ def _sizes(config, point_dir: str) -> dict[str, Any]:
     with open(marker) as f:
       params = json.load(f).get("summary", {}).get("params")
   if params is None:
-    import jax
 
-    from mmjax.train.loop import build
     try:
       _, setup = build(config)
       params = int(sum(math.prod(x.shape)
@@ -229,7 +231,6 @@ def _sizes(config, point_dir: str) -> dict[str, Any]:
 
 def collect(sweep: Mapping[str, Any], workdir: str) -> dict[str, Any]:
   """Reads every point's metrics; writes results.jsonl and results.txt (and the fit and plot)."""
-  from mmjax.train.metrics import METRICS_FILE, read_jsonl
 
   metric = sweep["metric"]
   rows = []
@@ -259,7 +260,6 @@ def collect(sweep: Mapping[str, Any], workdir: str) -> dict[str, Any]:
                             "table": os.path.join(workdir, TABLE)}
   fit = None
   if sweep["fit"]:
-    from mmjax.train import scaling
     done = [r for r in rows if r["status"] == "done" and r["metric"] is not None]
     fit = scaling.fit_results(done, "metric")
     fit["metric"] = metric

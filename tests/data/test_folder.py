@@ -9,8 +9,11 @@ import pytest
 from PIL import Image
 
 from mmjax import config as mmconfig
-from mmjax.data import folder, pretokenize, tokens_tfds
+from mmjax import pretokenize
+from mmjax.data import folder
+from mmjax.data.tokens import records as tokens_tfds
 from mmjax.errors import UserError
+from mmjax.objectives import text_tokenizer
 from mmjax.tokenizers import text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -83,8 +86,9 @@ def test_splits_missing_captions_and_unreadable_files(tmp_path):
 def tokenizers_dir(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("tokenizers"))
   cfg = mmconfig.load(os.path.join(ROOT, "configs/tokenizers/shapes_text.py"))
-  sentences = [s for pair in text.shapes_sentences(200, split="train", seed=0, image_size=64,
-                                                   coord_bins=65) for s in pair]
+  pairs = text_tokenizer.shapes_sentences(200, split="train", seed=0, image_size=64,
+                                          coord_bins=65)
+  sentences = [s for pair in pairs for s in pair]
   text.train_text_tokenizer(sentences, os.path.join(root, "shapes_text", "text"), cfg.tokenizer)
   return root
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mmjax.data import shapes
+from mmjax.data.shapes import world as shapes
 from mmjax.eval import bounds, fourm_eval
 
 

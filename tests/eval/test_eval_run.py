@@ -7,9 +7,10 @@ import pytest
 
 from mmjax import cli, modalities
 from mmjax import config as mmconfig
-from mmjax.data import modality_tokenizers, shapes
+from mmjax.data.shapes import world as shapes
 from mmjax.errors import UserError
 from mmjax.eval import fourm_eval, run
+from mmjax.objectives import tokenizer as tokenizer_objective
 
 TOKENIZER = "configs/tokenizers/shapes_rgb.py:runlocal"
 TINY = ["--config.train.steps=1", "--config.train.warmup_steps=0", "--config.train.batch_size=8", "--config.data.num_val=4",
@@ -34,7 +35,7 @@ def test_eval_of_a_tokenizer_checkpoint(tmp_path, capsys):
   registry = modalities.from_config({"tok_rgb": dict(
       kind="image_tokens", source="rgb", vocab_size=1024, grid=(8, 8),
       tokenizer="configs/tokenizers/shapes_rgb.py")})
-  tok = modality_tokenizers.load_modality_tokenizer(registry["tok_rgb"], workdir)
+  tok = tokenizer_objective.load_modality_tokenizer(registry["tok_rgb"], workdir)
   assert tok.tokenizer.cfg.width == mmconfig.load(TOKENIZER).model.width == 64
 
 

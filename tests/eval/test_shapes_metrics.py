@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mmjax.data import shapes
+from mmjax.data.shapes import world as shapes
 from mmjax.eval import shapes_metrics as sm
 from mmjax.tokenizers import boxes
 

@@ -6,7 +6,7 @@ import pytest
 from mmjax.errors import UserError
 from mmjax.eval import teacher_forced
 from mmjax.train import toy
-from mmjax.train.checkpoint import load_model
+from mmjax.train.loop import load_model
 
 
 def _objective_and_model(num_val: int, tmp_path):

@@ -167,7 +167,7 @@ def test_image_prompt_blocks_match_training_and_images_are_never_sampled():
   import dataclasses
 
   from mmjax import modalities as mm
-  from mmjax.data.sequences import SequenceBuilder
+  from mmjax.data.sequences.documents import SequenceBuilder
   registry = mm.from_config({"caption": dict(kind="sequence", vocab_size=20, max_length=8),
                              "tok_rgb": dict(kind="image_tokens", source="rgb", vocab_size=16,
                                              grid=(1, 3))})

@@ -12,9 +12,10 @@ from PIL import Image
 
 from mmjax import cli
 from mmjax import config as mmconfig
-from mmjax.data import shapes
+from mmjax.data.shapes import world as shapes
 from mmjax.errors import UserError
 from mmjax.generate import decoder_run
+from mmjax.objectives import text_tokenizer
 from mmjax.tokenizers import text
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.loop import build
@@ -34,8 +35,9 @@ def tokenizers_dir(tmp_path_factory):
   runlocal rgb tokenizer, written by the trainer's Checkpointer and restored the real way)."""
   root = str(tmp_path_factory.mktemp("tokenizers"))
   cfg = mmconfig.load(os.path.join(ROOT, "configs/tokenizers/shapes_text.py"))
-  sentences = [s for pair in text.shapes_sentences(300, split="train", seed=0, image_size=64,
-                                                   coord_bins=65) for s in pair]
+  pairs = text_tokenizer.shapes_sentences(300, split="train", seed=0, image_size=64,
+                                          coord_bins=65)
+  sentences = [s for pair in pairs for s in pair]
   text.train_text_tokenizer(sentences, os.path.join(root, "shapes_text", "text"), cfg.tokenizer)
   rgb = mmconfig.load(os.path.join(ROOT, RGB_TOKENIZER))
   objective, setup = build(rgb)
@@ -181,7 +183,6 @@ class FakeTokenizer:
 @pytest.fixture
 def fake_sampling(monkeypatch):
   """Tokenizers, model and sampler replaced: records what `generate_decoder` hands the sampler."""
-  import mmjax.train.checkpoint
   calls = []
 
   def fake_generate(model, prompts, layout, *, new_tokens, sample, seed):
@@ -190,7 +191,7 @@ def fake_sampling(monkeypatch):
     return np.full((len(prompts) // len(sample.guidance), new_tokens), first, np.int32)
 
   monkeypatch.setattr(decoder_run, "_load_tokenizer", lambda m, root: FakeTokenizer(m))
-  monkeypatch.setattr(mmjax.train.checkpoint, "load_model", lambda *a, **k: (None, 0))
+  monkeypatch.setattr(decoder_run, "load_model", lambda *a, **k: (None, 0))
   monkeypatch.setattr(decoder_run.sampler, "generate", fake_generate)
   return calls
 
@@ -206,7 +207,7 @@ def three_input_config(tmp_path, *overrides):
 
 
 def test_caption_and_image_to_image_uses_three_way_guidance(fake_sampling, scene_png, tmp_path):
-  from mmjax.data.sequences import SharedVocab
+  from mmjax.data.sequences.documents import SharedVocab
   from mmjax.generate import decoder as sampler
   config = three_input_config(tmp_path)
   inputs = {"tok_rgb": scene_png, "caption": "a red circle"}  # any order: the template's is used

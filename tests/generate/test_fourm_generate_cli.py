@@ -14,6 +14,7 @@ from PIL import Image
 
 from mmjax import cli
 from mmjax import config as mmconfig
+from mmjax.objectives import text_tokenizer
 from mmjax.tokenizers import text
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.loop import build
@@ -28,8 +29,9 @@ def config_path(tmp_path_factory):
   root = tmp_path_factory.mktemp("generate")
   tokenizers = root / "tokenizers"
   cfg = mmconfig.load(os.path.join(ROOT, "configs/tokenizers/shapes_text.py"))
-  sentences = [s for pair in text.shapes_sentences(300, split="train", seed=0, image_size=64,
-                                                   coord_bins=65) for s in pair]
+  pairs = text_tokenizer.shapes_sentences(300, split="train", seed=0, image_size=64,
+                                          coord_bins=65)
+  sentences = [s for pair in pairs for s in pair]
   text.train_text_tokenizer(sentences, str(tokenizers / "shapes_text" / "text"), cfg.tokenizer)
   rgb = mmconfig.load(os.path.join(ROOT, RGB_TOKENIZER))
   objective, setup = build(rgb)
@@ -131,7 +133,7 @@ def test_boxes_drawn_where_the_det_text_puts_them(tmp_path):
   """Boxes as text -> boxes on the image, in yellow at 4x; a malformed box is skipped."""
   from types import SimpleNamespace
 
-  from mmjax.data.modality_tokenizers import DetModalityTokenizer
+  from mmjax.tokenizers.modality import DetModalityTokenizer
   from mmjax.generate import fourm_run
   from mmjax.tokenizers import boxes as box_text
 

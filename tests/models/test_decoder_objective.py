@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from mmjax import config as mmconfig
-from mmjax.data import sequence_batch
+from mmjax.data.sequences import batch as sequence_batch
 from mmjax.train.objective import get_objective
 
 

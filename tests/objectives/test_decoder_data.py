@@ -11,9 +11,11 @@ import pytest
 
 from mmjax import config as mmconfig
 from mmjax import modalities as mod
+from mmjax import pretokenize
 from mmjax.config import ConfigError
-from mmjax.data import pretokenize, shapes
+from mmjax.data.shapes import world as shapes
 from mmjax.errors import UserError
+from mmjax.objectives import text_tokenizer
 from mmjax.tokenizers import image, text
 from mmjax.train import loop
 from mmjax.train.objective import get_objective
@@ -29,8 +31,9 @@ def data_dir(tmp_path_factory):
   <dir>/mmjax_tokens/captions: 16 captions alone."""
   root = str(tmp_path_factory.mktemp("tokens"))
   cfg = mmconfig.load(os.path.join(ROOT, "configs/tokenizers/shapes_text.py"))
-  sentences = [s for pair in text.shapes_sentences(300, split="train", seed=0, image_size=64,
-                                                   coord_bins=65) for s in pair]
+  pairs = text_tokenizer.shapes_sentences(300, split="train", seed=0, image_size=64,
+                                          coord_bins=65)
+  sentences = [s for pair in pairs for s in pair]
   text.train_text_tokenizer(sentences, os.path.join(root, "tokenizers", "shapes_text", "text"),
                             cfg.tokenizer)
   config = ml_collections.ConfigDict()

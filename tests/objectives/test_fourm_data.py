@@ -10,10 +10,15 @@ import numpy as np
 import pytest
 
 from mmjax import config as mmconfig
+from mmjax import pretokenize
 from mmjax.config import ConfigError
-from mmjax.data import pipeline, pretokenize, shapes, tokens_tfds
-from mmjax.data.fourm_transform import patchify
+from mmjax.data.fourm.transform import patchify
+from mmjax.data.pipeline import stream as record_stream
+from mmjax.data.pipeline import token_sets
+from mmjax.data.shapes import world as shapes
+from mmjax.data.tokens import records as tokens_tfds
 from mmjax.errors import UserError
+from mmjax.objectives import text_tokenizer
 from mmjax.tokenizers import text
 from mmjax.train.objective import get_objective
 from tests.objectives.token_sets import Captions, tampered
@@ -56,8 +61,9 @@ def data_dir(tmp_path_factory):
   no det) and "captions" (caption only; train 16, no validation split)."""
   root = str(tmp_path_factory.mktemp("fourm_tokens"))
   cfg = mmconfig.load(os.path.join(ROOT, TEXT))
-  sentences = [s for pair in text.shapes_sentences(300, split="train", seed=0, image_size=64,
-                                                   coord_bins=65) for s in pair]
+  pairs = text_tokenizer.shapes_sentences(300, split="train", seed=0, image_size=64,
+                                          coord_bins=65)
+  sentences = [s for pair in pairs for s in pair]
   text.train_text_tokenizer(sentences, os.path.join(root, "tokenizers", "shapes_text", "text"),
                             cfg.tokenizer)
   _prepare(root, "shapes", dict(caption=CAPTION, det=DET, rgb=RGB),
@@ -87,9 +93,9 @@ def test_records_are_read_by_the_datasets_own_modality_order(data_dir):
   batch = next(it)
   assert it.bad_records == 0 and batch["enc_tokens"].shape == (8, 32)
   # Row b is position b of the validation stream: its pixels are that scene's.
-  specs = pipeline.token_datasets(config, "validation", objective.registry,
-                                  objective.registry.names)
-  stream = pipeline.record_dataset(specs, seed=int(config.data.shuffle_seed), num_epochs=1)
+  specs = token_sets.token_datasets(config, "validation", objective.registry,
+                                    objective.registry.names)
+  stream = record_stream.record_dataset(specs, seed=int(config.data.shuffle_seed), num_epochs=1)
   index = np.array([stream[b][1] for b in range(8)])
   scenes = [shapes.generate_scene(i, split="validation") for i in index]
   np.testing.assert_allclose(batch["enc_pixels"], patchify(np.stack([s["rgb"] for s in scenes]),
@@ -158,10 +164,10 @@ def test_mixture_of_a_text_only_dataset(data_dir, tmp_path):
   objective = get_objective(config)
   it = objective.make_iterator("train", 0, 1)
   batches = [next(it) for _ in range(6)]
-  specs = pipeline.token_datasets(config, "train", objective.registry, objective.registry.names)
+  specs = token_sets.token_datasets(config, "train", objective.registry, objective.registry.names)
   assert [(s.name, s.weight, s.missing) for s in specs] == [("shapes", 3.0, ("det",)),
                                                             ("captions", 1.0, ("rgb", "det"))]
-  stream = pipeline.record_dataset(specs, seed=int(config.data.shuffle_seed))
+  stream = record_stream.record_dataset(specs, seed=int(config.data.shuffle_seed))
   text_rows = np.array([stream[i][0] == 1 for i in range(48)])
   assert text_rows.mean() == 0.25
   k = {n: objective.registry.index(n) for n in ("rgb", "caption", "det")}

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from mmjax.config import ConfigError, load
-from mmjax.data import fourm_batch
+from mmjax.data.fourm import batch as fourm_batch
 from mmjax.train.objective import get_objective
 
 

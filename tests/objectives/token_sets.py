@@ -4,7 +4,8 @@ import json
 import os
 import shutil
 
-from mmjax.data import shapes, tokens_tfds
+from mmjax.data.shapes import world as shapes
+from mmjax.data.tokens import records as tokens_tfds
 
 
 class Captions:

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from mmjax.data import shapes
+from mmjax.data.shapes import world as shapes
 from mmjax.errors import UserError
 from mmjax.tokenizers import boxes
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from mmjax.config import ConfigError
-from mmjax.data import shapes
+from mmjax.data.shapes import world as shapes
 from mmjax.errors import UserError
 from mmjax.tokenizers import image_metrics
 from mmjax.tokenizers.image import (ImageTokenizerConfig, create_tokenizer, patchify,

@@ -9,8 +9,9 @@ import sentencepiece as spm
 
 from mmjax import config as mmconfig
 from mmjax.config import ConfigError
-from mmjax.data import shapes
+from mmjax.data.shapes import world as shapes
 from mmjax.errors import UserError
+from mmjax.objectives import text_tokenizer
 from mmjax.tokenizers import boxes, special, text
 
 CONFIG = "configs/tokenizers/shapes_text.py"
@@ -23,8 +24,9 @@ def shapes_config():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory, shapes_config):
-  sentences = [s for pair in text.shapes_sentences(400, split="train", seed=0, image_size=64,
-                                                   coord_bins=65) for s in pair]
+  pairs = text_tokenizer.shapes_sentences(400, split="train", seed=0, image_size=64,
+                                          coord_bins=65)
+  sentences = [s for pair in pairs for s in pair]
   return text.train_text_tokenizer(sentences, str(tmp_path_factory.mktemp("tok") / "text"),
                                    shapes_config.tokenizer)
 
@@ -59,7 +61,8 @@ def test_reserved_tokens_encode_to_single_ids(tokenizer):
 
 def test_captions_and_det_round_trip_exactly(tokenizer):
   # validation scenes: none was seen in training
-  pairs = list(text.shapes_sentences(1500, split="validation", seed=0, image_size=64, coord_bins=65))
+  pairs = list(text_tokenizer.shapes_sentences(1500, split="validation", seed=0, image_size=64,
+                                               coord_bins=65))
   captions, dets = [c for c, _ in pairs], [d for _, d in pairs]
   assert len(set(captions)) > 1000
   assert tokenizer.decode_batch(tokenizer.encode_batch(captions)) == captions
@@ -110,7 +113,7 @@ def test_configurable_layout_and_multiword_class(tmp_path):
 
 def test_run_text_tokenizer_train(tmp_path):
   config = mmconfig.load(CONFIG + ":runlocal")
-  report = text.run_text_tokenizer_train(config, str(tmp_path))
+  report = text_tokenizer.run_text_tokenizer_train(config, str(tmp_path))
   assert (tmp_path / "text.model").is_file() and (tmp_path / "text_tokenizer.json").is_file()
   assert report["caption_round_trip"] == 1.0 and report["det_round_trip"] == 1.0
   assert report["val_captions"] == 100 and report["tokens_per_box"] == 5.0

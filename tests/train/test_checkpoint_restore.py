@@ -142,5 +142,5 @@ def test_iterator_state_of_another_pipeline_is_a_clear_error_and_touches_nothing
 
 def test_load_model_takes_a_relative_workdir(workdir, monkeypatch):
   monkeypatch.chdir(workdir.parent)  # Orbax itself refuses relative paths
-  _, step = checkpoint.load_model(_config(), workdir.name)
+  _, step = loop.load_model(_config(), workdir.name)
   assert step == 6 and sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]

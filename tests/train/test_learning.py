@@ -13,10 +13,13 @@ import os
 import pytest
 
 from mmjax import config as mmconfig
-from mmjax import modalities
-from mmjax.data import pretokenize, shapes
+from mmjax import modalities, pretokenize
+from mmjax.data.shapes import world as shapes
+from mmjax.data.tokens import records as tokens_tfds
 from mmjax.eval import bounds, fourm_eval
-from mmjax.train import checkpoint, loop
+from mmjax.objectives import text_tokenizer
+from mmjax.objectives.tokenizer import load_modality_tokenizer
+from mmjax.train import loop
 
 IMAGE_SIZE = 32
 NUM_TRAIN, NUM_VAL = 1500, 48
@@ -63,26 +66,23 @@ def _configs(root: str):
 
 
 def _train_and_score(root: str, shuffle_targets: bool = False) -> dict[str, float]:
-  from mmjax.tokenizers import text
-
   train, val = _one_object_scenes("train", NUM_TRAIN), _one_object_scenes("validation", NUM_VAL)
   if shuffle_targets:  # every image paired with another scene's caption: nothing to learn
     captions = [s["caption"] for s in train]
     train = [dict(s, caption=captions[(i + 1) % len(train)]) for i, s in enumerate(train)]
   text_config = mmconfig.load("configs/tokenizers/shapes_text.py:runlocal")
   text_dir = os.path.join(root, "tokens", "tokenizers", "shapes_text")
-  text.run_text_tokenizer_train(text_config, text_dir)
+  text_tokenizer.run_text_tokenizer_train(text_config, text_dir)
   tokens_config, config = _configs(root)
   pretokenize.run_prepare_tokens(tokens_config, os.path.join(root, "tokens"),
                                  sources={"train": train, "validation": val}, progress=False)
   workdir = os.path.join(root, "fourm")
   summary = loop.run_train(config, workdir)
-  model, _ = checkpoint.load_model(config, workdir)
+  model, _ = loop.load_model(config, workdir)
   registry = modalities.from_config(config.modalities)
-  from mmjax.data import modality_tokenizers, tokens_tfds
   source = tokens_tfds.load_tokens(config.data.data_dir, "shapes", "validation")
   records = [source[i] for i in range(len(source))]
-  tokenizer = modality_tokenizers.load_modality_tokenizer(registry["caption"], text_dir)
+  tokenizer = load_modality_tokenizer(registry["caption"], text_dir)
   task = fourm_eval.Task("rgb", "caption", "caption")
   generated = fourm_eval.generation_metrics(
       model, registry, records, val, {"caption": tokenizer}, num_sentinels=64,

@@ -1,0 +1,1 @@
+"""The decoder objective's transform: mixed-modal documents, packing, the sequence batch."""

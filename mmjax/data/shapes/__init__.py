@@ -1,0 +1,1 @@
+"""Raw data: the synthetic shapes world (`world`) and its tfds ArrayRecord builder (`records`)."""

@@ -1,0 +1,1 @@
+"""Token sets: pre-tokenized datasets on disk (`records`), written by `mmjax.pretokenize`."""
