@@ -93,7 +93,7 @@ class DemoSettings:
                rgb_tokenizer_steps=2, fourm_steps=2, fourm_batch=8, eval_every=2,
                curve_scenes=2, curve_tasks="rgb->caption", eval_scenes=2,
                eval_tasks=("rgb->caption", "caption->tok_rgb"), decoder_steps=2,
-               decoder_batch=2, quick=True)
+               decoder_batch=8, quick=True)
 
 
 def _say(message: str) -> None:
