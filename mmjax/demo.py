@@ -99,7 +99,8 @@ class DemoSettings:
 
   @classmethod
   def quick_settings(cls) -> DemoSettings:
-    return cls(num_train=64, num_val=16, text_scenes=200, tokenizer_steps=2,
+    # 48 validation scenes: the decoder packs them into enough rows for one batch of 8.
+    return cls(num_train=64, num_val=48, text_scenes=200, tokenizer_steps=2,
                rgb_tokenizer_steps=2, fourm_steps=2, fourm_batch=8, eval_every=2,
                curve_scenes=2, curve_tasks="rgb->caption", eval_scenes=2,
                eval_tasks=("rgb->caption", "caption->tok_rgb"), decoder_steps=2,
