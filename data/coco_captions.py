@@ -20,8 +20,9 @@ Samples: rgb (the image, resized on its shorter side and centre-cropped to data.
 first caption of each image (`--caption-index`), id = the COCO image id. COCO has no depth, semseg
 or shapes boxes, so tok_depth, tok_semseg and det are absent (recorded in the metadata; the
 training config lists them in data.missing). The modalities and tokenizers are those of `--config`
-(default configs/tokens/shapes.py): tokenizers trained on shapes will tokenize real photos poorly;
-train them on the real data for real use (the recipe only prepares the records).
+(default configs/tokens/shapes.py). For real photos use the photo recipe instead, whose tokenizers
+train on the same source (`mmjax tokenizer train --config configs/tokenizers/photo_rgb.py`, with
+data.name=coco_captions or folder; walk-through in data/README.md).
 """
 
 from __future__ import annotations
@@ -30,13 +31,10 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
-
-import numpy as np
 
 from mmjax import config as mmconfig
-from mmjax.data import folder
 from mmjax import pretokenize
+from mmjax.data import sources
 from mmjax.errors import UserError
 
 TFDS_NAME = "coco_captions/2017"
@@ -44,31 +42,8 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "configs", "tokens", "shapes.py")
 
 
-def coco_to_sample(record: dict[str, Any], image_size: int, caption_index: int = 0) -> dict:
-  """A tfds coco_captions record -> the raw schema (rgb, caption, id)."""
-  from PIL import Image
-  image = Image.fromarray(np.asarray(record["image"], np.uint8))
-  rgb = np.asarray(folder.resize_center_crop(folder.to_rgb(image), image_size), np.uint8)
-  captions = list(record["captions"]["text"])
-  sample = {"id": str(int(record["image/id"])), "rgb": rgb}
-  if captions:
-    sample["caption"] = captions[min(caption_index, len(captions) - 1)]
-  return sample
-
-
-class CocoSource:
-  """Random-access raw samples of one coco_captions split (a tfds data source underneath)."""
-
-  fields = ("rgb", "caption")
-
-  def __init__(self, records, image_size: int, caption_index: int = 0):
-    self.records, self.image_size, self.caption_index = records, image_size, caption_index
-
-  def __len__(self) -> int:
-    return len(self.records)
-
-  def __getitem__(self, i: int) -> dict:
-    return coco_to_sample(self.records[i], self.image_size, self.caption_index)
+# A coco_captions record -> the raw schema (rgb resized and centre-cropped, caption, id).
+CocoSource = sources.ImageTextSource
 
 
 def coco_sources(data_dir: str, splits, image_size: int, caption_index: int = 0) -> dict:
@@ -76,7 +51,8 @@ def coco_sources(data_dir: str, splits, image_size: int, caption_index: int = 0)
   import tensorflow_datasets as tfds
   builder = tfds.builder(TFDS_NAME, data_dir=data_dir)
   builder.download_and_prepare(file_format="array_record")
-  return {s: CocoSource(builder.as_data_source(split=s), image_size, caption_index)
+  return {s: CocoSource(builder.as_data_source(split=s), image_size, caption_index=caption_index,
+                        keys=tuple(builder.info.features.keys()))
           for s in splits if s in builder.info.splits}
 
 

@@ -66,6 +66,11 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="re-encode every shard instead of skipping finished ones")
   tokens.set_defaults(run=_run_prepare_tokens)
 
+  verify = commands.add_parser("verify", help="check every token shard's size and checksum")
+  verify.add_argument("directory", metavar="DIR", help="a token set, or a tfds data_dir (e.g. the "
+                      "workdir of `mmjax prepare tokens`) holding mmjax_tokens/<name>/")
+  verify.set_defaults(run=_run_verify, config=None)
+
   tokenizer = commands.add_parser("tokenizer", help="train a text or image-like tokenizer")
   tokenizer_actions = tokenizer.add_subparsers(dest="action", metavar="ACTION",
                                                parser_class=_Parser)
@@ -220,7 +225,9 @@ def _run_export_chameleon(args: argparse.Namespace) -> int:
 
 def _load_config(args: argparse.Namespace):
   """The command's config with its overrides applied and validated, or None without --config."""
-  from mmjax import config as mmconfig  # imported late: `mmjax --help` should not load absl
+  from mmjax import (
+    config as mmconfig,  # imported late: `mmjax --help` should not load absl
+  )
 
   if args.config is None:
     if args.overrides:
@@ -252,6 +259,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
   if args.emit and args.collect:
     raise UserError("mmjax sweep: --emit and --collect exclude each other")
   workdir = _require_workdir(args, "each point trains in a directory under it")
+  if not args.emit and not args.collect:
+    _join_cluster(workdir)
   result = sweep.run_sweep(args.sweep, workdir, emit=args.emit, collect_only=args.collect)
   if args.emit:
     print("\n".join(result["commands"]))
@@ -288,6 +297,7 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
   config = _load_config(args)
   if not args.workdir:
     raise UserError("mmjax tokenizer train: --workdir is required (the tokenizer is written there)")
+  _join_cluster(args.workdir)
   if config.get("kind", "") == "text":
     from mmjax.objectives import text_tokenizer
     result = text_tokenizer.run_text_tokenizer_train(config, args.workdir)
@@ -301,6 +311,14 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _join_cluster(workdir: str | None) -> None:
+  """Every command that uses devices starts here, before its first JAX call: it joins the other
+  processes of a multi-host run (see mmjax/distributed.py), whose output goes to workdir/logs."""
+  from mmjax import distributed
+
+  distributed.join(workdir)
+
+
 def _run_tokenizer_fingerprint(args: argparse.Namespace) -> int:
   from mmjax.objectives import tokenizer
 
@@ -309,6 +327,7 @@ def _run_tokenizer_fingerprint(args: argparse.Namespace) -> int:
     raise UserError("mmjax tokenizer fingerprint: --workdir is required (the trained tokenizer)")
   if config.get("objective", "") != "tokenizer":
     raise UserError(f"{args.config}: not an image tokenizer config (needs objective='tokenizer')")
+  _join_cluster(args.workdir)
   print(json.dumps(tokenizer.run_write_info(config, args.workdir), default=str))
   return 0
 
@@ -325,6 +344,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
   config = _load_config(args)
   workdir = _require_workdir(args, "checkpoints and metrics are written there")
+  _join_cluster(workdir)
   evaluator = curves.make_training_eval(config, workdir)  # config.eval.every_steps
   print(json.dumps(loop.run_train(config, workdir, evaluator=evaluator), default=str))
   return 0
@@ -337,6 +357,7 @@ def _run_eval(args: argparse.Namespace) -> int:
   workdir = _require_workdir(args, "the checkpoint is read from there")
   if args.num_scenes < 0:
     raise UserError(f"--num-scenes must be >= 0, got {args.num_scenes}")
+  _join_cluster(workdir)
   summary = run.run_eval(config, workdir, out_dir=args.out or os.path.join(workdir, "eval"),
                          num_scenes=args.num_scenes, seed=args.seed)
   print(json.dumps(summary, default=str))
@@ -356,6 +377,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     inputs[name] = value
   if not args.target:
     raise UserError("mmjax generate: give at least one --target MODALITY")
+  _join_cluster(workdir)
   summary = run.run_generate(config, workdir, inputs, args.target,
                              out_dir=args.out or os.path.join(workdir, "generate"),
                              seed=args.seed, num_samples=args.num_samples,
@@ -375,10 +397,27 @@ def _run_prepare_tokens(args: argparse.Namespace) -> int:
   return 0
 
 
+def _run_verify(args: argparse.Namespace) -> int:
+  from mmjax.data.tokens import records
+
+  if args.overrides:
+    raise UserError("mmjax verify takes no --config overrides")
+  result = records.verify_token_sets(args.directory)
+  for ds_dir, count in result["verified"].items():
+    print(f"mmjax verify: {ds_dir}: {count} shards, sizes and sha256 as recorded", file=sys.stderr)
+  for ds_dir in result["unrecorded"]:
+    print(f"mmjax verify: {ds_dir}: written before shard checksums were recorded; nothing to "
+          f"compare (re-run `mmjax prepare tokens --overwrite` to record them)", file=sys.stderr)
+  print(json.dumps(result))
+  return 0
+
+
 def _run_bench_step(args: argparse.Namespace) -> int:
   from mmjax.train import bench
 
-  result = bench.run_bench_step(_load_config(args), steps=args.steps, warmup=args.warmup)
+  config = _load_config(args)
+  _join_cluster(args.workdir)
+  result = bench.run_bench_step(config, steps=args.steps, warmup=args.warmup)
   print(json.dumps(result, default=str))
   return 0
 
@@ -386,14 +425,18 @@ def _run_bench_step(args: argparse.Namespace) -> int:
 def _run_bench_decode(args: argparse.Namespace) -> int:
   from mmjax.generate import decoder_bench
 
-  print(json.dumps(decoder_bench.run_bench_decode(_load_config(args)), default=str))
+  config = _load_config(args)
+  _join_cluster(args.workdir)
+  print(json.dumps(decoder_bench.run_bench_decode(config), default=str))
   return 0
 
 
 def _run_bench_data(args: argparse.Namespace) -> int:
   from mmjax.data.pipeline import bench
 
-  result = bench.run_bench_data(_load_config(args), args.workdir)
+  config = _load_config(args)
+  _join_cluster(args.workdir)
+  result = bench.run_bench_data(config, args.workdir)
   print(json.dumps(result, default=str))
   return 0
 
@@ -406,7 +449,9 @@ def _run_demo(args: argparse.Namespace) -> int:
   sizes = {k: v for k, v in (("num_train", args.num_train), ("num_val", args.num_val))
            if v is not None}
   settings = dataclasses.replace(settings, model=args.model, **sizes)
-  demo.run_demo(args.workdir or os.path.join("runs", "demo"), settings)
+  workdir = args.workdir or os.path.join("runs", "demo")
+  _join_cluster(workdir)
+  demo.run_demo(workdir, settings)
   return 0
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import os
 import re
+import sys
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -208,8 +209,12 @@ def validate(config: ConfigDict, *, where: str = "config", num_devices: int | No
       if key in train:
         _check(train[key] > 0, f"train.{key}", f"must be positive, got {train[key]}", where)
     if "warmup_steps" in train and "steps" in train:
-      _check(0 <= train.warmup_steps <= train.steps, "train.warmup_steps",
-             f"must be in [0, train.steps={train.steps}], got {train.warmup_steps}", where)
+      _check(train.warmup_steps >= 0, "train.warmup_steps",
+             f"must be non-negative, got {train.warmup_steps}", where)
+      if train.warmup_steps > train.steps:  # a short run (`--config.train.steps=N` alone)
+        print(f"mmjax: train.warmup_steps={train.warmup_steps} is longer than the run; warming "
+              f"up over all train.steps={train.steps} steps", file=sys.stderr, flush=True)
+        train.warmup_steps = train.steps
     if "lr" in train:
       _check(train.lr >= 0, "train.lr", f"must be non-negative, got {train.lr}", where)
   model = config.get("model")

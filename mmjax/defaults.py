@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
-# Where `mmjax demo` (and `bash launch/local.sh`) write their token set; training configs whose
-# data.data_dir is empty read it.
+# Where `bash launch/local.sh` (`mmjax demo --workdir runs/demo`) writes its token set, relative to
+# the checkout; configs whose data.data_dir is empty read it (mmjax/data/pipeline/demo_tokens.py).
 DEMO_TOKENS = "runs/demo/tokens"
 
 
@@ -66,7 +66,8 @@ def shapes_data(**overrides) -> ml_collections.ConfigDict:
   section = ml_collections.ConfigDict(dict(
       name="shapes",          # tfds builder name
       data_dir="",            # where the prepared data lives; "": `mmjax prepare tokens` reads
-                              # <workdir>/data, training reads DEMO_TOKENS (`mmjax demo` writes it)
+                              # <workdir>/data, training reads the demo's tokens (`mmjax demo`
+                              # writes them; mmjax/data/pipeline/demo_tokens.py)
       tokenizers_dir="",      # trained tokenizers, <dir>/<tokenizer config stem>, used to decode
                               # generated tokens; "" means <data_dir>/tokenizers
       image_size=64,          # side of the square scenes
@@ -77,6 +78,8 @@ def shapes_data(**overrides) -> ml_collections.ConfigDict:
       num_workers=0,          # grain multiprocessing workers; 0 reads in the main process
       bad_records="error",    # a bad record (missing/wrong-length field, id >= vocab): "error" names
                               # it and stops; "skip" pads its batch row and counts it
+      max_bad_fraction=0.05,  # with "skip": stop when more than this share of a dataset's records
+                              # read so far were bad (1.0: never)
       missing="",             # comma-separated modalities the dataset may lack (empty where absent)
       # Several pre-tokenized datasets mixed per sample by weight, instead of data_dir / name:
       # (dict(data_dir=..., name=..., weight=3, missing="tok_rgb"), ...); a modality one of them
@@ -85,6 +88,24 @@ def shapes_data(**overrides) -> ml_collections.ConfigDict:
       check_tokenizers=True,  # at start, compare the data's tokenizer fingerprints with those of
                               # the config's tokenizers found in tokenizers_dir
   ))
+  section.update(overrides)
+  return section
+
+
+def image_text_data(**overrides) -> ml_collections.ConfigDict:
+  """Your own images and captions (`config.data` of the photo configs): a folder or a tfds dataset
+  read by `mmjax.data.sources`, for tokenizer training and `mmjax prepare tokens`; training reads
+  the token set `mmjax prepare tokens` wrote (data_dir / name, as with shapes_data)."""
+  section = shapes_data(
+      name="folder",          # "folder" (data.folder) or a tfds name, e.g. "coco_captions"
+      image_size=128,         # images are resized on their shorter side and centre-cropped to this
+      num_val=200,            # held-out images (or captions) that tokenizers report quality on
+                              # (taken from the end of train when the source has no validation)
+  )
+  section.folder = ""         # data.name = "folder": images with same-stem .txt captions
+  section.caption_index = 0   # tfds sources with several captions per image: which one
+  for key in ("num_train", "seed"):  # shapes scene generation only
+    del section[key]
   section.update(overrides)
   return section
 

@@ -3,3 +3,4 @@
 
 class UserError(Exception):
   """Bad input from the user: a flag, a config key, a file, a record. The message names it."""
+

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mmjax import paths
+
 
 def to_rgb(image: np.ndarray, kind: str = "rgb") -> np.ndarray:
   """An [H, W, 3] uint8 view of an rgb image, a depth map or a class map."""
@@ -53,8 +55,7 @@ def save_grid(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]],
       axes[r][0].text(-0.05, 0.5, row_titles[r], transform=axes[r][0].transAxes, fontsize=6,
                       ha="right", va="center", wrap=True)
   figure.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  figure.savefig(path, dpi=100)
+  paths.save_figure(figure, path)
   plt.close(figure)
   return str(path)
 

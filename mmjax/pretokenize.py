@@ -15,7 +15,8 @@ The job is idempotent: split s is cut into shards of `shard_size` raw samples; e
 atomically (temporary file + rename) and then entered in `manifest.json`. A re-run skips the shards
 the manifest lists, so a killed job resumes and ends with the same files as an uninterrupted one.
 The manifest records the job's signature (modalities, tokenizer fingerprints, source, shard size): a
-re-run with different tokenizers or data is an error, not a silent mix. dataset_info.json comes last.
+re-run with different tokenizers or data is an error, not a silent mix. dataset_info.json comes last;
+metadata.json lists every shard's size and sha256 (`tokens.records.verify_shards`).
 
 Bad input: a sample whose field cannot be used (image of the wrong size or channel count, empty or
 non-UTF-8 text, broken boxes, an id outside the modality's vocabulary, a missing required field, an
@@ -31,21 +32,21 @@ import dataclasses
 import math
 import os
 import shutil
-import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
 from array_record.python import array_record_module
+from etils import epath
 
 from mmjax import modalities as mod
+from mmjax import paths
 from mmjax.config import ConfigError, to_dataclass
-from mmjax.data import folder
-from mmjax.data.shapes import records as shapes_tfds
+from mmjax.data import sources as raw_sources
 from mmjax.data.tokens import records as tokens_tfds
 from mmjax.errors import UserError
+from mmjax.progress import bar as progress_bar
 from mmjax.objectives.tokenizer import load_modality_tokenizer
 from mmjax.tokenizers.image import image_fingerprint  # noqa: F401 -- re-exported
 
@@ -78,59 +79,6 @@ class TokensConfig:
         raise ConfigError(f"tokens.{key} must be positive, got {getattr(self, key)}")
 
 
-
-# ---------------------------------------------------------------------------------------------
-# Sources.
-
-
-def source_fields(source: Any) -> tuple[str, ...]:
-  """The raw fields a source's samples hold: declared, from tfds features, or from sample 0."""
-  fields = getattr(source, "fields", None)
-  if fields is None:
-    info = getattr(source, "dataset_info", None)
-    fields = list(info.features.keys()) if info is not None else list(source[0]) if len(source) else []
-  return tuple(fields)
-
-
-def open_sources(config, workdir: str, splits: Sequence[str]) -> tuple[dict[str, Any], dict]:
-  """{split: random-access source} of config.data, and a description for the metadata."""
-  data = config.data
-  name = data.get("name", "shapes")
-  if name == "folder":
-    root = data.get("folder", "")
-    if not root:
-      raise ConfigError("data.folder is empty: give the folder of images and captions")
-    found = folder.folder_sources(root, int(data.image_size))
-    sources = {s: found[s] for s in splits if s in found}
-    return sources, {"kind": "folder", "folder": os.path.abspath(root),
-                     "image_size": int(data.image_size)}
-  data_dir = data.get("data_dir", "") or os.path.join(workdir, "data")
-  if name == "shapes":
-    builder_dir = os.path.join(data_dir, "shapes", f"s{int(data.image_size)}", "1.0.0")
-    have = _tfds_splits(builder_dir)
-    if have is None:
-      raise UserError(f"{data_dir} holds no shapes/s{int(data.image_size)} dataset; build it with "
-                      f"`mmjax prepare shapes --out {data_dir}`")
-    sources = {s: shapes_tfds.load_shapes(data_dir, s, int(data.image_size))
-               for s in splits if s in have}
-    return sources, {"kind": "tfds", "name": f"shapes/s{int(data.image_size)}",
-                     "data_dir": os.path.abspath(data_dir), "seed": int(data.get("seed", 0))}
-  with tokens_tfds._quiet():
-    builder = tfds.builder(name, data_dir=data_dir)
-    have = set(builder.info.splits)
-    sources = {s: tfds.data_source(name, data_dir=data_dir, split=s, download=False)
-               for s in splits if s in have}
-  return sources, {"kind": "tfds", "name": name, "data_dir": os.path.abspath(data_dir)}
-
-
-def _tfds_splits(builder_dir: str) -> set[str] | None:
-  path = os.path.join(builder_dir, "dataset_info.json")
-  if not os.path.isfile(path):
-    return None
-  return {s["name"] for s in tokens_tfds.read_json(path).get("splits", [])}
-
-
-
 # ---------------------------------------------------------------------------------------------
 # The job.
 
@@ -154,34 +102,6 @@ def expected_fingerprints(config, workdir: str) -> dict[str, str]:
 
 
 check_tokenizer_versions = tokens_tfds.check_tokenizer_versions
-
-
-class _Progress:
-  """One stderr line: samples done / total, rate of this run, ETA. In place on a terminal, else a
-  new line every 10 s."""
-
-  def __init__(self, label: str, total: int, enabled: bool):
-    self.label, self.total, self.enabled = label, total, enabled
-    self.tty = sys.stderr.isatty()
-    self.start = self.last = time.perf_counter()
-    self.done = self.processed = 0
-
-  def advance(self, count: int, processed: bool = True) -> None:
-    self.done += count
-    self.processed += count if processed else 0
-    if not self.enabled:
-      return
-    now = time.perf_counter()
-    if now - self.last < (0.5 if self.tty else 10.0) and self.done < self.total:
-      return
-    self.last = now
-    rate = self.processed / max(now - self.start, 1e-9)
-    eta = (self.total - self.done) / rate if rate > 0 else 0.0
-    line = f"{self.label}: {self.done}/{self.total} samples"
-    line += (f" ({rate:,.1f}/s, ETA {int(eta) // 60}m{int(eta) % 60:02d}s)" if self.processed
-             else " (finished shards skipped)")
-    end = "\n" if (not self.tty or self.done >= self.total) else ""
-    print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
 
 
 class _BadLog:
@@ -362,7 +282,7 @@ def _finished(ds_dir: str, entry: Mapping[str, Any] | None, filename: str) -> bo
   if not entry or entry.get("file") != filename:
     return False
   path = os.path.join(ds_dir, filename)
-  if not os.path.isfile(path):
+  if not os.path.isfile(path) or os.path.getsize(path) != entry.get("bytes", os.path.getsize(path)):
     return False
   reader = array_record_module.ArrayRecordReader(path)
   try:
@@ -387,14 +307,14 @@ def run_prepare_tokens(config, workdir: str, *, sources: Mapping[str, Any] | Non
   data = config.get("data", None) or {}
   name = cfg.name or data.get("name", "") or "dataset"
   if sources is None:
-    sources, described = open_sources(config, workdir, cfg.splits)
+    sources, described = raw_sources.open_sources(data, workdir, cfg.splits)
   else:
     described = {"kind": "given", "splits": sorted(sources)}  # the caller vouches for them
   sources = {s: src for s, src in sources.items() if len(src)}
   if not sources:
     raise UserError(f"prepare tokens: no samples in the splits {list(cfg.splits)} of {described}")
 
-  fields = set().union(*(source_fields(src) for src in sources.values()))
+  fields = set().union(*(raw_sources.source_fields(src) for src in sources.values()))
   available = frozenset(m.name for m in registry if set(raw_fields(m)) <= fields)
   if not available:
     raise UserError(f"prepare tokens: the source's fields {sorted(fields)} feed none of the "
@@ -423,8 +343,8 @@ def run_prepare_tokens(config, workdir: str, *, sources: Mapping[str, Any] | Non
   manifest_path = os.path.join(ds_dir, tokens_tfds.MANIFEST)
 
   total = sum(len(src) for src in sources.values())
-  bar = _Progress(f"prepare tokens {name}", total, progress)
-  written = skipped = 0
+  bar = progress_bar(total, f"prepare tokens {name}", unit="samples", enabled=progress)
+  written = skipped = processed = 0
   for split, source in sources.items():
     n = len(source)
     num_shards = math.ceil(n / cfg.shard_size)
@@ -434,19 +354,22 @@ def run_prepare_tokens(config, workdir: str, *, sources: Mapping[str, Any] | Non
       filename = tokens_tfds.shard_filename(split, k, num_shards)
       if _finished(ds_dir, done.get(str(k)), filename):
         skipped += 1
-        bar.advance(hi - lo, processed=False)
+        bar.update(hi - lo)
         continue
       bad, too_long, records = _BadLog(cfg.bad_samples, cfg.max_reported), {}, []
       for b in range(lo, hi, cfg.batch_size):
         records += _encode_chunk(job, split, source, range(b, min(hi, b + cfg.batch_size)), bad,
                                  too_long)
-        bar.advance(min(hi, b + cfg.batch_size) - b)
+        bar.update(min(hi, b + cfg.batch_size) - b)
+        processed += min(hi, b + cfg.batch_size) - b
       tokens_tfds.write_shard(os.path.join(ds_dir, filename), records)
-      done[str(k)] = {"file": filename, "samples": hi - lo, "records": len(records),
+      done[str(k)] = {**tokens_tfds.shard_entry(ds_dir, filename, len(records)),
+                      "samples": hi - lo,
                       "bad": bad.count, "bad_by_field": bad.by_field, "bad_messages": bad.messages,
                       "too_long": too_long}
       tokens_tfds.write_json(manifest_path, manifest)
       written += 1
+  bar.close()
 
   summary = _summarize(job, manifest, sources, ds_dir, cfg)
   reused = written == 0 and tokens_tfds.is_complete(ds_dir)
@@ -463,12 +386,23 @@ def run_prepare_tokens(config, workdir: str, *, sources: Mapping[str, Any] | Non
     lengths = {split: [manifest["shards"][split][str(k)]["records"]
                        for k in range(math.ceil(len(src) / cfg.shard_size))]
                for split, src in sources.items()}
+    # Each shard's file, records, bytes and sha256: training compares sizes, `mmjax verify` both.
+    metadata["shards"] = {split: [_shard_record(ds_dir, manifest["shards"][split][str(k)])
+                                  for k in range(math.ceil(len(src) / cfg.shard_size))]
+                          for split, src in sources.items()}
     tokens_tfds.write_info(ds_dir, name, job.features, lengths, metadata,
                            f"{name} tokenized from {described.get('name', described['kind'])}")
   seconds = time.perf_counter() - start
   summary.update(shards_written=written, shards_skipped=skipped, reused=reused, seconds=seconds,
-                 samples_per_s=bar.processed / seconds if bar.processed else 0.0)
+                 samples_per_s=processed / seconds if processed else 0.0)
   return summary
+
+
+def _shard_record(ds_dir: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+  """A manifest entry's file, records, bytes and sha256 (hashed now if an older job wrote it)."""
+  if "sha256" not in entry:
+    return tokens_tfds.shard_entry(ds_dir, entry["file"], entry["records"])
+  return {key: entry[key] for key in ("file", "records", "bytes", "sha256")}
 
 
 def _summarize(job: _Job, manifest: dict, sources: Mapping[str, Any], ds_dir: str,

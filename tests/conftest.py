@@ -6,6 +6,8 @@ The flag must be set before JAX initialises its backends; single-device tests pi
 
 import os
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
@@ -16,3 +18,13 @@ def pytest_collection_modifyitems(items):
   """Tests marked `slow` run first: with several workers (launch/test.sh runs two) a long test
   started last would leave the other worker idle at the end."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_demo_tokens(tmp_path_factory):
+  """An empty data.data_dir falls back to the demo's token set; in tests that is an empty temporary
+  folder, never the `runs/demo` of the checkout that a user's `bash launch/local.sh` wrote."""
+  from mmjax.data.pipeline import demo_tokens
+  os.environ[demo_tokens.ENV] = str(tmp_path_factory.mktemp("demo") / "tokens")
+  yield
+  os.environ.pop(demo_tokens.ENV, None)

@@ -1,5 +1,6 @@
 """The command line: help, config errors and user errors exit non-zero with one line."""
 
+import os
 import re
 import subprocess
 import sys
@@ -51,10 +52,17 @@ def test_user_errors_are_one_line_and_exit_2(capsys, argv, message):
   assert re.search(message, lines[0]), lines[0]
 
 
-def test_aot_lower_only_prints_one_json_line(tmp_path, capsys):
+def test_aot_lower_only_prints_one_json_line(tmp_path, capsys, monkeypatch):
   import json
 
-  code, out, _ = _run(capsys, "aot", "--config=configs/fourm/shapes.py:tiny,runlocal",
+  from mmjax.data.pipeline import demo_tokens
+  from mmjax.data.tokens import records
+
+  # Demo tokens exist, but aot reads no data: no note about data.data_dir.
+  demo = tmp_path / "demo_tokens"
+  os.makedirs(records.dataset_dir(str(demo), "shapes"))
+  monkeypatch.setenv(demo_tokens.ENV, str(demo))
+  code, out, err = _run(capsys, "aot", "--config=configs/fourm/shapes.py:tiny,runlocal",
                       "--topology=v5e:2x2", "--lower-only", "--out", str(tmp_path))
   assert code == 0
   result = json.loads(out.strip().splitlines()[-1])
@@ -62,6 +70,7 @@ def test_aot_lower_only_prints_one_json_line(tmp_path, capsys):
   # The TPU choices, not the CPU's.
   assert result["overrides"] == {"model.heads_impl": "ragged", "model.dtype": "bfloat16"}
   assert (tmp_path / "step.stablehlo.mlir").stat().st_size > 0
+  assert "data.data_dir" not in err and "aot: lowering the train step for v5e:2x2 ..." in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -49,13 +49,23 @@ def test_wrong_type_is_an_error_naming_the_key():
 
 @pytest.mark.parametrize("override, key", [
     ("--config.train.steps=-5", "train.steps"),
-    ("--config.train.warmup_steps=999999", "train.warmup_steps"),
+    ("--config.train.warmup_steps=-1", "train.warmup_steps"),
     ("--config.model.d_model=100", "model.num_heads"),
     ("--config.mesh.shape.fsdp=0", "mesh.shape.fsdp"),
 ])
 def test_inconsistent_values_are_errors(override, key):
   with pytest.raises(mmconfig.ConfigError, match=key.replace(".", r"\.")):
     mmconfig.load(SHAPES, [override])
+
+
+def test_a_short_run_clamps_its_warm_up_with_a_note(capsys):
+  config = mmconfig.load(SHAPES, ["--config.train.steps=7"])
+  assert config.train.warmup_steps == 7
+  err = capsys.readouterr().err
+  assert err == ("mmjax: train.warmup_steps=200 is longer than the run; warming up over all "
+                 "train.steps=7 steps\n")
+  mmconfig.validate(config)  # clamped once: no second note
+  assert capsys.readouterr().err == ""
 
 
 def test_mesh_and_batch_checked_against_devices():

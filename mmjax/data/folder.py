@@ -114,11 +114,18 @@ class FolderSource:
     path = os.path.join(self.directory, rel)
     sample: dict[str, Any] = {"id": rel, "index": index,
                               "rgb": load_image(path, self.image_size)}
-    caption_path = os.path.splitext(path)[0] + ".txt"
-    if os.path.isfile(caption_path):
-      with open(caption_path, "rb") as f:
-        sample["caption"] = f.read().strip()
+    caption = self.caption(index)
+    if caption is not None:
+      sample["caption"] = caption
     return sample
+
+  def caption(self, index: int) -> bytes | None:
+    """The caption of sample `index` without reading its image (None: no caption file)."""
+    path = os.path.join(self.directory, os.path.splitext(self.paths[index])[0] + ".txt")
+    if not os.path.isfile(path):
+      return None
+    with open(path, "rb") as f:
+      return f.read().strip()
 
   def __repr__(self) -> str:
     return (f"FolderSource({self.directory!r}, image_size={self.image_size}, "

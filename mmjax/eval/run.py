@@ -24,8 +24,9 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
-from mmjax import modalities
+from mmjax import modalities, progress
 from mmjax.data.pipeline.demo_tokens import use_demo_tokens_if_unset
 from mmjax.errors import UserError
 from mmjax.eval import shapes_generation, teacher_forced
@@ -39,10 +40,6 @@ METRICS_FILE = "metrics.json"
 
 def _report(message: str) -> None:
   print(f"mmjax eval: {message}", file=sys.stderr, flush=True)
-
-
-def _progress(message: str, done: bool) -> None:
-  print(f"\rmmjax eval: {message}   ", end="\n" if done else "", file=sys.stderr, flush=True)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str, *, out_dir: str,
@@ -65,11 +62,10 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, *, out_dir: str,
   summary = {"objective": objective, "workdir": workdir, "num_scenes": num_scenes, **result,
              "seconds": time.perf_counter() - start}
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, METRICS_FILE)
-    with open(path, "w") as f:
-      json.dump(summary, f, indent=1, default=str)
-    summary["metrics_file"] = path
+    path = epath.Path(out_dir) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1, default=str))
+    summary["metrics_file"] = os.fspath(path)
   return summary
 
 
@@ -121,6 +117,6 @@ def _shapes_generation(config, model, out_dir: str, *, num_scenes: int, seed: in
   _report(f"generation on {len(setup.records)} validation scenes: "
           + ", ".join(t.name for t in setup.tasks))
   generated = setup.run(model, out_dir=out_dir, seed=seed, grid_rows=grid_rows,
-                        report=_progress)
+                        report=progress.status("mmjax eval"))
   generated["bounds"] = setup.bounds()
   return generated

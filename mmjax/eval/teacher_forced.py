@@ -9,8 +9,6 @@ token of every position. Per-modality losses and accuracies come out as the obje
 
 from __future__ import annotations
 
-import sys
-import time
 from typing import Any
 
 import jax
@@ -18,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mmjax.errors import UserError
+from mmjax.progress import bar as progress_bar
 
 
 def validation_metrics(objective: Any, model: nnx.Module, *, max_batches: int,
@@ -35,19 +34,16 @@ def validation_metrics(objective: Any, model: nnx.Module, *, max_batches: int,
 
   it = objective.make_iterator("val", 0, 1)
   totals: dict[str, float] = {}
-  count, start = 0, time.perf_counter()
-  for batch in it:
-    metrics = jax.device_get(evaluate(state, {k: np.asarray(v) for k, v in batch.items()}))
-    for k, v in metrics.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-    count += 1
-    if progress:
-      print(f"\reval: teacher-forced batch {count}/{max_batches} "
-            f"({time.perf_counter() - start:.0f} s)", end="", file=sys.stderr, flush=True)
-    if count >= max_batches:
-      break
-  if progress and count:
-    print(file=sys.stderr)
+  count = 0
+  with progress_bar(max_batches, "eval: teacher-forced", unit="batch", enabled=progress) as shown:
+    for batch in it:
+      metrics = jax.device_get(evaluate(state, {k: np.asarray(v) for k, v in batch.items()}))
+      for k, v in metrics.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+      count += 1
+      shown.update(1)
+      if count >= max_batches:
+        break
   if not count:
     raise UserError("the validation split holds fewer records than one batch (config key "
                     "'train.batch_size'): no teacher-forced metrics")

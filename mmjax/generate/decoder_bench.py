@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mmjax import modalities as mm
+from mmjax import progress
 from mmjax.data.sequences.documents import SharedVocab
 from mmjax.generate.decoder import (SampleConfig, TokenLayout, without_image_sampling,
                                     allowed_tokens, build_prompts, generate, next_state,
@@ -117,10 +118,12 @@ def run_bench_decode(config, *, image_grid: tuple[int, int] = (16, 16), batch: i
                                   rngs=nnx.Rngs(0)))()
   prompts = [prompt] * batch
   sample = SampleConfig(temperature=1.0, top_k=0)
-  cached = timed(generate, model, prompts, layout, new_tokens=new_tokens, sample=sample,
-                 repeats=repeats)
-  uncached = timed(generate_uncached, model, prompts, layout, new_tokens=new_tokens,
-                   sample=sample, repeats=repeats)
+  with progress.phase(f"bench decode: compiling and timing cached decoding ({new_tokens} tokens)"):
+    cached = timed(generate, model, prompts, layout, new_tokens=new_tokens, sample=sample,
+                   repeats=repeats)
+  with progress.phase("bench decode: compiling and timing uncached decoding"):
+    uncached = timed(generate_uncached, model, prompts, layout, new_tokens=new_tokens,
+                     sample=sample, repeats=repeats)
   tokens = batch * new_tokens
   return {"bench": "decode", "sparsity": cfg.sparsity, "image_tokens": layout.image_tokens,
           "new_tokens_per_row": new_tokens, "batch": batch, "prompt_length": len(prompt),

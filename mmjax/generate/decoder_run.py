@@ -34,10 +34,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from etils import epath
 
 from mmjax import grids
 from mmjax import modalities as mm
+from mmjax import paths as mmpaths
 from mmjax.config import to_dataclass
 from mmjax.data.folder import load_image
 from mmjax.data.sequences.documents import SharedVocab, sequences_config
@@ -239,7 +240,7 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
                             seed=seed)
   sample_seconds = time.perf_counter() - sample_start
 
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   if target is image:
     codes = tokens[:, :layout.image_tokens] - layout.image_first
     decoded = [d[image.source] for d in tokenizers[image.name].decode_batch(list(codes))]
@@ -256,8 +257,7 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
     text_tok = tokenizers[target.name]
     captions = [_caption_text(text_tok, row, vocab.eos) for row in tokens]
     path = os.path.join(out_dir, f"{target.name}.txt")
-    with open(path, "w", encoding="utf-8") as f:
-      f.write("".join(c + "\n" for c in captions))
+    epath.Path(path).write_text("".join(c + "\n" for c in captions), encoding="utf-8")
     outputs[target.name] = path
     outputs["captions"] = captions
     if num_samples > 1:
@@ -276,8 +276,7 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
       "seconds": time.perf_counter() - start, "outputs": outputs,
   }
   summary_path = os.path.join(out_dir, "summary.json")
-  with open(summary_path, "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2, default=str)
+  epath.Path(summary_path).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
   summary["summary"] = summary_path
   return summary
 
@@ -316,6 +315,4 @@ def _caption_text(tokenizer, row: np.ndarray, eos: int) -> str:
 
 
 def _save_png(path: str, image: np.ndarray, kind: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grids.to_rgb(np.asarray(image), kind)).save(path)
-  return path
+  return mmpaths.write_png(path, grids.to_rgb(np.asarray(image), kind))

@@ -28,10 +28,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw
 
 from mmjax import grids
 from mmjax import modalities as mod
+from mmjax import paths as mmpaths
 from mmjax.config import ConfigError
 from mmjax.errors import UserError
 from mmjax.generate import fourm as gen
@@ -166,8 +168,7 @@ def _draw_boxes(image: np.ndarray, boxes_K4: np.ndarray, labels: Sequence[str],
 
 
 def _save_png(path: str, image: np.ndarray) -> str:
-  Image.fromarray(np.asarray(image, np.uint8)).save(path)
-  return path
+  return mmpaths.write_png(path, image)
 
 
 def generate_fourm(config, workdir: str, inputs: Mapping[str, str], targets: Sequence[str], *,
@@ -209,7 +210,7 @@ def generate_fourm(config, workdir: str, inputs: Mapping[str, str], targets: Seq
   results, _ = sampler.chain(layout, ctx, plan, jax.random.key(seed), progress=progress)
   sampling = time.perf_counter() - sampling
 
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   files: dict[str, list[str]] = {}
   texts: dict[str, list[str]] = {}
   images: dict[str, list[np.ndarray]] = {}  # rgb views, for drawing boxes on
@@ -228,8 +229,7 @@ def generate_fourm(config, workdir: str, inputs: Mapping[str, str], targets: Seq
       texts[name] = [tokenizers.text(name).decode(ids) for ids in result.ids]
       for i, t in enumerate(texts[name]):
         path = os.path.join(out_dir, f"{name}_{i}.txt")
-        with open(path, "w") as f:
-          f.write(t + "\n")
+        epath.Path(path).write_text(t + "\n")
         paths.append(path)
       if isinstance(tok, mt.DetModalityTokenizer):
         paths += _write_boxes(out_dir, name, tok, result.ids, images, given_images, registry,
@@ -240,8 +240,7 @@ def generate_fourm(config, workdir: str, inputs: Mapping[str, str], targets: Seq
       num_samples=num_samples, inputs=dict(inputs), order=order, out_dir=out_dir, files=files,
       texts=texts, settings={n: _settings_dict(s, registry[n]) for n, s in settings.items()},
       seconds=round(time.perf_counter() - start, 2), sampling_seconds=round(sampling, 2))
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=str)
+  (epath.Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
   return summary
 
 

@@ -72,8 +72,9 @@ class DecoderObjective:
     ds = packing.PackedSequencesIterDataset(ds, builder, self.cfg.max_length,
                                             seed=int(data.shuffle_seed) + process_index)
     ds = ds.batch(self.config.train.batch_size // process_count, drop_remainder=True)
-    ds = ds.map(_CountSkipped(builder))
-    return stream.BatchIterator(stream.in_workers(ds, data.get("num_workers", 0)))
+    ds = ds.map(_CountSkipped(builder, [s.name for s in specs]))
+    return stream.BatchIterator(stream.in_workers(ds, data.get("num_workers", 0)),
+                                max_bad_fraction=stream.max_bad_fraction(data))
 
   def synthetic_batch(self, batch_size: int, seed: int) -> dict[str, np.ndarray]:
     """Rows of packed random documents: text, then an image wrapped in its specials."""
@@ -124,16 +125,21 @@ class DecoderObjective:
 
 
 class _CountSkipped:
-  """A batch -> (batch, bad records the builder skipped since the previous batch). It runs where
-  the packing does (a worker process's own copy of the builder), so the count travels with the
-  batch to `stream.BatchIterator`."""
+  """A batch -> (batch, `stream.RecordCounts` of the records the builder read and skipped since
+  the previous batch, per dataset). It runs where the packing does (a worker process's own copy
+  of the builder), so the counts travel with the batch to `stream.BatchIterator`."""
 
-  def __init__(self, builder):
-    self.builder, self.reported = builder, 0
+  def __init__(self, builder, names):
+    self.builder, self.names = builder, list(names)
+    self.reported = (np.zeros(len(self.names), np.int64), np.zeros(len(self.names), np.int64))
 
   def __call__(self, batch):
-    skipped, self.reported = self.builder.skipped - self.reported, self.builder.skipped
-    return batch, skipped
+    seen, bad = (self.builder.counts(self.builder.read_by_dataset, len(self.names)),
+                 self.builder.counts(self.builder.skipped_by_dataset, len(self.names)))
+    delta = stream.RecordCounts(dict(zip(self.names, (seen - self.reported[0]).tolist())),
+                                dict(zip(self.names, (bad - self.reported[1]).tolist())))
+    self.reported = (seen, bad)
+    return batch, delta
 
 
 @register_objective("decoder")

@@ -3,10 +3,15 @@
 Registered as "tokenizer". The model updates its VQ codebook (EMA statistics, dead-code
 restarts) inside `loss`; the train step carries that non-Param state out of the jitted step.
 
-Data: shapes scenes generated on demand (scene i of a split is a pure function of (data.seed, split,
-i), the same scenes `mmjax prepare shapes` writes), read through a Grain MapDataset: random access,
+Data: with data.name = "shapes", scenes generated on demand (scene i of a split is a pure function
+of (data.seed, split, i), the same scenes `mmjax prepare shapes` writes; faster than decoding the
+tfds records, about 3k scenes/s per core). Any other data.name is a raw source of
+`mmjax.data.sources`, the one `mmjax prepare tokens` reads: a folder of images (data.folder) or a
+tfds dataset such as coco_captions (at data.data_dir), its images resized and centre-cropped to
+data.image_size on the host; without a validation split its last data.num_val images are held out.
+Either is read through a Grain MapDataset (in data.num_workers processes): random access,
 deterministic order, and an iterator state that checkpoints record, so a resumed run sees the same
-batches. Generating is faster than decoding the tfds records (about 3k scenes/s per core).
+batches.
 
 `run_image_tokenizer_train(config, workdir)` trains (resuming if the workdir has a checkpoint), then
 evaluates the final model on `data.num_val` validation scenes and writes `tokenizer_eval.json` and
@@ -29,20 +34,26 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from mmjax import config as mmconfig
-from mmjax import defaults, grids
+from mmjax import defaults, grids, progress
 from mmjax import modalities as mod
 from mmjax.config import ConfigError
+from mmjax.data import sources as raw_sources
+from mmjax.data.pipeline.stream import in_workers
 from mmjax.data.shapes import world as shapes
 from mmjax.errors import UserError
 from mmjax.tokenizers import image_metrics
 from mmjax.tokenizers import modality as mt
-from mmjax.tokenizers.image import (LOGICAL_RULES, ImageTokenizer, ImageTokenizerConfig,
-                                    image_fingerprint)
-from mmjax.train.loop import CONFIG_FILE, run_train
-from mmjax.train.loop import load_model
+from mmjax.tokenizers.image import (
+  LOGICAL_RULES,
+  ImageTokenizer,
+  ImageTokenizerConfig,
+  image_fingerprint,
+)
+from mmjax.train.loop import CONFIG_FILE, load_model, run_train
 from mmjax.train.objective import register_objective
 
 OBJECTIVE = "tokenizer"
@@ -98,6 +109,7 @@ class TokenizerObjective:
     self.cfg: ImageTokenizerConfig = mmconfig.to_dataclass(ImageTokenizerConfig, config.model)
     self.data = config.data
     self.batch_size = int(config.train.batch_size)
+    self._raw: dict[str, Any] | None = None  # the raw source's splits, opened once
     if self.data.image_size != self.cfg.image_size:
       raise mmconfig.ConfigError(f"config keys data.image_size ({self.data.image_size}) and "
                                  f"model.image_size ({self.cfg.image_size}) must agree")
@@ -113,21 +125,33 @@ class TokenizerObjective:
     spatial = (None, None, None) if self.cfg.modality == "rgb" else (None, None)
     return {"image": ("batch",) + spatial}
 
-  def source(self, split: str) -> shapes.SceneSource:
+  def source(self, split: str):
+    """Random-access samples of `split`: shapes scenes generated on demand, or the images of
+    the configured raw source (`mmjax.data.sources`, e.g. a folder or coco_captions), whose
+    last data.num_val training images are held out when it has no validation split."""
     if split not in _SPLITS:
       raise ValueError(f"tokenizer objective: unknown split {split!r}; use 'train' or 'val'")
-    size = self.data.num_train if split == "train" else self.data.num_val
-    return shapes.SceneSource(size, seed=self.data.seed, split=_SPLITS[split],
-                              image_size=self.cfg.image_size)
+    if self.data.get("name", "shapes") == "shapes":
+      size = self.data.num_train if split == "train" else self.data.num_val
+      return shapes.SceneSource(size, seed=self.data.seed, split=_SPLITS[split],
+                                image_size=self.cfg.image_size)
+    if self._raw is None:
+      found, _ = raw_sources.open_sources(self.data, None, tuple(_SPLITS.values()))
+      self._raw = raw_sources.with_holdout(found, int(self.data.num_val))
+      fields = raw_sources.source_fields(self._raw["train"])
+      if self.cfg.modality not in fields:
+        raise ConfigError(f"model.modality is {self.cfg.modality!r}, but the data "
+                          f"({self.data.name}) has only {', '.join(fields)}")
+    return self._raw[_SPLITS[split]]
 
   def make_iterator(self, split: str, process_index: int, process_count: int):
-    modality = self.cfg.modality
+    # Images are decoded, resized and cropped on the host as the source reads them.
     ds = grain.MapDataset.source(self.source(split))
     if split == "train":
       ds = ds.shuffle(seed=self.data.shuffle_seed).repeat(None)
-    ds = ds[process_index::process_count].map(lambda scene: {"image": scene[modality]})
+    ds = ds[process_index::process_count].map(_Pick(self.cfg.modality))
     ds = ds.batch(self.batch_size // process_count, drop_remainder=True)
-    return iter(ds.to_iter_dataset())
+    return iter(in_workers(ds.to_iter_dataset(), self.data.get("num_workers", 0)))
 
   def synthetic_batch(self, batch_size: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -156,6 +180,16 @@ class TokenizerObjective:
     return self.cfg.grid[0] * self.cfg.grid[1]
 
 
+class _Pick:
+  """A sample -> {"image": its field `modality`} (picklable, for worker processes)."""
+
+  def __init__(self, modality: str):
+    self.modality = modality
+
+  def __call__(self, sample):
+    return {"image": sample[self.modality]}
+
+
 @register_objective("tokenizer")
 def make_tokenizer_objective(config: ml_collections.ConfigDict) -> TokenizerObjective:
   return TokenizerObjective(config)
@@ -173,10 +207,9 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str) -> ImageTokeni
 
 
 def _load_trained(config: ml_collections.ConfigDict, workdir: str) -> tuple[ImageTokenizer, int]:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.isfile(path):
-    with open(path) as f:
-      trained = json.load(f).get("model", {})
+  path = epath.Path(workdir) / CONFIG_FILE
+  if path.is_file():
+    trained = json.loads(path.read_text()).get("model", {})
     config = ml_collections.ConfigDict(config.to_dict())
     config.model = ml_collections.ConfigDict(
         {k: tuple(v) if isinstance(v, list) else v for k, v in trained.items()})
@@ -184,9 +217,9 @@ def _load_trained(config: ml_collections.ConfigDict, workdir: str) -> tuple[Imag
 
 
 def validation_images(config: ml_collections.ConfigDict, modality: str) -> np.ndarray:
-  source = shapes.SceneSource(config.data.num_val, seed=config.data.seed, split="validation",
-                              image_size=config.model.image_size)
-  return np.stack([source[i][modality] for i in range(len(source))])
+  """The first data.num_val images of the validation split (held out of training)."""
+  source = TokenizerObjective(config).source("val")
+  return np.stack([source[i][modality] for i in range(min(len(source), config.data.num_val))])
 
 
 def save_reconstruction_grid(path: str, model: ImageTokenizer, images: np.ndarray) -> str:
@@ -213,16 +246,17 @@ def run_image_tokenizer_train(config: ml_collections.ConfigDict, workdir: str) -
   model, step = _load_trained(config, workdir)
   modality = model.cfg.modality
   images = validation_images(config, modality)
-  metrics = image_metrics.evaluate_image_tokenizer(model, images,
-                                                   batch_size=config.eval.batch_size)
+  with progress.phase(f"tokenizer: evaluating on {len(images)} validation images",
+                      enabled=jax.process_index() == 0):
+    metrics = image_metrics.evaluate_image_tokenizer(model, images,
+                                                     batch_size=config.eval.batch_size)
   metrics_path = os.path.join(workdir, "tokenizer_eval.json")
   report = {"modality": modality, "quantizer": model.cfg.quantizer,
             "codebook_size": model.codebook_size, "steps": summary.get("step"),
             **{k: v for k, v in metrics.items()}}
   if jax.process_index() == 0:
     _write_info(workdir, model, step)
-    with open(metrics_path, "w") as f:
-      json.dump(report, f, indent=2)
+    epath.Path(metrics_path).write_text(json.dumps(report, indent=2))
     grid_path = save_reconstruction_grid(os.path.join(workdir, "reconstructions.png"), model,
                                          images[:config.eval.grid_images])
   else:
@@ -247,15 +281,14 @@ def run_write_info(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   (one trained before tokenizers recorded it, or whose training stopped before writing it)."""
   model, step = _load_trained(config, workdir)
   path = _write_info(workdir, model, step)
-  with open(path) as f:
-    return {"path": path, **json.load(f)}
+  return {"path": path, **json.loads(epath.Path(path).read_text())}
 
 
 def _load_image(modality: mod.Modality, tokenizer_dir: str) -> ImageTokenizer:
   """The trained image tokenizer in `tokenizer_dir`: the latest checkpoint of `mmjax tokenizer
   train --config <modality.tokenizer> --workdir <tokenizer_dir>` (the config names the objective;
   the architecture is the one the run recorded)."""
-  if not os.path.isdir(os.path.join(tokenizer_dir, "checkpoints")):
+  if not (epath.Path(tokenizer_dir) / "checkpoints").is_dir():
     raise UserError(f"modality {modality.name}: no trained tokenizer in {tokenizer_dir} (train "
                     f"it with `mmjax tokenizer train --config {modality.tokenizer} --workdir "
                     f"{tokenizer_dir}`)")

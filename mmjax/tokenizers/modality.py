@@ -22,8 +22,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from mmjax import modalities as mod
+from mmjax import paths
 from mmjax.config import ConfigError
 from mmjax.errors import UserError
 from mmjax.tokenizers import boxes
@@ -289,34 +291,36 @@ TRAINED_INFO = "tokenizer.json"
 
 def checkpoint_steps(tokenizer_dir: str) -> list[int]:
   """The steps of the finished checkpoints in `<tokenizer_dir>/checkpoints`, oldest first."""
-  directory = os.path.join(tokenizer_dir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = epath.Path(tokenizer_dir) / "checkpoints"
+  if not directory.is_dir():
     return []
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def write_trained_info(tokenizer_dir: str, info: Mapping[str, Any]) -> str:
   """Writes `info` as <tokenizer_dir>/tokenizer.json atomically; returns its path."""
-  path = os.path.join(tokenizer_dir, TRAINED_INFO)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(dict(info), f, indent=2)
-  os.replace(tmp, path)
-  return path
+  path = epath.Path(tokenizer_dir) / TRAINED_INFO
+  text = json.dumps(dict(info), indent=2)
+  if paths.is_url(path):  # an object appears whole when its upload completes
+    path.write_text(text)
+  else:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+  return os.fspath(path)
 
 
 def read_trained_info(modality: mod.Modality, tokenizer_dir: str) -> dict[str, Any]:
   """The tokenizer.json of the image tokenizer trained into `tokenizer_dir`, checked to describe
   its newest checkpoint; a UserError saying how to (re)write it when it is absent or stale."""
-  path = os.path.join(tokenizer_dir, TRAINED_INFO)
+  path = epath.Path(tokenizer_dir) / TRAINED_INFO
   regenerate = (f"write it with `mmjax tokenizer fingerprint --config {modality.tokenizer} "
                 f"--workdir {tokenizer_dir}` (or retrain the tokenizer)")
-  if not os.path.isfile(path):
+  if not path.is_file():
     raise UserError(f"modality {modality.name}: the image tokenizer in {tokenizer_dir} has no "
                     f"{TRAINED_INFO} (it was trained before tokenizers recorded their "
                     f"fingerprint); {regenerate}")
-  with open(path) as f:
-    info = json.load(f)
+  info = json.loads(path.read_text())
   steps = checkpoint_steps(tokenizer_dir)
   if not steps or info.get("step") != steps[-1]:
     raise UserError(f"modality {modality.name}: {path} describes checkpoint step "

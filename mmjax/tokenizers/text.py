@@ -28,8 +28,10 @@ from typing import Any
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 from sentencepiece import sentencepiece_model_pb2
 
+from mmjax import paths
 from mmjax.config import ConfigError, to_dataclass
 from mmjax.errors import UserError
 from mmjax.tokenizers import special
@@ -101,11 +103,11 @@ class TextTokenizer:
 
   @classmethod
   def load(cls, path: str) -> "TextTokenizer":
-    if not os.path.isfile(path):
+    model = epath.Path(path)
+    if not model.is_file():
       raise UserError(f"text tokenizer model {path!r} does not exist (train it with "
                       f"`mmjax tokenizer train --config configs/tokenizers/shapes_text.py`)")
-    with open(path, "rb") as f:
-      return cls(f.read(), path)
+    return cls(model.read_bytes(), os.fspath(path))
 
   def _check_layout(self) -> None:
     where = self.path or "text tokenizer model"
@@ -221,10 +223,13 @@ def train_text_tokenizer(sentences: Iterable[str], out_prefix: str,
   if count[0] == 0:
     raise UserError("text tokenizer: no training sentences")
   data = model.getvalue()
-  path = f"{out_prefix}.model"
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)  # atomic: a reader never sees half a model
-  return TextTokenizer(data, path)
+  path = epath.Path(f"{out_prefix}.model")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if paths.is_url(path):  # an object appears whole when its upload completes
+    path.write_bytes(data)
+  else:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)  # atomic: a reader never sees half a model
+  return TextTokenizer(data, os.fspath(path))
+

@@ -16,6 +16,7 @@ scanned layers, counts once there). Temporaries, and so whether the step fits, n
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
 import json
 import math
@@ -27,9 +28,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import serialize_executable
 from jax.experimental import topologies
 
+from mmjax import progress
 from mmjax.errors import UserError
 from mmjax.train import flops as mmflops
 from mmjax.train import state as trainstate
@@ -105,6 +108,7 @@ def topology_devices(topology: Topology) -> list[jax.Device]:
   # libtpu takes a machine-wide lock file for the chips it drives; a compile-only topology drives
   # none, and other processes (any JAX process here with libtpu installed) may hold the lock.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  _one_host_slice_without_chips()
   try:
     desc = topologies.get_topology_desc(topology_name=topology.name, platform="tpu")
   except Exception as e:  # noqa: BLE001 -- libtpu reports a bad name as a runtime error.
@@ -116,6 +120,26 @@ def topology_devices(topology: Topology) -> list[jax.Device]:
     raise UserError(f"--topology {topology.name}: libtpu describes {len(devices)} chips, expected "
                     f"{topology.chips}")
   return devices
+
+
+_SLICE_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_HOST_BOUNDS", "TPU_ACCELERATOR_TYPE")
+
+
+def _one_host_slice_without_chips() -> None:
+  """On a host without TPU chips libtpu cannot learn its slice from the metadata server and prints
+  errors about TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES while it describes a compile-only
+  topology. Naming a one-host slice silences them; the topology compiled for is unchanged. Left
+  alone on TPU hosts and where the user set any of these variables."""
+  if any(os.environ.get(name) for name in _SLICE_VARS) or tpu_chips_present():
+    return
+  os.environ["TPU_WORKER_HOSTNAMES"] = "localhost"
+  os.environ["TPU_HOST_BOUNDS"] = "1,1,1"
+
+
+def tpu_chips_present() -> bool:
+  """Whether this host has TPU chips: their device files (/dev/accel* up to v4, VFIO groups from
+  v5 on)."""
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def _configured_cpu_devices() -> int:
@@ -212,13 +236,15 @@ def run_aot(config: ml_collections.ConfigDict, topology: str, *, out_dir: str | 
   jitted = trainstep.jit_step(setup, config.train)
   with setup.context():
     start = time.perf_counter()
-    traced = jitted.trace(setup.abstract_state, batch)
-    lowered = traced.lower() if compile_step else traced.lower(lowering_platforms=("tpu",))
+    with progress.phase(f"aot: lowering the train step for {topology}"):
+      traced = jitted.trace(setup.abstract_state, batch)
+      lowered = traced.lower() if compile_step else traced.lower(lowering_platforms=("tpu",))
     lower_s = time.perf_counter() - start
     compiled, compile_s = None, None
     if compile_step:
       start = time.perf_counter()
-      compiled = lowered.compile()
+      with progress.phase(f"aot: compiling it for {topology} with the TPU compiler"):
+        compiled = lowered.compile()
       compile_s = time.perf_counter() - start
 
   chips = topo.chips
@@ -283,14 +309,17 @@ def run_aot(config: ml_collections.ConfigDict, topology: str, *, out_dir: str | 
 
 def _write(out_dir: str, lowered, compiled, result: dict[str, Any]) -> dict[str, Any]:
   """The program (StableHLO; the optimised HLO and the serialized executable when compiled)."""
-  os.makedirs(out_dir, exist_ok=True)
+  out = epath.Path(out_dir)  # a workdir: local or gs://
+  out.mkdir(parents=True, exist_ok=True)
   files: dict[str, Any] = {}
 
   def write(name: str, data: str | bytes) -> None:
-    path = os.path.join(out_dir, name)
-    with open(path, "wb" if isinstance(data, bytes) else "w") as f:
-      f.write(data)
-    files[name] = path
+    path = out / name
+    if isinstance(data, bytes):
+      path.write_bytes(data)
+    else:
+      path.write_text(data)
+    files[name] = os.fspath(path)
 
   write("step.stablehlo.mlir", lowered.as_text())
   if compiled is not None:

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from mmjax import progress
 from mmjax import sharding as mmsharding
 from mmjax.train import flops as mmflops
 from mmjax.train import state as trainstate
@@ -27,28 +28,34 @@ def run_bench_step(config: ml_collections.ConfigDict, steps: int = 10, warmup: i
   del workdir
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
-  objective, setup = build(config)
-  batch_size = config.train.batch_size
-  local = objective.synthetic_batch(batch_size // jax.process_count(),
-                                    seed=int(config.seed) + jax.process_index())
-  state = trainstate.init_state(config, setup)
+  shown = jax.process_index() == 0  # what it is doing, on stderr; stdout stays the JSON line
+  with progress.phase("bench step: building the model and its batch", enabled=shown):
+    objective, setup = build(config)
+    batch_size = config.train.batch_size
+    local = objective.synthetic_batch(batch_size // jax.process_count(),
+                                      seed=int(config.seed) + jax.process_index())
+    state = trainstate.init_state(config, setup)
   dtype = str(config.get("model", {}).get("dtype", "float32"))
   with setup.context():
     batch = mmsharding.global_batch(local, setup.batch_shardings)
     start = time.perf_counter()
-    compiled = trainstep.jit_step(setup, config.train).lower(state, batch).compile()
+    with progress.phase("bench step: compiling the train step", enabled=shown):
+      compiled = trainstep.jit_step(setup, config.train).lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    for _ in range(warmup):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-  peak_before, how = mmflops.peak_flops(dtype=dtype)  # outside the mesh: one device
-  with setup.context():
+    with progress.phase(f"bench step: {warmup} warm-up steps", enabled=shown):
+      for _ in range(warmup):
+        state, _ = compiled(state, batch)
+      jax.block_until_ready(state)
+  with progress.phase("bench step: measuring the peak FLOP rate", enabled=shown):
+    peak_before, how = mmflops.peak_flops(dtype=dtype)  # outside the mesh: one device
+  with setup.context(), progress.phase(f"bench step: timing {steps} steps", enabled=shown):
     start = time.perf_counter()
     for _ in range(steps):
       state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - start) / steps
-  peak_after, _ = mmflops.peak_flops(dtype=dtype)
+  with progress.phase("bench step: measuring the peak FLOP rate again", enabled=shown):
+    peak_after, _ = mmflops.peak_flops(dtype=dtype)
   peak = 0.5 * (peak_before + peak_after)
   model_flops = objective.train_flops_per_sample() * batch_size
   xla_flops = mmflops.compiled_flops(compiled)

@@ -12,14 +12,16 @@ Before a restore, the saved tree (paths, shapes, dtypes from the checkpoint's me
 with the abstract state of the current config. A difference is the user's (the config changed since
 the checkpoint was written): `CheckpointMismatchError`, and nothing on disk is touched. Only a
 checkpoint that cannot be read (missing or garbled metadata, truncated data, failed reads) is
-reported in one line, moved aside to `corrupt-<step>` and the previous checkpoint is tried. With
+reported in one line, moved aside to `corrupt-<step>` and the previous checkpoint is tried; that
+includes an iterator-state file that is not readable JSON, while a readable state that the current
+data pipeline refuses is a mismatch. With
 several processes, all of them agree on the outcome of every step before anyone acts on it.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +33,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from mmjax import paths
 from mmjax.config import ConfigError
 from mmjax.train.state import TrainState
 
@@ -90,12 +93,12 @@ def _first_mismatch(saved: dict, wanted: dict) -> str | None:
   return None
 
 
-def _check_tree(step_dir: str, abstract_state: TrainState) -> tuple[int, str]:
+def _check_tree(step_dir: epath.Path, abstract_state: TrainState) -> tuple[int, str]:
   """(_OK | _CORRUPT | _MISMATCH, detail) of the saved state tree in `step_dir` against
   `abstract_state`, from the metadata alone (no array is read)."""
   handler = ocp.StandardCheckpointHandler()
   try:  # Orbax wants absolute paths
-    saved = _leaves(handler.metadata(epath.Path(os.path.abspath(step_dir)) / "state"))
+    saved = _leaves(handler.metadata(step_dir / "state"))
   except Exception as e:  # noqa: BLE001 -- unreadable metadata: the checkpoint is corrupt.
     return _CORRUPT, _one_line(e)
   finally:
@@ -117,13 +120,54 @@ def _is_shape_error(e: BaseException) -> bool:
   return isinstance(e, ValueError) and "not compatible with the stored shape" in str(e)
 
 
-def _mismatch_error(directory: str, step: int, detail: str) -> CheckpointMismatchError:
+def _mismatch_error(directory: epath.Path, step: int, detail: str) -> CheckpointMismatchError:
   detail = detail or "its state tree differs (seen by another process)"
   return CheckpointMismatchError(
-      f"workdir {os.path.dirname(directory)}: the checkpoint of step {step} "
-      f"({os.path.join(directory, str(step))}) does not match the current config: {detail}. "
+      f"workdir {directory.parent}: the checkpoint of step {step} "
+      f"({directory / str(step)}) does not match the current config: {detail}. "
       "The config differs from the one that wrote the checkpoint; nothing was changed on disk. "
       "Resume with the original config, or train the new one in another --workdir")
+
+
+def _is_closed_loop(exc_type, exc) -> bool:
+  return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
+def _silence_abandoned_reads() -> None:
+  """A failed restore leaves the other arrays' reads in flight; as they finish, tensorstore hands
+  each result to the restore's event loop, already closed, and each prints "Exception ignored"
+  with a traceback of RuntimeError('Event loop is closed') (a dozen or more, after the one line
+  that reported the corruption). From the first corrupt checkpoint on, that error alone is
+  dropped (sys.unraisablehook, and sys.excepthook for a read that reports it that way); every
+  other exception reaches the previous hook."""
+  previous, previous_unraisable = sys.excepthook, sys.unraisablehook
+  if getattr(previous_unraisable, "mmjax_drops_closed_loop", False):
+    return
+
+  def hook(exc_type, exc, tb):
+    if not _is_closed_loop(exc_type, exc):
+      previous(exc_type, exc, tb)
+
+  def unraisable_hook(unraisable):
+    if not _is_closed_loop(unraisable.exc_type, unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  hook.mmjax_drops_closed_loop = unraisable_hook.mmjax_drops_closed_loop = True
+  sys.excepthook, sys.unraisablehook = hook, unraisable_hook
+
+
+def _unreadable_iterator_state(step_dir: str) -> str:
+  """Why this process's iterator state file in `step_dir` cannot be read as a JSON object (missing,
+  undecodable, garbled), or "" when it can: only a readable state that the pipeline refuses is a
+  config mismatch."""
+  path = os.path.join(step_dir, "iter",
+                      f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      state = json.load(f)
+  except (OSError, ValueError) as e:  # ValueError: JSON and UTF-8 decoding errors
+    return f"its data iterator state {path} is unreadable ({_one_line(e)})"
+  return "" if isinstance(state, dict) else f"its data iterator state {path} is not a JSON object"
 
 
 def _agree(outcome: int) -> int:
@@ -133,7 +177,8 @@ def _agree(outcome: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
 
 
-def restore_newest(restore: Callable[[int, Any], Any], steps: list[int], directory: str,
+def restore_newest(restore: Callable[[int, Any], Any], steps: list[int],
+                   directory: str | os.PathLike,
                    abstract_state: Any, *, iterator: Any = None,
                    agree: Callable[[int], int] = lambda outcome: outcome,
                    on_corrupt: Callable[[int, str], None]) -> tuple[Any, int] | None:
@@ -146,8 +191,9 @@ def restore_newest(restore: Callable[[int, Any], Any], steps: list[int], directo
   the checkpoint) raises CheckpointMismatchError; an unreadable checkpoint goes to
   `on_corrupt(step, detail)` and the previous one is tried.
   """
+  directory = paths.resolve(directory)  # Orbax wants absolute paths or URLs
   for step in reversed(sorted(steps)):
-    outcome, detail = _check_tree(os.path.join(directory, str(step)), abstract_state)
+    outcome, detail = _check_tree(directory / str(step), abstract_state)
     state = None
     if outcome == _OK:
       try:
@@ -158,6 +204,10 @@ def restore_newest(restore: Callable[[int, Any], Any], steps: list[int], directo
     # A checkpoint without an iterator (written by `mmjax import`): the data starts afresh.
     has_iter = os.path.isdir(os.path.join(directory, str(step), "iter"))
     if outcome == _OK and iterator is not None and has_iter:
+      unreadable = _unreadable_iterator_state(os.path.join(directory, str(step)))
+      if unreadable:  # damaged on disk: corruption, not a changed pipeline
+        outcome, detail = _CORRUPT, unreadable
+    if outcome == _OK and iterator is not None and has_iter:
       try:
         restore(step, ocp.args.Composite(iter=grain.checkpoint.CheckpointRestore(iterator)))
       except Exception as e:  # noqa: BLE001 -- the params read: the data pipeline has changed.
@@ -165,6 +215,8 @@ def restore_newest(restore: Callable[[int, Any], Any], steps: list[int], directo
         detail = (f"its data iterator state does not fit the current data pipeline (changed "
                   f"data.num_workers, data.mixture, host count or iterator format?): "
                   f"{_one_line(e)}")
+    if outcome == _CORRUPT:
+      _silence_abandoned_reads()
     agreed = agree(outcome)
     if agreed == _MISMATCH:
       raise _mismatch_error(directory, step, detail if outcome == _MISMATCH else "")
@@ -178,10 +230,11 @@ def restore_newest(restore: Callable[[int, Any], Any], steps: list[int], directo
 class Checkpointer:
   """Saves and restores (state, iterator) in `directory`."""
 
-  def __init__(self, directory: str, *, keep: int, report: Callable[[str], None] = report):
+  def __init__(self, directory: str | os.PathLike, *, keep: int,
+               report: Callable[[str], None] = report):
     if keep < 1:
       raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)
     self.keep = keep
     self.report = report
     self._report_incomplete()
@@ -194,11 +247,11 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def _report_incomplete(self) -> None:
-    if not os.path.isdir(self.directory) or jax.process_index() != 0:
+    if jax.process_index() != 0 or not self.directory.is_dir():
       return
-    for name in sorted(os.listdir(self.directory)):
+    for name in sorted(p.name for p in self.directory.iterdir()):
       if _TMP_MARKER in name:
-        self.report(f"checkpoint {os.path.join(self.directory, name)} is incomplete (the run "
+        self.report(f"checkpoint {self.directory / name} is incomplete (the run "
                     "stopped while saving it); ignoring it")
 
   def steps(self) -> list[int]:
@@ -232,11 +285,10 @@ class Checkpointer:
     """Renames on process 0 only; the others reopen the manager (which lists the steps) after it."""
     self.manager.close()
     if jax.process_index() == 0:
-      source = os.path.join(self.directory, str(step))
-      target = os.path.join(self.directory, f"corrupt-{step}")
-      if os.path.exists(target):
-        shutil.rmtree(target)
-      os.rename(source, target)
+      target = self.directory / f"corrupt-{step}"
+      if target.exists():
+        target.rmtree()
+      (self.directory / str(step)).rename(target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"mmjax checkpoint corrupt-{step}")
     self._open()
@@ -252,7 +304,7 @@ class Checkpointer:
 def save_state(directory: str, step: int, state: TrainState) -> None:
   """Writes `state` as checkpoint `step` of `directory` without a data iterator (imported weights:
   `mmjax train` restores the state and starts its data from the beginning)."""
-  manager = ocp.CheckpointManager(os.path.abspath(directory),
+  manager = ocp.CheckpointManager(paths.resolve(directory),
                                   options=ocp.CheckpointManagerOptions(create=True))
   try:
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)

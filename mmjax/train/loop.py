@@ -3,28 +3,36 @@
 Order of a step N: take batch N from the iterator, dispatch step N, then fetch step N-1's metrics
 (so the device has N queued while the host logs), check them for a non-finite loss, log. Before a
 checkpoint or an evaluation the metrics of the current step are fetched too, so a NaN is always
-seen before the state that followed it could be saved. SIGTERM (preemption) sets a flag from the
-start of `run_train` on (setup, iterator creation and restore included); the loop saves at the next
-step boundary and returns normally (exit code 0). A SIGTERM before the first step returns without
+seen before the state that followed it could be saved. SIGTERM (preemption) and a first Ctrl-C
+(SIGINT) set a flag from the start of `run_train` on (setup, iterator creation and restore
+included); the loop saves at the next step boundary and returns normally (exit code 0). A second
+Ctrl-C aborts without saving. A SIGTERM before the first step returns without
 training or saving: the checkpoints on disk are already the latest state.
+
+With several processes, JAX's coordination service carries the SIGTERM instead: its preemption
+notifier (installed by `jax.distributed.initialize`) tells every process, they agree on the first
+step all of them can still reach, and `reached_preemption_sync_point` is true there on each, so all
+hosts save the same step and stop. Asking it costs no communication, so no step waits for the other
+hosts beyond what the step's own collectives do.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from mmjax import config as mmconfig
+from mmjax import paths, progress
 from mmjax import sharding as mmsharding
 from mmjax.data.pipeline import demo_tokens
 from mmjax.errors import UserError
@@ -47,31 +55,55 @@ class NonFiniteLossError(UserError):
 
 
 class _Preemption:
-  """Remembers a SIGTERM until the loop reaches a step boundary."""
+  """Remembers a SIGTERM (preemption) or a first Ctrl-C (SIGINT) until the loop reaches a step
+  boundary, where it saves and stops; a second Ctrl-C aborts at once (KeyboardInterrupt), without
+  saving.
+
+  One process: Python signal handlers set a flag. Several: JAX's preemption notifier owns SIGTERM
+  (a Python handler installed after it would take the signal away from it) and `at_step` asks the
+  coordination service whether this step is the one all hosts stop at; Ctrl-C keeps Python's
+  default there, since one host's flag cannot make the others stop at the same step."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.name = "SIGTERM"  # the signal that asked to stop, for the messages
+    self._interrupts = 0
+    self._previous: dict[int, Any] = {}
+    self._multihost = False
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._multihost = jax.process_count() > 1
+    if not self._multihost and threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT:
+      self._interrupts += 1
+      if self._interrupts > 1:
+        raise KeyboardInterrupt
+      print("\nmmjax: Ctrl-C: saving a checkpoint at the next step and stopping; press Ctrl-C "
+            "again to abort without saving", file=sys.stderr, flush=True)
+    if not self.requested:
+      self.name = signal.Signals(signum).name
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
     return False
 
-  def agreed(self) -> bool:
-    """Whether any process has seen a SIGTERM; for branches all processes must take together."""
-    if jax.process_count() > 1:
-      seen = multihost_utils.process_allgather(np.int32(self.requested))
-      self.requested = bool(np.max(seen))
+  def before_start(self) -> bool:
+    """Whether to stop before training (one process; several learn of it at their sync step)."""
+    return self.requested
+
+  def at_step(self, step: int) -> bool:
+    """Whether to save at `step` and stop; every process gets the same answer at the same step."""
+    if self._multihost:
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
 
@@ -81,7 +113,6 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   devices = list(jax.devices() if devices is None else devices)
   mmconfig.validate(config, num_devices=len(devices))
   if config.get("objective") in MODEL_CONFIGS:
-    demo_tokens.use_demo_tokens_if_unset(config)
     # "auto": the platform the run compiles for decides.
     with config.model.unlocked():
       config.model.dtype = resolve_dtype_name(config.model.get("dtype", "auto"),
@@ -109,8 +140,8 @@ def load_model(config: Any, workdir: str, *, allow_random_init: bool = False) ->
   checkpoint it is an error, unless `allow_random_init` (then a freshly initialised model, step 0).
   """
   _, setup = build(config)
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(directory) if os.path.isdir(directory) else None
+  directory = paths.resolve(workdir) / "checkpoints"
+  manager = ocp.CheckpointManager(directory) if directory.is_dir() else None
   try:
     found = manager and checkpoint.restore_newest(
         lambda step, args: manager.restore(step, args=args), list(manager.all_steps()),
@@ -130,8 +161,20 @@ def load_model(config: Any, workdir: str, *, allow_random_init: bool = False) ->
     checkpoint.report(f"no checkpoint in {directory}; using a randomly initialised model")
     with setup.context():
       state, step = setup.init(), 0
-  state = jax.device_get(state)
+  if jax.process_count() > 1:  # every host gets the whole state (its arrays span all hosts)
+    state = multihost_utils.process_allgather(state, tiled=True)
+  else:
+    state = jax.device_get(state)
   return nnx.merge(setup.graphdef, state["params"], state["rest"]), step
+
+
+def _bad_record_metrics(it) -> dict[str, float]:
+  """data/bad_records (all datasets) and data/bad_records/<dataset>: records skipped so far."""
+  bad = getattr(it, "bad_by_dataset", None)
+  if bad is None:
+    return {}
+  return {"data/bad_records": float(sum(bad.values())),
+          **{f"data/bad_records/{name}": float(n) for name, n in bad.items()}}
 
 
 def _evaluate(config, objective, setup, eval_fn, state) -> dict[str, float]:
@@ -163,25 +206,25 @@ def run_train(config: ml_collections.ConfigDict, workdir: str, *, stream=None,
 
 def _run(config, workdir, stream, preemption: _Preemption, evaluator=None) -> dict[str, Any]:
   train = config.train
+  demo_tokens.use_demo_tokens_if_unset(config)  # here, not in build(): only commands that read data
   objective, setup = build(config)
-  os.makedirs(workdir, exist_ok=True)
+  directory = paths.resolve(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
   it = objective.make_iterator("train", jax.process_index(), jax.process_count())
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         keep=train.keep_checkpoints)
+  checkpointer = checkpoint.Checkpointer(directory / "checkpoints", keep=train.keep_checkpoints)
   try:
     restored = checkpointer.restore_latest(setup.abstract_state, it)
   except BaseException:
     checkpointer.close()
     raise
   if jax.process_index() == 0:  # after the restore: a checkpoint of another config stopped us there
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  stop = preemption.agreed()
+    (directory / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+  stop = preemption.before_start()
   if restored:
     state, start = restored
   else:  # a preempted fresh start needs no initialised state (it saves nothing)
     state, start = (setup.abstract_state if stop else trainstate.init_state(config, setup)), 0
-  writer = MetricsWriter(workdir, total_steps=train.steps, log_every=train.log_every,
+  writer = MetricsWriter(directory, total_steps=train.steps, log_every=train.log_every,
                          start_step=start, stream=stream)
   if restored:
     writer.message(f"mmjax: resumed from the checkpoint of step {start}")
@@ -189,11 +232,18 @@ def _run(config, workdir, stream, preemption: _Preemption, evaluator=None) -> di
                                  params=trainstate.param_count(state))
   try:
     if stop:
-      writer.message("mmjax: SIGTERM before the first step; stopping (nothing new to save)")
+      writer.message(f"mmjax: {preemption.name} before the first step; stopping (nothing new "
+                     "to save)")
       summary["preempted"] = True
     elif start < train.steps:
       _loop(config, objective, setup, state, it, checkpointer, writer, start, summary, preemption,
             evaluator)
+    bad = getattr(it, "bad_by_dataset", None)
+    if bad is not None:  # records skipped as bad (data.bad_records="skip"), per dataset
+      summary["bad_records"] = {"total": sum(bad.values()), "by_dataset": bad}
+      if sum(bad.values()):
+        writer.message("mmjax: skipped bad records: " + ", ".join(
+            f"{name} {n}" for name, n in sorted(bad.items())))
   finally:
     checkpointer.close()
     writer.close()
@@ -201,7 +251,7 @@ def _run(config, workdir, stream, preemption: _Preemption, evaluator=None) -> di
   summary["plot"] = writer.plot()
   if evaluator is not None and jax.process_index() == 0:
     summary["curves"] = evaluator.finish()
-  summary["metrics_file"] = writer.path
+  summary["metrics_file"] = os.fspath(writer.path)
   return summary
 
 
@@ -234,7 +284,7 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
       clock.update(time=now, step=number)
       metrics.update(step_time_s=seconds, samples_per_s=batch_size / seconds,
                      tokens_per_s=tokens_per_step / seconds,
-                     mfu=mmflops.mfu(flops_per_step / seconds, peak))
+                     mfu=mmflops.mfu(flops_per_step / seconds, peak), **_bad_record_metrics(it))
       writer.write(number, metrics)
       writer.progress(number, metrics)
       summary.update(step=number, loss=metrics["loss"], skipped=int(metrics["skipped"]))
@@ -242,10 +292,12 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
   with setup.context():
     batch = mmsharding.global_batch(next(it), setup.batch_shardings)
     compile_start = time.perf_counter()
-    step_fn = trainstep.jit_step(setup, train).lower(state, batch).compile()
+    with progress.phase("train: compiling the step", enabled=jax.process_index() == 0):
+      step_fn = trainstep.jit_step(setup, train).lower(state, batch).compile()
     summary["compile_s"] = time.perf_counter() - compile_start
-    if preemption.agreed():  # during the compile: stop before a step there may be no time for
-      writer.message("mmjax: SIGTERM before the first step; stopping (nothing new to save)")
+    if preemption.before_start():  # during the compile: stop before a step there may be no time for
+      writer.message(f"mmjax: {preemption.name} before the first step; stopping (nothing new "
+                     "to save)")
       summary["preempted"] = True
       return
     clock["time"] = time.perf_counter()
@@ -257,7 +309,7 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
       pending.append((number, metrics))
       last = number == train.steps
       do_eval = (eval_every and number % eval_every == 0) or last
-      stop = preemption.agreed()  # every host saves and stops at the same step
+      stop = preemption.at_step(number)  # every host saves and stops at the same step
       do_save = number % train.checkpoint_every == 0 or last or stop
       if do_eval or do_save:
         fetch()
@@ -277,7 +329,8 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
         clock["time"] = time.perf_counter()  # step times exclude evaluation and saving
       if stop:
         checkpointer.wait()
-        writer.message(f"mmjax: SIGTERM: saved the checkpoint of step {number}; stopping")
+        writer.message(f"mmjax: {preemption.name}: saved the checkpoint of step {number}; "
+                       "stopping")
         summary["preempted"] = True
         break
     fetch()

@@ -1,13 +1,24 @@
-"""Scaling-law fits by least squares, in numpy alone, and their plot.
+"""Scaling-law fits with scipy, and their plot.
 
-  L(N)    = E + A N^-alpha                  loss against parameters (or compute C)
-  L(N, D) = E + A N^-alpha + B D^-beta      loss against parameters and training tokens
+  L(N)         = E + A N^-alpha                           loss against parameters (or compute C)
+  L(N, D)      = E + A N^-alpha + B D^-beta               parameters and training tokens
+  L_ij(N, D_i, D_j) = [L_i(N, D_i) + L_j(N, D_j)] / 2 - C + A N^-alpha + B (D_i + D_j)^-beta
+                                                          two modalities trained together, over the
+                                                          unimodal laws L_i, L_j (Aghajanyan et al.
+                                                          2023, "Scaling laws for generative
+                                                          mixed-modal language models")
 
-Both are linear in the coefficients (E, A, B) once the exponents are fixed, so the fit is a search
-over the exponents (a log-spaced grid, then golden-section / coordinate refinement) whose objective
-is the residual of the linear least-squares solve for the coefficients (variable projection); the
-coefficients are kept non-negative. x is divided by its geometric mean before fitting so the
-exponentials stay well scaled.
+Each fit minimises a Huber loss (delta 1e-3) of the log residuals log L_hat - log L with
+`scipy.optimize.least_squares`, as Hoffmann et al. (2022) do for Chinchilla: the robust loss keeps
+one bad run from dragging the law, and log residuals weigh small and large losses alike. E, A and B
+are fitted as logarithms (so they stay positive); C of the mixed-modal law is free in sign (> 0:
+the modalities help each other, < 0: they compete). The problem has local minima, so the fit starts
+from several initialisations: a grid of exponents, each with the coefficients that the linear
+least-squares solve gives at those exponents, keeping the best few and then the best end point. x is
+divided by its geometric mean first, so the coefficients stay well scaled.
+
+`bootstrap=K` refits K resamples of the points (drawn with replacement) from the best fit and
+reports 95 % percentile intervals of every parameter under "interval".
 
 Compute-optimal frontier of L(N, D) with C = k N D (k ≈ 6 FLOPs per parameter per token): minimising
 L at fixed C gives N_opt = G (C/k)^(beta/(alpha+beta)), D_opt = (C/k) / N_opt with
@@ -16,53 +27,22 @@ G = (alpha A / (beta B))^(1/(alpha+beta)).
 
 from __future__ import annotations
 
-import itertools
 import math
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import optimize
 
-_GRID = np.geomspace(0.02, 3.0, 121)   # exponents searched (scaling exponents are ~0.05-1)
-_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+from mmjax import paths
 
-
-def _nonneg_lstsq(features_PK: np.ndarray, y_P: np.ndarray) -> tuple[np.ndarray, float]:
-  """min |F c - y|^2 with c >= 0, by trying every subset of free columns (K <= 3)."""
-  k = features_PK.shape[1]
-  coef, *_ = np.linalg.lstsq(features_PK, y_P, rcond=None)
-  if np.all(coef >= 0):  # the usual case: the unconstrained optimum is feasible
-    return coef, float(np.sum((features_PK @ coef - y_P) ** 2))
-  best_coef, best_sse = np.zeros(k), float(np.sum(y_P ** 2))
-  for size in range(1, k):
-    for columns in itertools.combinations(range(k), size):
-      coef_sub, *_ = np.linalg.lstsq(features_PK[:, columns], y_P, rcond=None)
-      if np.any(coef_sub < 0):
-        continue
-      coef = np.zeros(k)
-      coef[list(columns)] = coef_sub
-      sse = float(np.sum((features_PK @ coef - y_P) ** 2))
-      if sse < best_sse:
-        best_coef, best_sse = coef, sse
-  return best_coef, best_sse
-
-
-def _golden(f, lo: float, hi: float, iters: int = 60) -> float:
-  """Minimiser of a unimodal f on [lo, hi] (searched in log space)."""
-  a, b = math.log(lo), math.log(hi)
-  c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
-  fc, fd = f(math.exp(c)), f(math.exp(d))
-  for _ in range(iters):
-    if fc < fd:
-      b, d, fd = d, c, fc
-      c = b - _GOLDEN * (b - a)
-      fc = f(math.exp(c))
-    else:
-      a, c, fc = c, d, fd
-      d = a + _GOLDEN * (b - a)
-      fd = f(math.exp(d))
-  return math.exp((a + b) / 2)
+HUBER_DELTA = 1e-3                            # on log residuals, as in Hoffmann et al. (2022)
+_EXPONENTS = np.geomspace(0.03, 2.0, 16)      # initial exponents (scaling exponents are ~0.05-1)
+_STARTS = 4                                   # initialisations refined with least_squares
+_LOG_BOUND = 60.0                             # |log E|, |log A|, |log B| (E -> 0 is exp(-60))
+_MAX_EXPONENT = 5.0
+_LEVEL = 0.95                                 # bootstrap interval coverage
+SWEEP_BOOTSTRAP = 100                         # resamples behind the intervals of `mmjax sweep`
 
 
 def _check(x: Sequence[float], y: Sequence[float], name: str, minimum: int):
@@ -73,91 +53,220 @@ def _check(x: Sequence[float], y: Sequence[float], name: str, minimum: int):
     raise ValueError(f"{name}: needs at least {minimum} points, got {len(x)}")
   if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(x > 0)):
     raise ValueError(f"{name}: x must be positive and x, y finite")
+  if not np.all(y > 0):
+    raise ValueError(f"{name}: losses must be positive (the fit is on log residuals)")
   return x, y
 
 
-def fit_power_law(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
-  """Least-squares fit of y = E + A x^-alpha (E, A >= 0): {"E", "A", "alpha", "rmse", "points"}."""
+def _centred_log(x: np.ndarray) -> tuple[np.ndarray, float]:
+  """(log x - mean log x, the geometric mean)."""
+  log_x = np.log(x)
+  return log_x - log_x.mean(), float(np.exp(log_x.mean()))
+
+
+def _robust_fit(residuals: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                starts: Sequence[np.ndarray], bounds: tuple[np.ndarray, np.ndarray],
+                index: np.ndarray) -> np.ndarray:
+  """The best end point of Huber least squares on the log residuals from each start."""
+  best, best_cost = None, math.inf
+  for start in starts:
+    start = np.clip(start, bounds[0], bounds[1])
+    result = optimize.least_squares(residuals, start, args=(index,), bounds=bounds, loss="huber",
+                                    f_scale=HUBER_DELTA, method="trf", x_scale="jac",
+                                    xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=2000)
+    if result.cost < best_cost:
+      best, best_cost = result.x, result.cost
+  return best
+
+
+def _log_coefficient(value: float, floor: float) -> float:
+  return math.log(max(float(value), floor))
+
+
+def _best_starts(candidates: list[tuple[float, np.ndarray]]) -> list[np.ndarray]:
+  candidates.sort(key=lambda c: c[0])
+  return [theta for _, theta in candidates[:_STARTS]]
+
+
+def _bootstrap(refit: Callable[[np.ndarray], dict[str, float]], points: int, resamples: int,
+               seed: int, usable: Callable[[np.ndarray], bool]) -> dict[str, list[float]]:
+  """Percentile intervals of every value `refit(indices)` returns, over `resamples` resamples."""
+  rng = np.random.default_rng(seed)
+  draws: dict[str, list[float]] = {}
+  tries = 0
+  while min((len(v) for v in draws.values()), default=0) < resamples and tries < 3 * resamples:
+    tries += 1
+    index = rng.integers(0, points, points)
+    if not usable(index):  # too few distinct levels to identify the law
+      continue
+    for key, value in refit(index).items():
+      draws.setdefault(key, []).append(value)
+  tail = (1.0 - _LEVEL) / 2 * 100
+  return {key: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))]
+          for key, v in draws.items()}
+
+
+def fit_power_law(x: Sequence[float], y: Sequence[float], *, bootstrap: int = 0,
+                  seed: int = 0) -> dict[str, Any]:
+  """Fit of y = E + A x^-alpha: {"E", "A", "alpha", "rmse", "points"} (+ "interval")."""
   x, y = _check(x, y, "fit_power_law", 3)
-  scale = float(np.exp(np.mean(np.log(x))))
-  u = x / scale
+  u, scale = _centred_log(x)
+  log_y = np.log(y)
 
-  def solve(alpha: float) -> tuple[np.ndarray, float]:
-    return _nonneg_lstsq(np.stack([np.ones_like(u), u ** -alpha], axis=1), y)
+  def residuals(theta: np.ndarray, index: np.ndarray) -> np.ndarray:
+    e, a, alpha = theta
+    return np.logaddexp(e, a - alpha * u[index]) - log_y[index]
 
-  sse = [solve(a)[1] for a in _GRID]
-  i = int(np.argmin(sse))
-  alpha = _golden(lambda a: solve(a)[1], _GRID[max(i - 1, 0)], _GRID[min(i + 1, len(_GRID) - 1)])
-  if solve(alpha)[1] > sse[i]:
-    alpha = float(_GRID[i])
-  (e, a_scaled), best = solve(alpha)
-  return {"E": float(e), "A": float(a_scaled * scale ** alpha), "alpha": float(alpha),
-          "rmse": math.sqrt(best / len(y)), "points": len(y)}
+  floor = 1e-3 * float(y.min())
+  candidates = []
+  for alpha in _EXPONENTS:
+    coef, norm = optimize.nnls(np.stack([np.ones_like(u), np.exp(-alpha * u)], axis=1), y)
+    candidates.append((norm, np.array([_log_coefficient(coef[0], floor),
+                                       _log_coefficient(coef[1], floor), alpha])))
+  bounds = (np.array([-_LOG_BOUND, -_LOG_BOUND, 0.0]),
+            np.array([_LOG_BOUND, _LOG_BOUND, _MAX_EXPONENT]))
+
+  def params(theta: np.ndarray) -> dict[str, float]:
+    e, a, alpha = (float(v) for v in theta)
+    return {"E": math.exp(e), "A": math.exp(a) * scale ** alpha, "alpha": alpha}
+
+  everything = np.arange(len(x))
+  best = _robust_fit(residuals, _best_starts(candidates), bounds, everything)
+  fit: dict[str, Any] = params(best)
+  fit.update(rmse=_rmse(power_law(fit, x), y), points=len(y))
+  if bootstrap:
+    fit["interval"] = _bootstrap(
+        lambda index: params(_robust_fit(residuals, [best], bounds, index)), len(x), bootstrap,
+        seed, lambda index: len(np.unique(x[index])) >= 3)
+  return fit
+
+
+def _rmse(prediction: np.ndarray, y: np.ndarray) -> float:
+  return float(np.sqrt(np.mean((prediction - y) ** 2)))
 
 
 def power_law(fit: dict[str, float], x) -> np.ndarray:
   return fit["E"] + fit["A"] * np.asarray(x, np.float64) ** -fit["alpha"]
 
 
-def fit_loss_nd(n: Sequence[float], d: Sequence[float], y: Sequence[float]) -> dict[str, float]:
-  """Least-squares fit of y = E + A N^-alpha + B D^-beta (E, A, B >= 0)."""
+def fit_loss_nd(n: Sequence[float], d: Sequence[float], y: Sequence[float], *,
+                bootstrap: int = 0, seed: int = 0) -> dict[str, Any]:
+  """Fit of y = E + A N^-alpha + B D^-beta: {"E", "A", "alpha", "B", "beta", "rmse", "points"}
+  (+ "interval", which also bounds the compute-optimal exponent "n_exponent")."""
   n, y = _check(n, y, "fit_loss_nd", 5)
   d, _ = _check(d, y, "fit_loss_nd", 5)
   # Each of A N^-alpha and B D^-beta is only identifiable from 3 levels (the floor E is shared).
   if len(np.unique(n)) < 3 or len(np.unique(d)) < 3:
     raise ValueError("fit_loss_nd: needs at least 3 distinct N and 3 distinct D")
-  n_scale, d_scale = float(np.exp(np.mean(np.log(n)))), float(np.exp(np.mean(np.log(d))))
-  un, ud = n / n_scale, d / d_scale
+  un, n_scale = _centred_log(n)
+  ud, d_scale = _centred_log(d)
+  log_y = np.log(y)
+
+  def residuals(theta: np.ndarray, index: np.ndarray) -> np.ndarray:
+    e, a, alpha, b, beta = theta
+    terms = np.stack([np.full(len(index), e), a - alpha * un[index], b - beta * ud[index]])
+    return np.logaddexp.reduce(terms, axis=0) - log_y[index]
+
+  floor = 1e-3 * float(y.min())
   ones = np.ones_like(un)
+  candidates = []
+  for alpha in _EXPONENTS:
+    for beta in _EXPONENTS:
+      features = np.stack([ones, np.exp(-alpha * un), np.exp(-beta * ud)], axis=1)
+      coef, norm = optimize.nnls(features, y)
+      candidates.append((norm, np.array([
+          _log_coefficient(coef[0], floor), _log_coefficient(coef[1], floor), alpha,
+          _log_coefficient(coef[2], floor), beta])))
+  bounds = (np.array([-_LOG_BOUND, -_LOG_BOUND, 0.0, -_LOG_BOUND, 0.0]),
+            np.array([_LOG_BOUND, _LOG_BOUND, _MAX_EXPONENT, _LOG_BOUND, _MAX_EXPONENT]))
 
-  def solve(alpha: float, beta: float) -> tuple[np.ndarray, float]:
-    return _nonneg_lstsq(np.stack([ones, un ** -alpha, ud ** -beta], axis=1), y)
+  def params(theta: np.ndarray) -> dict[str, float]:
+    e, a, alpha, b, beta = (float(v) for v in theta)
+    return {"E": math.exp(e), "A": math.exp(a) * n_scale ** alpha, "alpha": alpha,
+            "B": math.exp(b) * d_scale ** beta, "beta": beta}
 
-  grid = _GRID[::4]
-  sse = _grid_sse(np.stack([ones, un, ud], axis=1), y, grid)
-  if not np.isfinite(sse).any():  # no exponent pair has a non-negative unconstrained fit
-    sse = np.array([[solve(a, b)[1] for b in grid] for a in grid])
-  i, j = np.unravel_index(int(np.argmin(sse)), sse.shape)
-  alpha, beta = float(grid[i]), float(grid[j])
-  best = float(sse[i, j])
-  # Coordinate refinement: golden-section along each exponent in turn, within a shrinking bracket.
-  width = float(grid[1] / grid[0]) ** 1.5
-  for _ in range(6):
-    new_alpha = _golden(lambda a, b=beta: solve(a, b)[1], max(alpha / width, 1e-3),
-                        alpha * width, 40)
-    new_beta = _golden(lambda b, a=new_alpha: solve(a, b)[1], max(beta / width, 1e-3),
-                       beta * width, 40)
-    value = solve(new_alpha, new_beta)[1]
-    if value <= best:
-      alpha, beta, best = new_alpha, new_beta, value
-    width = math.sqrt(width)
-  (e, a_scaled, b_scaled), best = solve(alpha, beta)
-  return {"E": float(e), "A": float(a_scaled * n_scale ** alpha), "alpha": alpha,
-          "B": float(b_scaled * d_scale ** beta), "beta": beta,
-          "rmse": math.sqrt(best / len(y)), "points": len(y)}
-
-
-def _grid_sse(base_PK: np.ndarray, y_P: np.ndarray, grid: np.ndarray) -> np.ndarray:
-  """Residuals of the unconstrained fits of y = E + A u^-a + B v^-b over a grid of (a, b), by
-  batched normal equations; inf where a coefficient comes out negative."""
-  powers_G = -grid
-  f_n = base_PK[None, :, 1] ** powers_G[:, None]                 # [G, P]
-  f_d = base_PK[None, :, 2] ** powers_G[:, None]
-  ones = np.ones((len(grid), len(grid), len(y_P)))
-  features = np.stack([ones, np.broadcast_to(f_n[:, None], ones.shape),
-                       np.broadcast_to(f_d[None, :], ones.shape)], axis=-1)   # [G, G, P, 3]
-  gram = np.einsum("abpk,abpl->abkl", features, features)
-  rhs = np.einsum("abpk,p->abk", features, y_P)
-  with np.errstate(all="ignore"):
-    coef = np.linalg.solve(gram + 1e-12 * np.eye(3), rhs[..., None])[..., 0]
-    sse = np.sum((np.einsum("abpk,abk->abp", features, coef) - y_P) ** 2, axis=-1)
-  sse[np.any(coef < 0, axis=-1) | ~np.isfinite(sse)] = np.inf
-  return sse
+  everything = np.arange(len(y))
+  best = _robust_fit(residuals, _best_starts(candidates), bounds, everything)
+  fit: dict[str, Any] = params(best)
+  fit.update(rmse=_rmse(loss_nd(fit, n, d), y), points=len(y))
+  if bootstrap:
+    def refit(index: np.ndarray) -> dict[str, float]:
+      law = params(_robust_fit(residuals, [best], bounds, index))
+      return {**law, "n_exponent": law["beta"] / (law["alpha"] + law["beta"])}
+    fit["interval"] = _bootstrap(
+        refit, len(y), bootstrap, seed,
+        lambda index: len(np.unique(n[index])) >= 3 and len(np.unique(d[index])) >= 3)
+  return fit
 
 
 def loss_nd(fit: dict[str, float], n, d) -> np.ndarray:
   n, d = np.asarray(n, np.float64), np.asarray(d, np.float64)
   return fit["E"] + fit["A"] * n ** -fit["alpha"] + fit["B"] * d ** -fit["beta"]
+
+
+def fit_mixed_modal(n: Sequence[float], d_i: Sequence[float], d_j: Sequence[float],
+                    y: Sequence[float], law_i: dict[str, float], law_j: dict[str, float], *,
+                    bootstrap: int = 0, seed: int = 0) -> dict[str, Any]:
+  """Fit of the interaction between modalities i and j (Aghajanyan et al. 2023):
+
+    y = [L_i(N, D_i) + L_j(N, D_j)] / 2 - C + A N^-alpha + B (D_i + D_j)^-beta
+
+  where L_i, L_j are the unimodal L(N, D) laws (`fit_loss_nd` results) and y the loss of runs on
+  both modalities with D_i and D_j tokens of each. Returns {"C", "A", "alpha", "B", "beta",
+  "rmse", "points"} (+ "interval"); C > 0 means the modalities help each other at scale.
+  """
+  n, y = _check(n, y, "fit_mixed_modal", 6)
+  d_i, _ = _check(d_i, y, "fit_mixed_modal", 6)
+  d_j, _ = _check(d_j, y, "fit_mixed_modal", 6)
+  total = d_i + d_j
+  if len(np.unique(n)) < 3 or len(np.unique(total)) < 3:
+    raise ValueError("fit_mixed_modal: needs at least 3 distinct N and 3 distinct D_i + D_j")
+  un, n_scale = _centred_log(n)
+  ud, d_scale = _centred_log(total)
+  unimodal = (loss_nd(law_i, n, d_i) + loss_nd(law_j, n, d_j)) / 2
+  log_y = np.log(y)
+  tiny = 1e-6 * float(y.min())
+
+  def residuals(theta: np.ndarray, index: np.ndarray) -> np.ndarray:
+    c, a, alpha, b, beta = theta
+    prediction = (unimodal[index] - c + np.exp(a - alpha * un[index])
+                  + np.exp(b - beta * ud[index]))
+    return np.log(np.maximum(prediction, tiny)) - log_y[index]
+
+  floor = 1e-3 * float(y.min())
+  ones = np.ones_like(un)
+  candidates = []
+  for alpha in _EXPONENTS:
+    for beta in _EXPONENTS:
+      features = np.stack([-ones, np.exp(-alpha * un), np.exp(-beta * ud)], axis=1)
+      solve = optimize.lsq_linear(features, y - unimodal, bounds=([-np.inf, 0, 0], np.inf))
+      c, a, b = solve.x
+      candidates.append((solve.cost, np.array([c, _log_coefficient(a, floor), alpha,
+                                               _log_coefficient(b, floor), beta])))
+  bounds = (np.array([-np.inf, -_LOG_BOUND, 0.0, -_LOG_BOUND, 0.0]),
+            np.array([np.inf, _LOG_BOUND, _MAX_EXPONENT, _LOG_BOUND, _MAX_EXPONENT]))
+
+  def params(theta: np.ndarray) -> dict[str, float]:
+    c, a, alpha, b, beta = (float(v) for v in theta)
+    return {"C": c, "A": math.exp(a) * n_scale ** alpha, "alpha": alpha,
+            "B": math.exp(b) * d_scale ** beta, "beta": beta}
+
+  best = _robust_fit(residuals, _best_starts(candidates), bounds, np.arange(len(y)))
+  fit: dict[str, Any] = params(best)
+  fit.update(rmse=_rmse(mixed_modal_loss(fit, law_i, law_j, n, d_i, d_j), y), points=len(y))
+  if bootstrap:
+    fit["interval"] = _bootstrap(
+        lambda index: params(_robust_fit(residuals, [best], bounds, index)), len(y), bootstrap,
+        seed, lambda index: len(np.unique(n[index])) >= 3 and len(np.unique(total[index])) >= 3)
+  return fit
+
+
+def mixed_modal_loss(fit: dict[str, float], law_i: dict[str, float], law_j: dict[str, float],
+                     n, d_i, d_j) -> np.ndarray:
+  """L_ij(N, D_i, D_j) of a `fit_mixed_modal` result over the unimodal laws."""
+  n, d_i, d_j = (np.asarray(v, np.float64) for v in (n, d_i, d_j))
+  return ((loss_nd(law_i, n, d_i) + loss_nd(law_j, n, d_j)) / 2 - fit["C"]
+          + fit["A"] * n ** -fit["alpha"] + fit["B"] * (d_i + d_j) ** -fit["beta"])
 
 
 def compute_optimal(fit: dict[str, float], compute, flops_per_param_token: float = 6.0):
@@ -231,8 +340,7 @@ def plot_scaling(path: str, rows: Sequence[dict[str, Any]], fits: dict[str, Any]
     axis.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
     axis.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
   figure.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  figure.savefig(path, dpi=100)
+  paths.save_figure(figure, path)
   plt.close(figure)
   return path
 
@@ -254,7 +362,8 @@ def fit_results(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
                                               [r[metric] for r in largest]),
       "loss_vs_compute": lambda: fit_power_law(compute[pareto_front(compute, loss)],
                                                loss[pareto_front(compute, loss)]),
-      "loss_nd": lambda: fit_loss_nd([r["params"] for r in rows], tokens, loss),
+      "loss_nd": lambda: fit_loss_nd([r["params"] for r in rows], tokens, loss,
+                                     bootstrap=SWEEP_BOOTSTRAP),
   }
   for name, attempt in attempts.items():
     try:
@@ -267,6 +376,8 @@ def fit_results(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
     fits["compute_optimal"] = {"flops_per_param_token": k,
                                "n_exponent": nd["beta"] / (nd["alpha"] + nd["beta"]),
                                "d_exponent": nd["alpha"] / (nd["alpha"] + nd["beta"])}
+    if "n_exponent" in nd.get("interval", {}):
+      fits["compute_optimal"]["n_exponent_interval"] = nd["interval"]["n_exponent"]
     try:
       n_opt, d_opt = compute_optimal(nd, compute.max(), k)
       fits["compute_optimal"].update(at_flops=float(compute.max()), params=float(n_opt),

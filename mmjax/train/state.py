@@ -12,6 +12,7 @@ The train state is a plain pytree (a dict), so that jit, optax and Orbax all see
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -44,23 +45,16 @@ class Setup:
 
   def context(self):
     """Mesh + logical rules, active while tracing anything of this run."""
-    return _Context(self.mesh, self.rules)
+    return _context(self.mesh, self.rules)
 
 
-class _Context:
-  def __init__(self, mesh: Mesh, rules: mmsharding.Rules):
-    self._managers = [jax.set_mesh(mesh), nnx.logical_axis_rules(rules),
-                      nnx.use_eager_sharding(False)]
-
-  def __enter__(self):
-    for m in self._managers:
-      m.__enter__()
-    return self
-
-  def __exit__(self, *exc):
-    for m in reversed(self._managers):
-      m.__exit__(*exc)
-    return False
+def _context(mesh: Mesh, rules: mmsharding.Rules) -> contextlib.ExitStack:
+  """The mesh, the logical axis rules and lazy sharding, entered together, left in reverse."""
+  stack = contextlib.ExitStack()
+  for manager in (jax.set_mesh(mesh), nnx.logical_axis_rules(rules),
+                  nnx.use_eager_sharding(False)):
+    stack.enter_context(manager)
+  return stack
 
 
 def _init_fn(objective: Objective, tx: optax.GradientTransformation, seed: int,
@@ -83,7 +77,7 @@ def make_setup(config: ml_collections.ConfigDict, objective: Objective, mesh: Me
   tx = make_optimizer(config.train)
   param_dtype = jnp.dtype(config.train.get("param_dtype", "float32"))
   init = _init_fn(objective, tx, int(config.seed), param_dtype)
-  with _Context(mesh, rules):
+  with _context(mesh, rules):
     graphdef_box = []
 
     def shapes_only():

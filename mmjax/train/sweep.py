@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+from etils import epath
 
 from mmjax import config as mmconfig
 from mmjax.errors import UserError
@@ -181,7 +182,7 @@ def run_points(sweep: Mapping[str, Any], workdir: str, *,
   total = len(configs)
   for index, (name, config) in enumerate(configs.items(), 1):
     point_dir = os.path.join(workdir, name)
-    if os.path.exists(os.path.join(point_dir, MARKER)):
+    if (epath.Path(point_dir) / MARKER).exists():
       log(f"mmjax sweep: [{index}/{total}] {name}: finished before; skipped")
       status[name] = "skipped"
       continue
@@ -191,9 +192,9 @@ def run_points(sweep: Mapping[str, Any], workdir: str, *,
       log(f"mmjax sweep: {name} was preempted; the sweep stops (run it again to resume)")
       status[name] = "preempted"
       break
-    with open(os.path.join(point_dir, MARKER), "w") as f:
-      json.dump({"name": name, "overrides": sweep["points"][name], "summary": summary}, f,
-                default=str)
+    if jax.process_index() == 0:  # every process trained the point; one writes its marker
+      (epath.Path(point_dir) / MARKER).write_text(json.dumps(
+          {"name": name, "overrides": sweep["points"][name], "summary": summary}, default=str))
     status[name] = "ran"
   return status
 
@@ -211,12 +212,10 @@ def _sizes(config, point_dir: str) -> dict[str, Any]:
 
   objective = get_objective(config)
   params = None
-  marker = os.path.join(point_dir, MARKER)
-  if os.path.exists(marker):
-    with open(marker) as f:
-      params = json.load(f).get("summary", {}).get("params")
+  marker = epath.Path(point_dir) / MARKER
+  if marker.exists():
+    params = json.loads(marker.read_text()).get("summary", {}).get("params")
   if params is None:
-
     try:
       _, setup = build(config)
       params = int(sum(math.prod(x.shape)
@@ -242,7 +241,7 @@ def collect(sweep: Mapping[str, Any], workdir: str) -> dict[str, Any]:
                            "workdir": point_dir}
     row.update(_sizes(config, point_dir))
     last_step = max((r.get("step", 0) for r in records), default=0)
-    finished = os.path.exists(os.path.join(point_dir, MARKER)) or last_step >= row["steps"]
+    finished = (epath.Path(point_dir) / MARKER).exists() or last_step >= row["steps"]
     row["status"] = "done" if finished else ("partial" if records else "missing")
     row["step"] = last_step
     row["loss"], _ = _final(records, "loss")
@@ -267,15 +266,14 @@ def collect(sweep: Mapping[str, Any], workdir: str) -> dict[str, Any]:
       result["plot"] = scaling.plot_scaling(os.path.join(workdir, PLOT), done, fit, "metric",
                                             label=metric)
     result["fit"] = fit
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, RESULTS), "w") as f:
-    for row in rows:
-      f.write(json.dumps(row, default=str) + "\n")
-    if fit is not None:
-      f.write(json.dumps({"kind": "fit", **fit}, default=str) + "\n")
+  out = epath.Path(workdir)
+  out.mkdir(parents=True, exist_ok=True)
+  lines = [json.dumps(row, default=str) + "\n" for row in rows]
+  if fit is not None:
+    lines.append(json.dumps({"kind": "fit", **fit}, default=str) + "\n")
+  (out / RESULTS).write_text("".join(lines))
   table = format_table(rows, metric)
-  with open(os.path.join(workdir, TABLE), "w") as f:
-    f.write(table + "\n")
+  (out / TABLE).write_text(table + "\n")
   result["table_text"] = table
   return result
 

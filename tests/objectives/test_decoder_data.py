@@ -5,61 +5,24 @@ skipped and counted on request), and `run_train` trains, evaluates and checkpoin
 
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
 from mmjax import config as mmconfig
-from mmjax import modalities as mod
-from mmjax import pretokenize
 from mmjax.config import ConfigError
 from mmjax.data.shapes import world as shapes
 from mmjax.errors import UserError
-from mmjax.objectives import text_tokenizer
-from mmjax.tokenizers import image, text
+from mmjax.tokenizers import text
 from mmjax.train import loop
 from mmjax.train.objective import get_objective
-from tests.objectives.token_sets import Captions, tampered
+from tests.objectives.token_sets import shapes_token_sets, tampered
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  """<dir>/mmjax_tokens/shapes: rgb pixels, tok_rgb (64 codes) and caption, in that order, from a
-  SentencePiece model trained on 300 captions and an untrained small rgb tokenizer; and
-  <dir>/mmjax_tokens/captions: 16 captions alone."""
-  root = str(tmp_path_factory.mktemp("tokens"))
-  cfg = mmconfig.load(os.path.join(ROOT, "configs/tokenizers/shapes_text.py"))
-  pairs = text_tokenizer.shapes_sentences(300, split="train", seed=0, image_size=64,
-                                          coord_bins=65)
-  sentences = [s for pair in pairs for s in pair]
-  text.train_text_tokenizer(sentences, os.path.join(root, "tokenizers", "shapes_text", "text"),
-                            cfg.tokenizer)
-  config = ml_collections.ConfigDict()
-  config.data = ml_collections.ConfigDict(dict(name="shapes"))
-  config.modalities = ml_collections.ConfigDict(sort_keys=False, initial_dictionary=dict(
-      rgb=dict(kind="image_pixels", source="rgb", image_size=64, patch_size=8),
-      tok_rgb=dict(kind="image_tokens", source="rgb", vocab_size=64, grid=(8, 8),
-                   tokenizer="configs/tokenizers/shapes_rgb.py"),
-      caption=dict(kind="sequence", source="caption", vocab_size=1024, max_length=48,
-                   tokenizer="configs/tokenizers/shapes_text.py"),
-  ))
-  config.tokens = ml_collections.ConfigDict(dict(shard_size=16, batch_size=8))
-  rgb = image.create_tokenizer(image.ImageTokenizerConfig(
-      modality="rgb", codebook_size=64, code_dim=8, width=32, num_heads=2, encoder_layers=1,
-      decoder_layers=1), seed=1)
-  registry = mod.from_config(config.modalities)
-  pretokenize.run_prepare_tokens(
-      config, root, progress=False,
-      sources={"train": shapes.SceneSource(24, split="train"),
-               "validation": shapes.SceneSource(8, split="validation")},
-      tokenizers={"tok_rgb": pretokenize.ImageModalityTokenizer(registry["tok_rgb"], rgb,
-                                                                batch_size=8)})
-  config.data.name = "captions"
-  config.modalities = ml_collections.ConfigDict(dict(caption=config.modalities.caption))
-  pretokenize.run_prepare_tokens(config, root, progress=False, sources={"train": Captions(16)})
-  return root
+  return shapes_token_sets(str(tmp_path_factory.mktemp("tokens")))
 
 
 def decoder_config(data_dir, *overrides):
@@ -133,12 +96,18 @@ def test_mixture_with_a_text_corpus_and_skipped_bad_records(data_dir):
   with pytest.raises(UserError, match=r"record \d+: no template applies; it has \['caption'\]"):
     next(get_objective(config).make_iterator("train", 0, 1))
   config.data.bad_records = "skip"
+  with pytest.raises(UserError, match=r"data: 16 of the 16 records read from dataset 'captions' "
+                     r"were bad and skipped, more than data.max_bad_fraction=0.05"):
+    next(get_objective(config).make_iterator("train", 0, 1))
+  config.data.max_bad_fraction = 1.0  # every caption-only record is bad here, by design
   objective = get_objective(config)
   it = objective.make_iterator("train", 0, 1)
   batch = next(it)
   assert _documents([batch], objective.vocab).all()
   # The first pack window held 64 records of the stream, every fourth a caption record.
   assert it.bad_records == 16 and it.get_state()["bad_records"] == 16
+  assert it.bad_by_dataset == {"shapes": 0, "captions": 16}
+  assert it.get_state()["read_by_dataset"] == {"shapes": 48, "captions": 16}
   state = it.get_state()
   resumed = objective.make_iterator("train", 0, 1)
   resumed.set_state(state)

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
@@ -144,3 +145,64 @@ def test_load_model_takes_a_relative_workdir(workdir, monkeypatch):
   monkeypatch.chdir(workdir.parent)  # Orbax itself refuses relative paths
   _, step = loop.load_model(_config(), workdir.name)
   assert step == 6 and sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\xff garbage {", b'{"grain": ', b""])
+def test_damaged_iterator_state_falls_back_like_damaged_arrays(written, workdir, garbage):
+  """An iterator-state file that is not readable JSON is corruption (moved aside, one line), not a
+  config change; the earlier checkpoint restores and is left as it was."""
+  _, objective, setup = written
+  state_file = workdir / "checkpoints" / "6" / "iter" / "process_0-of-1.json"
+  state_file.write_bytes(garbage)
+  earlier = _tree(workdir / "checkpoints" / "3")
+  reports = []
+  saver = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=3, report=reports.append)
+  try:
+    restored = saver.restore_latest(setup.abstract_state, objective.make_iterator("train", 0, 1))
+  finally:
+    saver.close()
+  assert restored is not None and restored[1] == 3
+  assert len(reports) == 1 and "\n" not in reports[0]
+  assert reports[0].startswith(
+      f"checkpoint step 6 in {workdir / 'checkpoints'} cannot be restored (its data iterator "
+      f"state {state_file} is unreadable (")
+  assert reports[0].endswith("); moving it to corrupt-6 and trying the previous one")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "corrupt-6"]
+  assert _tree(workdir / "checkpoints" / "3") == earlier
+  moved = workdir / "checkpoints" / "corrupt-6" / "iter" / "process_0-of-1.json"
+  assert moved.read_bytes() == garbage  # kept for inspection, unchanged
+
+
+def test_garbage_in_array_files_is_one_line(written, workdir, capfd, monkeypatch):
+  """Random bytes over the arrays' data files (same sizes): one line on stderr, the previous
+  checkpoint restored; the stragglers' 'Event loop is closed' errors of the abandoned reads are
+  dropped, every other exception still reaches the previous excepthook."""
+  _, objective, setup = written
+  for root, _, files in os.walk(workdir / "checkpoints" / "6" / "state"):
+    if os.path.basename(root) == "d":
+      for name in files:
+        path = os.path.join(root, name)
+        with open(path, "r+b") as f:
+          f.write(os.urandom(os.path.getsize(path)))
+  seen = []
+  monkeypatch.setattr(sys, "excepthook", lambda *exc: seen.append(exc[1]))
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+  saver = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=3)
+  try:
+    restored = saver.restore_latest(setup.abstract_state, objective.make_iterator("train", 0, 1))
+  finally:
+    saver.close()
+  assert restored is not None and restored[1] == 3
+  captured = capfd.readouterr().err
+  assert "Traceback" not in captured and "Exception ignored" not in captured
+  err = [line for line in captured.splitlines() if line.startswith("mmjax:")]
+  assert len(err) == 1 and err[0].startswith("mmjax: checkpoint step 6 in ")
+  assert err[0].endswith("moving it to corrupt-6 and trying the previous one")
+  sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+  other = ValueError("something else")
+  sys.excepthook(ValueError, other, None)
+  closed = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError(
+      "Event loop is closed"), exc_traceback=None, err_msg=None, object=None)
+  sys.unraisablehook(closed)
+  sys.unraisablehook(types.SimpleNamespace(exc_type=ValueError, exc_value=other))
+  assert seen == [other, other]

@@ -7,17 +7,28 @@ import pytest
 from mmjax.train import bench, flops, toy
 
 
-def test_bench_step_on_the_toy_objective():
+@pytest.mark.slow
+def test_bench_step_on_the_toy_objective(capsys):
   config = toy.toy_config(batch_size=16)
   config.mesh.shape.update(dict(data=-1))
   result = bench.run_bench_step(config, steps=2, warmup=1)
+  out, err = capsys.readouterr()
+  assert out == ""  # stdout is the CLI's JSON line alone
+  assert [line.split(":")[1].strip() for line in err.splitlines() if line.endswith(" ...")] == [
+      "building the model and its batch ...", "compiling the train step ...", "1 warm-up steps ...",
+      "measuring the peak FLOP rate ...", "timing 2 steps ...",
+      "measuring the peak FLOP rate again ..."]
   json.dumps(result)
   assert result["bench"] == "step" and result["devices"] == 8
   c = config.toy
   assert result["model_flops_per_step"] == 16 * 6 * c.length * (c.embed * c.mlp + c.mlp * c.vocab)
-  # XLA counts the same matmuls plus elementwise work and the optimizer: same order, not less.
-  ratio = result["xla_flops_per_step"] / result["model_flops_per_step"]
-  assert 0.9 < ratio < 3.0, ratio
+  # XLA counts the matmuls plus elementwise work (per sample) and the optimizer (per step, on
+  # every replica). The difference between two batch sizes drops the optimizer: what is left is
+  # the matmuls the model counts plus 5-10 % of elementwise work (7.2 % measured).
+  larger = bench.run_bench_step(toy.toy_config(batch_size=64), steps=1, warmup=0)
+  marginal = ((larger["xla_flops_per_step"] - result["xla_flops_per_step"])
+              / (larger["model_flops_per_step"] - result["model_flops_per_step"]))
+  assert 1.0 < marginal < 1.15, marginal
   assert result["samples_per_s"] == pytest.approx(16 / result["step_time_s"])
   expected = result["model_flops_per_step"] / result["step_time_s"] / result["peak_flops_per_s"]
   assert result["mfu"] == pytest.approx(expected)

@@ -51,4 +51,10 @@ def test_nan_skip_then_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
   assert "resumed from the checkpoint of step 3" in err
   assert again["start_step"] == 3 and again["step"] == 6
   assert _losses(tmp_path) == pytest.approx(first, nan_ok=True, rel=0, abs=0)
-  assert json.dumps({k: v for k, v in again.items()})  # the summary is JSON-able
+  # The summary is strict JSON (the CLI prints it) and says what happened.
+  assert json.loads(json.dumps(again, allow_nan=False)) == again
+  assert sorted(again) == ["checkpoints", "compile_s", "eval", "loss", "metrics_file", "params",
+                           "plot", "preempted", "skipped", "start_step", "step", "workdir"]
+  assert again["checkpoints"] == [3, 6] and again["skipped"] == 1 and again["preempted"] is False
+  assert again["loss"] == first[6]
+  assert again["eval"]["eval/loss"] == pytest.approx(records[-1]["eval/loss"], rel=1e-6)

@@ -6,7 +6,8 @@ without EOS (appended here, then truncated to max_length); for an `image_pixels`
 image [H, W, 3]. A modality a dataset declares optional may be absent (key missing or None): it is then
 empty for that record. Anything else wrong (a required modality absent, a wrong length or dtype, an id
 outside [0, vocab_size)) is a bad record: an error naming the record and field, or, with
-`bad_records="skip"`, the row becomes padding (every slot invalid) and is counted.
+`bad_records="skip"`, the row becomes padding (every slot invalid) and is flagged in bad_B [B].
+A record the reader could not parse arrives as {BAD_RECORD: message} and is bad the same way.
 
 Per batch: a mixture component per sample, input budgets over N and target budgets over M
 (`masking.dirichlet_budgets`), disjoint random input/target cells for images, span masking for
@@ -31,6 +32,7 @@ from mmjax.config import ConfigError
 from mmjax.data.fourm import batch as fourm_batch
 from mmjax.data.fourm import masking
 from mmjax.data.fourm.mixtures import Mixture
+from mmjax.data.record_keys import BAD_RECORD
 from mmjax.errors import UserError
 from mmjax.modalities import IMAGE_PIXELS, IMAGE_TOKENS, SEQUENCE, Modality, Registry
 from mmjax.tokenizers import special
@@ -91,7 +93,7 @@ class _InBatch:
 
 
 class FourMTransform:
-  """Callable `(records, rng) -> (batch, num_bad)`: the 4M masking of a batch of records.
+  """Callable `(records, rng) -> (batch, bad_B)`: the 4M masking of a batch of records.
 
   `optional[d]` names the modalities dataset d may lack; `dataset_B` (per record, default 0) says
   which dataset each record comes from; `where_B` labels records in error messages.
@@ -237,11 +239,16 @@ class FourMTransform:
 
   def __call__(self, records: Sequence[Mapping[str, Any]], rng: np.random.Generator, *,
                dataset_B: Sequence[int] | None = None,
-               where_B: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], int]:
+               where_B: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     B, K = len(records), len(self.registry)
     dataset_B = np.zeros(B, np.int64) if dataset_B is None else np.asarray(dataset_B)
     where = _InBatch() if where_B is None else where_B  # read only for error messages
     bad_B = np.zeros(B, bool)
+    for b, record in enumerate(records):  # unreadable from its bytes: the reader named it
+      if BAD_RECORD in record:
+        if self.bad_records == "error":
+          raise BadRecord(f"bad record {record[BAD_RECORD]}")
+        bad_B[b] = True
     present_BK = np.ones((B, K), bool)
     data = []
     for k, m in enumerate(self.registry):
@@ -284,7 +291,7 @@ class FourMTransform:
       batch["enc_pixels"] = data[self.registry.index(self.pixel.name)]
     _pack(batch, "enc", enc, self.num_input)
     _pack(batch, "dec", dec, self.num_target)
-    return batch, int(bad_B.sum())
+    return batch, bad_B
 
 
 _NEXT = "next"  # a sequence's decoder label: the next target token (teacher forcing)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from mmjax import modalities
+from mmjax import modalities, progress
 from mmjax.data.pipeline import fourm as fourm_pipeline
 from mmjax.data.pipeline import stream
 from mmjax.data.tokens import records as tokens_tfds
@@ -126,7 +126,8 @@ def run_bench_data(config, workdir: str | None = None, *, batch_size: int = 256,
     for records_B in batches:
       transform(records_B, rng)
 
-  rate, cpu_rate = _rates(transform_all, len(batches) * batch_size, min_seconds)
+  with progress.phase(f"bench data: timing the 4M transform for {min_seconds:g} s"):
+    rate, cpu_rate = _rates(transform_all, len(batches) * batch_size, min_seconds)
 
   def pipeline_rates(spec: stream.DatasetSpec) -> tuple[float, float]:
     it = fourm_pipeline.make_iterator(config, [spec], batch_size=batch_size, process_index=0,
@@ -137,12 +138,13 @@ def run_bench_data(config, workdir: str | None = None, *, batch_size: int = 256,
 
   result = {"bench": "data", "samples_per_s": round(rate, 1),
             "samples_per_s_per_core": round(cpu_rate, 1)}
-  wall, cpu = pipeline_rates(stream.DatasetSpec("synthetic", records))
+  with progress.phase(f"bench data: timing the pipeline over {pipeline_batches} batches"):
+    wall, cpu = pipeline_rates(stream.DatasetSpec("synthetic", records))
   result.update(pipeline_samples_per_s=round(wall, 1),
                 pipeline_samples_per_s_per_core=round(cpu, 1))
   if disk:
 
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack, progress.phase("bench data: timing reads from disk"):
       data_dir = (os.path.join(workdir, "bench_records") if workdir else
                   stack.enter_context(tempfile.TemporaryDirectory(prefix="mmjax_bench_")))
       write_records(registry, records, data_dir)

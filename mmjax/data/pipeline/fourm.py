@@ -12,6 +12,7 @@ from the iterator state.
     batch = next(it)              # dict of mmjax.data.fourm.batch fields, numpy, this host's share
     state = it.get_state()        # JSON-able; new_it.set_state(state) continues bit for bit
     it.bad_records                # records skipped so far (config.data.bad_records = "skip")
+    it.bad_by_dataset             # the same per dataset name
 """
 
 from __future__ import annotations
@@ -27,8 +28,16 @@ from mmjax import modalities
 from mmjax.config import ConfigError
 from mmjax.data.fourm import mixtures
 from mmjax.data.fourm.transform import FourMTransform
-from mmjax.data.pipeline.stream import (SEED_MOD, BatchIterator, DatasetSpec,
-                                        ReadRecords, in_workers, make_stream)
+from mmjax.data.pipeline.stream import (
+  SEED_MOD,
+  BatchIterator,
+  DatasetSpec,
+  ReadRecords,
+  RecordCounts,
+  in_workers,
+  make_stream,
+  max_bad_fraction,
+)
 
 
 class _ReadBatch:
@@ -42,15 +51,17 @@ class _ReadBatch:
 
 
 class _MaskBatch:
-  """A batch of tagged records -> (4M batch, number of bad records skipped)."""
+  """A batch of tagged records -> (4M batch, its RecordCounts: records and skipped ones per
+  dataset)."""
 
   def __init__(self, transform: FourMTransform, names: Sequence[str]):
     self.transform, self.names = transform, tuple(names)
 
   def __call__(self, tagged: Sequence[tuple[int, int, Any]], rng: np.random.Generator):
     dataset_B, index_B, records = zip(*tagged) if tagged else ((), (), ())
-    return self.transform(records, rng, dataset_B=dataset_B,
-                          where_B=_RecordNames(self.names, dataset_B, index_B))
+    batch, bad_B = self.transform(records, rng, dataset_B=dataset_B,
+                                  where_B=_RecordNames(self.names, dataset_B, index_B))
+    return batch, RecordCounts.of_rows(self.names, dataset_B, bad_B)
 
 
 class _RecordNames:
@@ -114,4 +125,6 @@ def make_iterator(config, specs: Sequence[DatasetSpec], *, batch_size: int | Non
                      num_epochs=num_epochs)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   workers = config.data.get("num_workers", 0) if num_workers is None else num_workers
-  return BatchIterator(in_workers(iter_ds, workers))
+  return BatchIterator(in_workers(iter_ds, workers),
+                       max_bad_fraction=max_bad_fraction(config.data))
+

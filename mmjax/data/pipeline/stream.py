@@ -25,6 +25,8 @@ import numpy as np
 from absl import flags
 
 from mmjax.config import ConfigError
+from mmjax.data.record_keys import BAD_RECORD, DATASET_ID
+from mmjax.errors import UserError
 
 SEED_MOD = 2**32
 
@@ -32,12 +34,15 @@ SEED_MOD = 2**32
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """One dataset of a mixture. `source` is random access (`__len__`, `__getitem__`) returning a
-  record, or whatever `decode` turns into one; `missing` names modalities it may lack (empty then)."""
+  record, or whatever `decode` turns into one; `missing` names modalities it may lack (empty then).
+  `split` and `locate` (record index -> its file) only serve messages about unreadable records."""
   name: str
   source: Any
   weight: float = 1.0
   missing: tuple[str, ...] = ()
   decode: Callable[[Any], Mapping[str, Any]] | None = None
+  split: str = ""
+  locate: Callable[[int], str | None] | None = None
 
 
 _MAX_PROPORTION = 1000  # dataset weights become integer proportions with this resolution
@@ -129,7 +134,11 @@ class IndexStream:
 
 class ReadRecords:
   """Stream positions -> [(dataset id, source index, record)]: one batched read per dataset
-  (`__getitems__` where the source has it), then the dataset's `decode`."""
+  (`__getitems__` where the source has it), then the dataset's `decode`.
+
+  A source that fails to read (a damaged file) is a UserError naming the file. A record `decode`
+  refuses with a UserError (a missing or undecodable field) becomes {BAD_RECORD: message naming
+  it}, which the batch builders treat as a bad record (an error, or skipped and counted)."""
 
   def __init__(self, specs: Sequence[DatasetSpec], stream: IndexStream):
     self.specs, self.stream = tuple(specs), stream
@@ -141,16 +150,50 @@ class ReadRecords:
       at = np.flatnonzero(dataset == d)
       keys = index[at].tolist()
       spec = self.specs[d]
-      many = getattr(spec.source, "__getitems__", None)
-      records = many(keys) if many is not None else [spec.source[i] for i in keys]
+      records = _read_source(spec, keys)
       if spec.decode is not None:
-        records = list(map(spec.decode, records))
+        records = [_decode(spec, key, record) for key, record in zip(keys, records)]
       for i, key, record in zip(at.tolist(), keys, records):
         out[i] = (d, key, record)
     return out
 
   def __call__(self, position: int) -> tuple[int, int, Any]:
     return self.read(np.array([position]))[0]
+
+
+def _label(spec: DatasetSpec, key: int) -> str:
+  split = f" split {spec.split}" if spec.split else ""
+  path = spec.locate(key) if spec.locate is not None else None
+  return f"{spec.name!r}{split} record {key}" + (f" ({path})" if path else "")
+
+
+def _read_source(spec: DatasetSpec, keys: list[int]) -> list[Any]:
+  many = getattr(spec.source, "__getitems__", None)
+  try:
+    return many(keys) if many is not None else [spec.source[i] for i in keys]
+  except (UserError, KeyboardInterrupt):
+    raise
+  except Exception as e:  # noqa: BLE001 -- which file is damaged matters, not the reader's stack
+    failed, error = keys[0], e
+    for key in keys:  # the first record that fails alone names the file
+      try:
+        spec.source[key]
+      except Exception as e_key:  # noqa: BLE001
+        failed, error = key, e_key
+        break
+    path = spec.locate(failed) if spec.locate is not None else None
+    where = f"token shard {path}" if path else f"dataset {spec.name!r}"
+    detail = str(error).strip().splitlines()
+    raise UserError(f"{where} cannot be read at record {failed} ({type(error).__name__}: "
+                    f"{detail[0][:160] if detail else ''}): the file is damaged; restore it or "
+                    f"rebuild the token set (`mmjax verify` checks every shard)") from None
+
+
+def _decode(spec: DatasetSpec, key: int, record: Any) -> Mapping[str, Any]:
+  try:
+    return spec.decode(record)
+  except UserError as e:
+    return {"index": key, BAD_RECORD: f"{_label(spec, key)}: {e}"}
 
 
 def make_stream(specs: Sequence[DatasetSpec], *, seed: int, process_index: int,
@@ -181,32 +224,92 @@ def record_dataset(specs: Sequence[DatasetSpec], *, seed: int, process_index: in
   return grain.MapDataset.range(len(stream)).map(ReadRecords(specs, stream))
 
 
-class BatchIterator(grain.DatasetIterator):
-  """Yields the batches of (batch, bad-record count) elements (4M batches, or the decoder's packed
-  rows); counts skipped bad records; state = Grain's state + that count."""
+class RecordCounts:
+  """Records read and bad records skipped, per dataset name: what each batch element carries
+  beside its batch, and what `BatchIterator` sums."""
 
-  def __init__(self, dataset: grain.IterDataset):
+  def __init__(self, seen: Mapping[str, int] | None = None, bad: Mapping[str, int] | None = None):
+    self.seen, self.bad = dict(seen or {}), dict(bad or {})
+
+  def add(self, other: RecordCounts) -> None:
+    for mine, theirs in ((self.seen, other.seen), (self.bad, other.bad)):
+      for name, n in theirs.items():
+        mine[name] = mine.get(name, 0) + int(n)
+
+  @classmethod
+  def of_rows(cls, names: Sequence[str], dataset_B: Sequence[int],
+              bad_B: Sequence[bool]) -> RecordCounts:
+    """The counts of one batch: dataset_B[b] is row b's dataset id, bad_B[b] whether it was bad."""
+    dataset_B, bad_B = np.asarray(dataset_B, np.int64), np.asarray(bad_B, bool)
+    seen = np.bincount(dataset_B, minlength=len(names))
+    bad = np.bincount(dataset_B[bad_B], minlength=len(names))
+    return cls({n: int(c) for n, c in zip(names, seen)}, {n: int(c) for n, c in zip(names, bad)})
+
+
+class BatchIterator(grain.DatasetIterator):
+  """Yields the batches of (batch, RecordCounts) elements (4M batches, or the decoder's packed
+  rows); sums the records read and skipped per dataset; state = Grain's state + those sums.
+
+  With `max_bad_fraction` < 1, a dataset whose skipped records exceed that fraction of its
+  records read so far stops the run (a UserError naming it)."""
+
+  def __init__(self, dataset: grain.IterDataset, *, max_bad_fraction: float = 1.0):
     super().__init__()
     self._dataset = dataset
     self._it = dataset.__iter__()
-    self.bad_records = 0
+    self.counts = RecordCounts()
+    self.max_bad_fraction = float(max_bad_fraction)
+
+  @property
+  def bad_records(self) -> int:
+    """Bad records skipped so far, all datasets together."""
+    return sum(self.counts.bad.values())
+
+  @property
+  def bad_by_dataset(self) -> dict[str, int]:
+    return dict(self.counts.bad)
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch, bad = next(self._it)
-    self.bad_records += int(bad)
+    batch, counts = next(self._it)
+    self.counts.add(counts)
+    self._check_fraction()
     return batch
 
+  def _check_fraction(self) -> None:
+    for name, bad in self.counts.bad.items():
+      seen = self.counts.seen.get(name, 0)
+      if bad and seen and bad / seen > self.max_bad_fraction:
+        raise UserError(f"data: {bad} of the {seen} records read from dataset {name!r} were bad "
+                        f"and skipped, more than data.max_bad_fraction={self.max_bad_fraction:g}; "
+                        f"fix or rebuild the data (`mmjax verify` checks its shards), or raise "
+                        f"data.max_bad_fraction")
+
   def get_state(self) -> dict[str, Any]:
-    return {"grain": self._it.get_state(), "bad_records": self.bad_records}
+    return {"grain": self._it.get_state(), "bad_records": self.bad_records,
+            "bad_by_dataset": dict(self.counts.bad), "read_by_dataset": dict(self.counts.seen)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._it.set_state(state["grain"])
-    self.bad_records = int(state["bad_records"])
+    bad = state.get("bad_by_dataset")
+    if bad is None:  # a state of before per-dataset counts: one total
+      bad = {"all": int(state["bad_records"])} if int(state["bad_records"]) else {}
+    self.counts = RecordCounts(state.get("read_by_dataset", {}), bad)
 
   def close(self) -> None:
     close = getattr(self._it, "close", None)
     if close is not None:
       close()
+
+
+def max_bad_fraction(data) -> float:
+  """data.max_bad_fraction, checked: the share of a dataset's records that may be skipped as bad
+  (data.bad_records="skip") before the run stops."""
+  value = data.get("max_bad_fraction", 1.0)
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not number or not 0 <= value <= 1:
+    raise ConfigError(f"config key 'data.max_bad_fraction' must be a number in [0, 1], got "
+                      f"{value!r}")
+  return float(value)
 
 
 def in_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
@@ -229,4 +332,15 @@ def _parse_absl_flags() -> None:
     flags.FLAGS(sys.argv[:1])
 
 
-untag = operator.itemgetter(2)  # (dataset id, source index, record) -> record; picklable
+class Untag:
+  """(dataset id, source index, record) -> the record, which keeps its dataset id under
+  DATASET_ID (for per-dataset counts downstream). Picklable."""
+
+  def __call__(self, tagged: tuple[int, int, Any]) -> Any:
+    d, _, record = tagged
+    if isinstance(record, dict):
+      record[DATASET_ID] = d
+    return record
+
+
+untag = Untag()

@@ -20,8 +20,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mmjax import defaults, modalities
+from mmjax import defaults, modalities, paths
 from mmjax.config import ConfigError
+from mmjax.data.pipeline import demo_tokens
 from mmjax.data.pipeline.stream import DatasetSpec
 from mmjax.data.tokens import records as tokens_tfds
 
@@ -48,10 +49,11 @@ def mixture_from_config(data) -> list[TokenSet]:
   if not entries:
     if not data.get("data_dir"):
       raise ConfigError(
-          f"config key 'data.data_dir' is empty and {defaults.DEMO_TOKENS}/ (the token set "
-          "`mmjax demo` writes) holds no dataset: run `bash launch/local.sh` first, or point "
-          "data.data_dir at the workdir of `mmjax prepare tokens` (configs/tokens/shapes.py), or "
-          "list datasets in 'data.mixture'")
+          f"config key 'data.data_dir' is empty and "
+          f"{demo_tokens.location() or defaults.DEMO_TOKENS}/ (the token set `mmjax demo` "
+          "writes) holds no dataset: run `bash launch/local.sh` first, or point data.data_dir at "
+          "the workdir of `mmjax prepare tokens` (configs/tokens/shapes.py), or list datasets in "
+          "'data.mixture'")
     return [TokenSet(str(data.data_dir), str(data.name))]
   sets, seen = [], {}
   for k, entry in enumerate(entries):
@@ -73,7 +75,7 @@ def mixture_from_config(data) -> list[TokenSet]:
     number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
     if not number or not math.isfinite(weight) or weight <= 0:
       raise ConfigError(f"config key '{where}.weight' must be a positive number, got {weight!r}")
-    key = (os.path.abspath(data_dir), name)
+    key = (os.fspath(paths.resolve(data_dir)), name)
     if key in seen:
       raise ConfigError(f"config key '{where}' repeats data.mixture[{seen[key]}] ({data_dir}, "
                         f"{name}): give one entry a larger weight instead")
@@ -137,10 +139,13 @@ def token_datasets(config, split: str, registry: modalities.Registry, names: Seq
   for s, ds_dir, meta, absent, label in zip(sets, dirs, metas, lacking, labels):
     if mixed and split != "train" and split not in meta.get("splits", {}):
       continue
+    # Sizes only (a stat per shard): a truncated or replaced shard stops the run here, naming it.
+    tokens_tfds.verify_shards(ds_dir, meta, splits=[split])
     source = tokens_tfds.load_token_bytes(s.data_dir, s.name, split)
     parse = tokens_tfds.RecordParser(meta["modalities"], [n for n in names if n not in absent])
     specs.append(DatasetSpec(label, source, weight=s.weight,
-                             missing=tuple(dict.fromkeys(absent + s.missing)), decode=parse))
+                             missing=tuple(dict.fromkeys(absent + s.missing)), decode=parse,
+                             split=split, locate=tokens_tfds.shard_locator(ds_dir, meta, split)))
   if not specs:
     raise ConfigError(f"none of the datasets of data.mixture ({', '.join(dirs)}) has a split "
                       f"{split!r}")

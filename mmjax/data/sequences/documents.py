@@ -36,6 +36,7 @@ import numpy as np
 
 from mmjax import modalities as mm
 from mmjax.config import ConfigError, to_dataclass
+from mmjax.data.record_keys import BAD_RECORD, DATASET_ID
 from mmjax.errors import UserError
 from mmjax.tokenizers import special
 
@@ -53,7 +54,7 @@ class SharedVocab:
   image_sizes: tuple[int, ...]     # its codebook size
 
   @classmethod
-  def from_registry(cls, registry: mm.Registry) -> "SharedVocab":
+  def from_registry(cls, registry: mm.Registry) -> SharedVocab:
     text = [m for m in registry if m.kind == mm.SEQUENCE]
     images = [m for m in registry if m.kind == mm.IMAGE_TOKENS]
     if not text and not images:
@@ -270,6 +271,8 @@ class SequenceBuilder:
     self._cumulative = np.cumsum(p / p.sum())
     self.truncated = 0  # documents cut to max_length so far
     self.skipped = 0    # bad records skipped so far (bad_records="skip")
+    self.read_by_dataset: dict[int, int] = {}     # records read so far per dataset id
+    self.skipped_by_dataset: dict[int, int] = {}  # of them skipped as bad
 
   def _segment(self, record: Mapping[str, Any], slot: _Slot, record_id: Any) -> np.ndarray | None:
     """Global ids of one modality of a record, checked; None when the record lacks it."""
@@ -296,6 +299,14 @@ class SequenceBuilder:
       ids = ids[(ids != special.PAD) & (ids != special.BOS) & (ids != special.EOS)]
     return ids
 
+  @staticmethod
+  def counts(by_dataset: Mapping[int, int], num_datasets: int) -> np.ndarray:
+    """A {dataset id: count} map of this builder as an array [num_datasets]."""
+    out = np.zeros(num_datasets, np.int64)
+    for d, n in by_dataset.items():
+      out[d] += n
+    return out
+
   def documents(self, record: Mapping[str, Any], uniforms: Sequence[float],
                 record_id: Any = "?") -> list[Document]:
     """The documents of one record: one per uniform in [0, 1) (see `record_uniforms`), each laid
@@ -304,12 +315,17 @@ class SequenceBuilder:
     index = record.get("index")
     if index is not None and np.ndim(index) == 0:
       record_id = int(index)
+    d = int(record.get(DATASET_ID, 0))
+    self.read_by_dataset[d] = self.read_by_dataset.get(d, 0) + 1
     try:
+      if BAD_RECORD in record:  # unreadable from its bytes: the reader named it
+        raise UserError(f"bad record {record[BAD_RECORD]}")
       segments, cumulative = self._segments(record, record_id)
     except UserError:
       if self.bad_records == "error":
         raise
       self.skipped += 1
+      self.skipped_by_dataset[d] = self.skipped_by_dataset.get(d, 0) + 1
       return []
     last = len(cumulative) - 1
     cumulative = cumulative.tolist()

@@ -23,9 +23,9 @@ import time
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from mmjax.data.shapes import world as shapes
+from mmjax.progress import bar as progress_bar
 
 DEFAULT_NUM_TRAIN = 10_000
 DEFAULT_NUM_VAL = 1_000
@@ -65,13 +65,6 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
   }
   BUILDER_CONFIGS = [_new_config(size) for size in (32, 64, 128)]
   DEFAULT_BUILDER_CONFIG_NAME = "s64"
-
-  # tfds finds a builder's file through `importlib_resources`, a package it does not install on
-  # Python >= 3.9; this file is the answer it would compute.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    return epath.Path(__file__)
 
   def __init__(self, *, num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VAL, seed=0,
                progress=False, **kwargs):
@@ -131,33 +124,12 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split, n) for split, n in counts.items() if n}
 
   def _generate_examples(self, split, num_scenes):
-    progress = _Progress(f"shapes/{self.builder_config.name} {split}", num_scenes, self.progress)
-    for i in range(num_scenes):
-      yield i, shapes.generate_scene(i, seed=self.seed, split=split,
-                                     image_size=self.builder_config.image_size)
-      progress.update(i + 1)
-
-
-class _Progress:
-  """A progress line on stderr: rewritten in place on a terminal, else a new line every 10 s."""
-
-  def __init__(self, label, total, enabled):
-    self.label, self.total, self.enabled = label, total, enabled
-    self.tty = sys.stderr.isatty()
-    self.start = self.last = time.perf_counter()
-
-  def update(self, done):
-    if not self.enabled:
-      return
-    now = time.perf_counter()
-    if now - self.last < (0.5 if self.tty else 10.0) and done < self.total:
-      return
-    self.last = now
-    line = f"{self.label}: {done}/{self.total} scenes ({done / max(now - self.start, 1e-9):,.0f}/s)"
-    if self.tty:
-      print("\r" + line, end="\n" if done == self.total else "", file=sys.stderr, flush=True)
-    else:
-      print(line, file=sys.stderr, flush=True)
+    with progress_bar(num_scenes, f"shapes/{self.builder_config.name} {split}", unit="scenes",
+                      enabled=self.progress) as shown:
+      for i in range(num_scenes):
+        yield i, shapes.generate_scene(i, seed=self.seed, split=split,
+                                       image_size=self.builder_config.image_size)
+        shown.update(1)
 
 
 @contextlib.contextmanager
@@ -210,7 +182,8 @@ def prepare_shapes(out_dir: str | os.PathLike, num_train: int, num_val: int, see
             f"out_dir {builder.data_path} already holds shapes built with {stored}, not {wanted}; "
             "remove that directory or choose another out_dir")
     else:
-      shown = tfds.core.utils.tqdm_utils._active  # our own progress line replaces tfds's bars
+      # Our own bar replaces tfds's. tfds has no public getter for the setting; mmjax never
+      # turns it off elsewhere, so it goes back to tfds's default (on).
       tfds.display_progress_bar(False)
       try:
         # Nothing is downloaded: a temporary download dir keeps out_dir clean.
@@ -219,7 +192,7 @@ def prepare_shapes(out_dir: str | os.PathLike, num_train: int, num_val: int, see
               download_dir=download_dir, file_format="array_record",
               download_config=tfds.download.DownloadConfig(try_download_gcs=False))
       finally:
-        tfds.display_progress_bar(shown)
+        tfds.display_progress_bar(True)
   seconds = time.perf_counter() - start
 
   splits = {name: info.num_examples for name, info in builder.info.splits.items()}

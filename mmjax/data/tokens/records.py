@@ -24,7 +24,9 @@ A record (tfds-decoded) holds:
                 gt_det_boxes [K, 4], gt_det_classes [K], gt_num_objects, gt_obj_* (shapes)
 
 `metadata.json` records the job: modalities (name, kind, vocab, dtype), tokenizer fingerprints per
-modality, the raw source, counts of bad samples. `check_tokenizer_versions` compares fingerprints;
+modality, the raw source, counts of bad samples, and each shard's file, record count, size and
+sha256 (`shard_entry`): training compares the sizes at start (`verify_shards`), `mmjax verify`
+the checksums too. `check_tokenizer_versions` compares fingerprints;
 `check_config` compares a dataset with the config that trains on it (modalities, fingerprints of the
 tokenizers it can find, sentinels).
 """
@@ -32,6 +34,7 @@ tokenizers it can find, sentinels).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -41,9 +44,11 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
+from etils import epath
 from tensorflow_datasets.proto import tf_example_pb2
 
 from mmjax import modalities as mod
+from mmjax import paths
 from mmjax.config import ConfigError
 from mmjax.errors import UserError
 
@@ -150,9 +155,8 @@ def write_json(path: str, value: Any) -> None:
   os.replace(tmp, path)
 
 
-def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+def read_json(path: str | os.PathLike) -> Any:
+  return json.loads(epath.Path(path).read_text())
 
 
 @contextlib.contextmanager
@@ -195,15 +199,113 @@ def _num_bytes(ds_dir: str, split: str) -> int:
              if f.startswith(prefix) and ".tmp" not in f)
 
 
-def is_complete(ds_dir: str) -> bool:
-  return os.path.isfile(os.path.join(ds_dir, "dataset_info.json"))
+# ---------------------------------------------------------------------------------------------
+# Integrity of the shards: sizes and checksums recorded when written, compared when read.
+
+_HASH_CHUNK = 1 << 20
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+  h = hashlib.sha256()
+  with epath.Path(path).open("rb") as f:
+    for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def shard_entry(ds_dir: str, filename: str, records: int) -> dict[str, Any]:
+  """What the metadata records of a written shard: file, records, bytes, sha256."""
+  path = epath.Path(ds_dir) / filename
+  return {"file": filename, "records": int(records), "bytes": path.stat().length,
+          "sha256": file_sha256(path)}
+
+
+def _fix_hint(ds_dir: str) -> str:
+  return (f"restore the file, or rebuild the token set with `mmjax prepare tokens --overwrite` "
+          f"(`mmjax verify {ds_dir}` checks every shard)")
+
+
+def verify_shards(ds_dir: str | os.PathLike, meta: Mapping[str, Any] | None = None, *,
+                  checksums: bool = False, splits: Sequence[str] | None = None) -> int:
+  """Raises a UserError naming the first shard that is missing, of another size than the
+  metadata records, or (with `checksums`) of another sha256. Returns the shards checked; a
+  dataset written before shards were recorded has none to check (0)."""
+  ds_dir = os.fspath(ds_dir)
+  meta = read_metadata(ds_dir) if meta is None else meta
+  checked = 0
+  for split, entries in (meta.get("shards") or {}).items():
+    if splits is not None and split not in splits:
+      continue
+    for entry in entries:
+      path = epath.Path(ds_dir) / entry["file"]
+      if not path.is_file():
+        raise UserError(f"token shard {path} is missing; {_fix_hint(ds_dir)}")
+      size = path.stat().length
+      if size != entry["bytes"]:
+        raise UserError(f"token shard {path} is {size} bytes, its metadata records "
+                        f"{entry['bytes']} (truncated or overwritten); {_fix_hint(ds_dir)}")
+      if checksums and file_sha256(path) != entry["sha256"]:
+        raise UserError(f"token shard {path} has another sha256 than its metadata records "
+                        f"(damaged); {_fix_hint(ds_dir)}")
+      checked += 1
+  return checked
+
+
+def find_datasets(root: str | os.PathLike) -> list[str]:
+  """The finished token sets at `root`: a dataset directory itself, or every
+  <root>/mmjax_tokens/<name>/<version>/ (root a tfds data_dir, e.g. a `prepare tokens` workdir)."""
+  root = os.fspath(root)
+  if is_complete(root):
+    return [root]
+  base = os.path.join(root, NAME)
+  if not os.path.isdir(base):
+    return []
+  return [os.path.join(base, n, v) for n in sorted(os.listdir(base))
+          if os.path.isdir(os.path.join(base, n)) for v in sorted(os.listdir(os.path.join(base, n)))
+          if is_complete(os.path.join(base, n, v))]
+
+
+def verify_token_sets(root: str | os.PathLike) -> dict[str, Any]:
+  """`mmjax verify DIR`: every shard of every token set at `root` (`find_datasets`) against the
+  sizes and sha256 its metadata records. Raises a UserError naming the first bad shard."""
+  found = find_datasets(root)
+  if not found:
+    raise UserError(f"{os.fspath(root)} holds no finished token set (a directory with "
+                    f"dataset_info.json, or {NAME}/<name>/<version>/ under it)")
+  checked = {}
+  for ds_dir in found:
+    meta = read_metadata(ds_dir)
+    checked[ds_dir] = verify_shards(ds_dir, meta, checksums=True)
+  unrecorded = [d for d, n in checked.items() if n == 0]
+  return {"verified": {d: n for d, n in checked.items() if n}, "unrecorded": unrecorded}
+
+
+class ShardLocator:
+  """Record index of a split -> the shard file holding it (for messages about damaged files)."""
+
+  def __init__(self, ds_dir: str, entries: Sequence[Mapping[str, Any]]):
+    self.files = [os.path.join(ds_dir, e["file"]) for e in entries]
+    self.ends = np.cumsum([int(e["records"]) for e in entries])
+
+  def __call__(self, index: int) -> str | None:
+    k = int(np.searchsorted(self.ends, index, side="right"))
+    return self.files[k] if k < len(self.files) else None
+
+
+def shard_locator(ds_dir: str, meta: Mapping[str, Any], split: str) -> ShardLocator | None:
+  entries = (meta.get("shards") or {}).get(split)
+  return ShardLocator(ds_dir, entries) if entries else None
+
+
+def is_complete(ds_dir: str | os.PathLike) -> bool:
+  return (epath.Path(ds_dir) / "dataset_info.json").is_file()
 
 
 def read_metadata(ds_dir: str | os.PathLike) -> dict[str, Any]:
   """The job metadata of a finished dataset (modalities, fingerprints, source, counts)."""
   ds_dir = os.fspath(ds_dir)
-  path = os.path.join(ds_dir, "metadata.json")
-  if not is_complete(ds_dir) or not os.path.isfile(path):
+  path = epath.Path(ds_dir) / "metadata.json"
+  if not is_complete(ds_dir) or not path.is_file():
     raise UserError(f"{ds_dir} holds no finished pre-tokenized dataset (no dataset_info.json / "
                     f"metadata.json); build it with `mmjax prepare tokens --config ... "
                     f"--workdir ...`")
@@ -260,15 +362,46 @@ class RecordParser:
                    for k, s in enumerate(specs) if names is None or s["name"] in names]
 
   def __call__(self, data: bytes) -> dict[str, Any]:
-    feature = tf_example_pb2.Example.FromString(data).features.feature
-    present = np.frombuffer(feature["present"].bytes_list.value[0], np.uint8)
-    out: dict[str, Any] = {"id": feature["id"].bytes_list.value[0],
-                           "index": int(feature["index"].int64_list.value[0]),
-                           "present": present}
+    try:
+      feature = tf_example_pb2.Example.FromString(data).features.feature
+    except Exception as e:  # noqa: BLE001 -- any undecodable bytes are one bad record
+      raise RecordError("<record>", f"not a serialized record ({type(e).__name__})") from None
+    present = self._bytes(feature, "present", np.uint8, (-1,))
+    out: dict[str, Any] = {"id": self._bytes(feature, "id", None, None),
+                           "index": self._int(feature, "index"), "present": present}
     for k, name, dtype, shape in self.fields:
-      out[name] = (np.frombuffer(feature[name].bytes_list.value[0], dtype).reshape(shape)
-                   if present[k] else None)
+      if k >= len(present):
+        raise RecordError("present", f"{len(present)} flags, the dataset has more modalities")
+      out[name] = self._bytes(feature, name, dtype, shape) if present[k] else None
     return out
+
+  @staticmethod
+  def _bytes(feature, name: str, dtype, shape):
+    values = feature[name].bytes_list.value if name in feature else ()
+    if len(values) != 1:
+      raise RecordError(name, "missing" if not values else f"{len(values)} values, expected 1")
+    if dtype is None:
+      return values[0]
+    try:
+      return np.frombuffer(values[0], dtype).reshape(shape)
+    except ValueError as e:
+      raise RecordError(name, f"{len(values[0])} bytes do not make {dtype} {shape} ({e})") from None
+
+  @staticmethod
+  def _int(feature, name: str) -> int:
+    values = feature[name].int64_list.value if name in feature else ()
+    if len(values) != 1:
+      raise RecordError(name, "missing" if not values else f"{len(values)} values, expected 1")
+    return int(values[0])
+
+
+class RecordError(UserError):
+  """A record whose bytes lack a field or hold one that does not decode. The reader of the record
+  stream (`mmjax.data.pipeline.stream.ReadRecords`) adds which dataset, split and record."""
+
+  def __init__(self, field: str, what: str):
+    super().__init__(f"field {field!r}: {what}")
+    self.field, self.what = field, what
 
 
 def _short(fingerprint: Any) -> str:
@@ -338,15 +471,25 @@ _TOKENIZERS: dict[tuple, tuple[str, int | None]] = {}
 
 def _tokenizer_state(m: mod.Modality, directory: str, info_file: str) -> tuple | None:
   """What identifies a trained tokenizer's files (changes when it is retrained); None if absent."""
+  directory = epath.Path(directory)
   if m.is_sequence:
-    path = directory if os.path.isfile(directory) else os.path.join(directory, "text.model")
-    return (path, os.stat(path).st_mtime_ns) if os.path.isfile(path) else None
-  checkpoints = os.path.join(directory, "checkpoints")
-  if not os.path.isdir(checkpoints):
+    path = directory if directory.is_file() else directory / "text.model"
+    return (os.fspath(path), _stamp(path)) if path.is_file() else None
+  checkpoints, info = directory / "checkpoints", directory / info_file
+  if not checkpoints.is_dir():
     return None
-  info = os.path.join(directory, info_file)
-  return (checkpoints, os.stat(checkpoints).st_mtime_ns, tuple(sorted(os.listdir(checkpoints))),
-          os.stat(info).st_mtime_ns if os.path.isfile(info) else None)
+  return (os.fspath(checkpoints), _stamp(checkpoints),
+          tuple(sorted(p.name for p in checkpoints.iterdir())),
+          _stamp(info) if info.is_file() else None)
+
+
+def _stamp(path: epath.Path) -> tuple[int, int]:
+  """(modification time, size): nanoseconds locally; an object store's seconds otherwise."""
+  if paths.is_url(path):
+    stat = path.stat()
+    return stat.mtime, stat.length
+  stat = os.stat(path)
+  return stat.st_mtime_ns, stat.st_size
 
 
 def find_tokenizer(m: mod.Modality, tokenizers_dir: str) -> tuple[str, str, int | None] | None:
@@ -364,7 +507,7 @@ def find_tokenizer(m: mod.Modality, tokenizers_dir: str) -> tuple[str, str, int 
   state = _tokenizer_state(m, directory, mt.TRAINED_INFO)
   if state is None:
     return None
-  key = (os.path.abspath(directory), m.kind, m.source, m.tokenizer, state)
+  key = (os.fspath(paths.resolve(directory)), m.kind, m.source, m.tokenizer, state)
   if key not in _TOKENIZERS:
     if not m.is_sequence:
       _TOKENIZERS[key] = (str(mt.read_trained_info(m, directory)["fingerprint"]), None)

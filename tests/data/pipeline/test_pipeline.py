@@ -74,7 +74,7 @@ def test_hosts_see_disjoint_complete_data(records):
 def _ids_transform(records, rng, **kwargs):
   """A stand-in for the 4M transform: the batch is the records' ids."""
   del rng, kwargs
-  return [int(r["id"]) for r in records], 0
+  return [int(r["id"]) for r in records], np.zeros(len(records), bool)
 
 
 def test_batches_of_all_hosts_cover_a_dataset_mixture_once_per_epoch(records):
@@ -242,17 +242,44 @@ def test_worker_processes_give_the_same_batches_and_resume(records):
 
 
 def test_empty_data_dir_reads_the_demo_tokens_or_says_how_to_make_them(tmp_path, monkeypatch):
-  from mmjax import defaults
   from mmjax.config import ConfigError
   from mmjax.data.tokens import records as tokens_tfds
 
-  demo_dir = tmp_path / "runs" / "demo" / "tokens"
-  monkeypatch.setattr(defaults, "DEMO_TOKENS", str(demo_dir))
+  demo_dir = tmp_path / "elsewhere" / "tokens"
+  monkeypatch.setenv(demo_tokens.ENV, str(demo_dir))
   config = ml_collections.ConfigDict(dict(data=dict(data_dir="", name="shapes", mixture=())))
   demo_tokens.use_demo_tokens_if_unset(config)  # no demo tokens: nothing changes
-  with pytest.raises(ConfigError, match=r"data\.data_dir' is empty.*launch/local\.sh"):
+  with pytest.raises(ConfigError, match=r"data\.data_dir' is empty.*elsewhere/tokens/.*"
+                                        r"launch/local\.sh"):
     token_sets.mixture_from_config(config.data)
   os.makedirs(tokens_tfds.dataset_dir(demo_dir, "shapes"))
   demo_tokens.use_demo_tokens_if_unset(config)
   (token_set,) = token_sets.mixture_from_config(config.data)
   assert token_set.data_dir == str(demo_dir) and token_set.name == "shapes"
+
+
+def test_the_demo_fallback_never_reads_the_working_directory(tmp_path, monkeypatch, capsys):
+  """A decoy runs/demo/tokens in the cwd is ignored: the fallback is the explicit location (the
+  environment variable) or the checkout's runs/demo/tokens, which `bash launch/local.sh` writes."""
+  from mmjax.data.tokens import records as tokens_tfds
+
+  cwd, checkout = tmp_path / "cwd", tmp_path / "checkout"
+  os.makedirs(tokens_tfds.dataset_dir(str(cwd / "runs" / "demo" / "tokens"), "shapes"))
+  monkeypatch.chdir(cwd)
+
+  def resolved():
+    config = ml_collections.ConfigDict(dict(data=dict(data_dir="", name="shapes", mixture=())))
+    demo_tokens.use_demo_tokens_if_unset(config)
+    return config.data.data_dir
+
+  monkeypatch.setenv(demo_tokens.ENV, str(tmp_path / "absent"))
+  assert resolved() == ""
+  monkeypatch.delenv(demo_tokens.ENV)
+  monkeypatch.setattr(demo_tokens, "CHECKOUT", checkout)
+  assert demo_tokens.location() is None and resolved() == ""  # no checkout: no fallback
+  os.makedirs(checkout / "launch")
+  (checkout / "launch" / "local.sh").write_text("")
+  assert resolved() == ""  # a checkout without demo tokens
+  os.makedirs(tokens_tfds.dataset_dir(str(checkout / "runs" / "demo" / "tokens"), "shapes"))
+  assert resolved() == str(checkout / "runs" / "demo" / "tokens")
+  assert capsys.readouterr().out.count("data.data_dir is empty") == 1
