@@ -45,6 +45,9 @@ def _build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--num-val", type=int, help="validation scenes to generate (default 200)")
   demo.add_argument("--quick", action="store_true",
                     help="smoke-test sizes: every stage runs, in seconds of work")
+  demo.add_argument("--model", choices=("fourm", "decoder"), default="fourm",
+                    help="the model trained on the demo's tokens: 4M (default) or the "
+                         "mixed-modal decoder (report_decoder.md)")
   demo.set_defaults(run=_run_demo)
 
   prepare = commands.add_parser("prepare", help="prepare a dataset: shapes scenes or token shards")
@@ -336,12 +339,14 @@ def _require_workdir(args: argparse.Namespace, what: str) -> str:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+  from mmjax.eval import curves
   from mmjax.train import loop
 
   config = _load_config(args)
   workdir = _require_workdir(args, "checkpoints and metrics are written there")
   _join_cluster(workdir)
-  print(json.dumps(loop.run_train(config, workdir), default=str))
+  evaluator = curves.make_training_eval(config, workdir)  # config.eval.every_steps
+  print(json.dumps(loop.run_train(config, workdir, evaluator=evaluator), default=str))
   return 0
 
 
@@ -443,7 +448,7 @@ def _run_demo(args: argparse.Namespace) -> int:
   settings = demo.DemoSettings.quick_settings() if args.quick else demo.DemoSettings()
   sizes = {k: v for k, v in (("num_train", args.num_train), ("num_val", args.num_val))
            if v is not None}
-  settings = dataclasses.replace(settings, **sizes)
+  settings = dataclasses.replace(settings, model=args.model, **sizes)
   workdir = args.workdir or os.path.join("runs", "demo")
   _join_cluster(workdir)
   demo.run_demo(workdir, settings)

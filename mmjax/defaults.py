@@ -119,3 +119,16 @@ def image_text_data(**overrides) -> ml_collections.ConfigDict:
     del section[key]
   section.update(overrides)
   return section
+
+
+def training_eval(**overrides) -> ml_collections.ConfigDict:
+  """Generation metrics during training (`config.eval` of 4M and decoder configs; learning curves
+  by `mmjax.eval.curves`)."""
+  section = ml_collections.ConfigDict(dict(
+      every_steps=0,   # generation metrics every this many training steps (and at the end); 0: off
+      num_scenes=16,   # validation scenes they are measured on
+      tasks="",        # comma-separated tasks, e.g. "rgb->caption,caption->tok_rgb"; "" = all
+      grid_rows=4,     # rows of the PNG grids written at each evaluation (eval/step_<N>/)
+  ))
+  section.update(overrides)
+  return section

@@ -5,25 +5,47 @@ The stages, and the commands each one equals (W = --workdir, T = W/tokens):
   1 data        mmjax prepare shapes --out W/data --num-train N --num-val M
   2 text        mmjax tokenizer train --config configs/tokenizers/shapes_text.py
                     --workdir T/tokenizers/shapes_text
-  3 image toks  mmjax tokenizer train --config configs/tokenizers/shapes_{rgb,depth,semseg}.py:runlocal
-                    --workdir T/tokenizers/shapes_{rgb,...} --config.train.steps=S (short runs)
+  3 image toks  mmjax tokenizer train
+                    --config configs/tokenizers/shapes_{rgb,depth,semseg}.py:runlocal
+                    --workdir T/tokenizers/shapes_{rgb,...} --config.train.steps=S
+                    (S: 2000 for rgb, 1000 for depth and semseg)
   4 tokens      mmjax prepare tokens --config configs/tokens/shapes.py:tokenizers=runlocal
                     --config.data.data_dir=W/data --workdir T
   5 4M          mmjax train --config configs/fourm/shapes.py:tiny,tokenizers=runlocal
-                    --config.data.data_dir=T --workdir W/fourm (short)
-  6 eval        mmjax eval (same config) --workdir W/fourm: metrics + grids in W/fourm/eval
+                    --config.data.data_dir=T --workdir W/fourm (the overrides of `fourm_config`;
+                    eval.every_steps writes learning curves, W/fourm/curves.png)
+  6 eval        mmjax eval (same config) --workdir W/fourm: metrics + grids in W/fourm/eval, with
+                    every metric's chance level and tokenizer ceiling
   7 sample      mmjax generate ... --workdir W/fourm --input caption="..." --target tok_rgb
                     --target det (chained: the caption gives rgb tokens, both give boxes)
+  report        W/report.md: the metrics table (model, chance, ceiling), stage times, the PNGs
+
+`--model decoder` runs stages 5-7 with the tiny mixed-modal decoder (configs/decoder/shapes.py)
+in W/decoder instead, and writes W/report_decoder.md; stages 1-4 are shared.
 
 Every stage skips work that is done (finished tokenizers, shards and checkpoints are reused; a
 training run resumes), so re-running the demo continues where it stopped. `quick` settings shrink
 everything for a smoke test.
 
-Measured (`mmjax demo --workdir runs/demo`, 2 CPU cores with a load average of 2-5 from other
-jobs): 617 s in all, 401 s of them the 200 4M steps; 4M loss 6.88 -> 4.31 (validation 4.14);
-tokenizers: rgb PSNR 20.3, depth abs-rel 0.088, semseg mIoU 0.60; eval on 16 scenes: caption->rgb
-attribute accuracy 0.18, rgb->semseg mIoU 0.16, depth abs-rel 0.21, rgb->caption 0.01, det F1 0.
-A re-run of a finished demo skips every stage (~20 s).
+Why these sizes (measured on 200 validation scenes): the caption->rgb metric can never exceed what
+the rgb tokenizer's reconstructions of the true images score. After the former 300 steps of the
+runlocal rgb tokenizer that ceiling was 0.33 attribute accuracy, next to a chance level of 0.24
+(so no model could show caption->rgb learning); after 2000 steps (89 s at a load average of ~8)
+it is 0.81, above the full-size tokenizer's after 1000 steps (0.79, 8x the compute per step).
+Depth and semseg tokenizers at 1000 steps: ceilings abs-rel 0.053 and mIoU 0.77 (0.086 and 0.60
+at 300 steps).
+
+Measured (`mmjax demo --workdir /tmp/d`, 2026-12-07, the 2 cores shared with other jobs at a load
+average of 13-25, so about 60 min for the 800 4M steps instead of ~10 on idle cores): 4M loss
+6.89 -> 3.19, validation 3.39; on 32 validation scenes (model / chance / ceiling): rgb->caption
+attribute accuracy 0.218 / 0.222 / 1.0 (65% of captions parse), caption->rgb 0.166 / 0.219 / 0.890,
+semseg mIoU 0.188 / 0.138 / 0.772, depth abs-rel 0.178 / 0.220 / 0.054, det F1 0 / 0 / 1.
+Learning curves (16 scenes): rgb->caption 0.03, 0.11, 0.30, 0.21 at steps 200-800 (chance 0.20),
+caption->rgb flat at 0.16-0.18 (chance 0.19). So these sizes do not yet show caption learning: the
+rgb tokens' background noise (see README) keeps rgb-token accuracy at 0.004, and 1-4-object
+captions take longer than 800 steps: the same model trained on rgb->caption alone (mixture
+"rgb->caption", 300 steps) reaches only 0.11 (41% parse), while the CI learning test (one object,
+32-px scenes) learns rgb->caption in 300 steps.
 """
 
 from __future__ import annotations
@@ -36,41 +58,55 @@ import time
 from typing import Any
 
 from mmjax import config as mmconfig
-from mmjax import grids
-from mmjax import pretokenize
+from mmjax import grids, pretokenize
 from mmjax.data.shapes import records as shapes_records
 from mmjax.data.shapes import world as shapes
 from mmjax.errors import UserError
+from mmjax.eval import curves
 from mmjax.eval import run as eval_run
 from mmjax.generate import run as generate_run
-from mmjax.objectives import text_tokenizer
-from mmjax.objectives import tokenizer
+from mmjax.objectives import text_tokenizer, tokenizer
 from mmjax.tokenizers.modality import TRAINED_INFO, resolve_config_path
 from mmjax.train import loop
 
 IMAGE_TOKENIZERS = ("rgb", "depth", "semseg")
+MODELS = {"fourm": "4M", "decoder": "decoder"}  # --model: its label in stage names
 TOKENIZER_ARG = "runlocal"  # the small image tokenizers; their config argument
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-  """Sizes of the demo's stages."""
+  """Sizes of the demo's stages (chosen by measurement: see the module docstring)."""
   num_train: int = 2000         # shapes scenes in the train split
   num_val: int = 200            # and in the validation split
   text_scenes: int = 2000       # scenes whose captions and boxes train the text tokenizer
-  tokenizer_steps: int = 300    # steps of each image tokenizer (runlocal size)
-  fourm_steps: int = 200        # steps of the 4M tiny model
+  tokenizer_steps: int = 1000   # steps of the depth and semseg tokenizers (runlocal size)
+  rgb_tokenizer_steps: int = 2000  # the rgb tokenizer's: it bounds caption->rgb (300 steps: 0.33)
+  fourm_steps: int = 800        # steps of the 4M tiny model
   fourm_batch: int = 16
-  eval_every: int = 100         # 4M validation passes during training
-  eval_scenes: int = 16         # validation scenes of the any-to-any generation metrics
+  fourm_lr: float = 1e-3
+  # Masking mixture components of "4m21" (all->all at alpha 0.01, 0.1, 1, 10; rgb->all; caption
+  # biased): one third each of all->all at 1, rgb->all and caption->all.
+  mixture_weights: tuple[float, ...] = (0, 0, 1, 0, 1, 1)
+  eval_every: int = 200         # 4M validation loss and learning-curve points during training
+  curve_scenes: int = 16        # validation scenes of each learning-curve point
+  curve_tasks: str = "rgb->caption,caption->tok_rgb"  # tasks of the learning curves
+  eval_scenes: int = 32         # validation scenes of the final any-to-any generation metrics
   eval_tasks: tuple[str, ...] | None = None  # generation tasks to score; None = all
+  model: str = "fourm"          # "fourm" or "decoder" (the mixed-modal decoder on the same tokens)
+  decoder_steps: int = 800      # steps of the tiny decoder
+  decoder_batch: int = 8        # packed rows of 256 tokens (~2.7 records each)
+  decoder_lr: float = 1e-3
   quick: bool = False           # smoke-test sizes (seconds of work; metrics meaningless)
 
   @classmethod
   def quick_settings(cls) -> DemoSettings:
-    return cls(num_train=64, num_val=16, text_scenes=200, tokenizer_steps=2, fourm_steps=2,
-               fourm_batch=8, eval_every=2, eval_scenes=2,
-               eval_tasks=("rgb->caption", "caption->tok_rgb"), quick=True)
+    # 48 validation scenes: the decoder packs them into enough rows for one batch of 8.
+    return cls(num_train=64, num_val=48, text_scenes=200, tokenizer_steps=2,
+               rgb_tokenizer_steps=2, fourm_steps=2, fourm_batch=8, eval_every=2,
+               curve_scenes=2, curve_tasks="rgb->caption", eval_scenes=2,
+               eval_tasks=("rgb->caption", "caption->tok_rgb"), decoder_steps=2,
+               decoder_batch=8, quick=True)
 
 
 def _say(message: str) -> None:
@@ -126,12 +162,12 @@ def _text_tokenizer(workdir: str, s: DemoSettings) -> dict[str, Any]:
 
 
 def _image_tokenizer(modality: str, workdir: str, s: DemoSettings) -> dict[str, Any]:
+  steps = s.rgb_tokenizer_steps if modality == "rgb" else s.tokenizer_steps
   config = _config(f"configs/tokenizers/shapes_{modality}.py:{TOKENIZER_ARG}",
-                   {"train.steps": s.tokenizer_steps, "data.num_train": s.num_train,
-                    "train.checkpoint_every": s.tokenizer_steps,
-                    "train.log_every": max(1, s.tokenizer_steps // 5)})
+                   {"train.steps": steps, "data.num_train": s.num_train,
+                    "train.checkpoint_every": steps, "train.log_every": max(1, steps // 5)})
   report = _read_json(os.path.join(workdir, "tokenizer_eval.json"))
-  if report and report.get("steps") == s.tokenizer_steps:
+  if report and report.get("steps") == steps:
     _say(f"{modality} tokenizer in {workdir} exists; skipped")
     if not os.path.isfile(os.path.join(workdir, TRAINED_INFO)):  # trained before it was recorded
       tokenizer.run_write_info(config, workdir)
@@ -143,10 +179,31 @@ def fourm_config(workdir: str, s: DemoSettings):
   """The demo's 4M config (4M tiny on the demo's tokens)."""
   return _config(f"configs/fourm/shapes.py:tiny,tokenizers={TOKENIZER_ARG}", {
       "data.data_dir": os.path.join(workdir, "tokens"),
-      "train.steps": s.fourm_steps, "train.batch_size": s.fourm_batch,
+      "train.steps": s.fourm_steps, "train.batch_size": s.fourm_batch, "train.lr": s.fourm_lr,
       "train.warmup_steps": max(1, s.fourm_steps // 10), "train.eval_every": s.eval_every,
       "train.checkpoint_every": s.eval_every, "train.log_every": max(1, s.fourm_steps // 20),
-      "train.eval_batches": 2})
+      "train.eval_batches": 2, "masking.mixture": "4m21",
+      "masking.mixture_weights": tuple(s.mixture_weights),
+      "eval.every_steps": s.eval_every, "eval.num_scenes": s.curve_scenes,
+      "eval.tasks": s.curve_tasks})
+
+
+def decoder_config(workdir: str, s: DemoSettings):
+  """The demo's decoder config (the tiny mixed-modal decoder on the demo's tokens)."""
+  return _config(f"configs/decoder/shapes.py:tiny,tokenizers={TOKENIZER_ARG}", {
+      "data.data_dir": os.path.join(workdir, "tokens"),
+      "train.steps": s.decoder_steps, "train.batch_size": s.decoder_batch,
+      "train.lr": s.decoder_lr, "train.warmup_steps": max(1, s.decoder_steps // 10),
+      "train.eval_every": s.eval_every, "train.checkpoint_every": s.eval_every,
+      "train.log_every": max(1, s.decoder_steps // 20), "train.eval_batches": 2,
+      "eval.every_steps": s.eval_every, "eval.num_scenes": s.curve_scenes,
+      "eval.tasks": s.curve_tasks.replace("rgb->caption", "tok_rgb->caption")})
+
+
+def _decoder_tasks(tasks):
+  """The demo's task names for the decoder, whose image input is the rgb tokens."""
+  return None if tasks is None else tuple(t.replace("rgb->caption", "tok_rgb->caption")
+                                          for t in tasks)
 
 
 def _train_losses(metrics_file: str) -> tuple[float | None, float | None]:
@@ -164,12 +221,14 @@ def _train_losses(metrics_file: str) -> tuple[float | None, float | None]:
 def _evaluate(config, fourm_dir: str, s: DemoSettings) -> dict[str, Any]:
   out_dir = os.path.join(fourm_dir, "eval")
   previous = _read_json(os.path.join(out_dir, eval_run.METRICS_FILE))
-  if previous and previous.get("step") == s.fourm_steps and previous.get(
+  steps = int(config.train.steps)
+  if previous and previous.get("step") == steps and previous.get(
       "num_scenes") == s.eval_scenes:
-    _say(f"evaluation of step {s.fourm_steps} in {out_dir} exists; skipped")
+    _say(f"evaluation of step {steps} in {out_dir} exists; skipped")
     return previous
+  tasks = _decoder_tasks(s.eval_tasks) if config.objective == "decoder" else s.eval_tasks
   summary = eval_run.run_eval(config, fourm_dir, out_dir=out_dir, num_scenes=s.eval_scenes,
-                              grid_rows=min(6, s.eval_scenes), tasks=s.eval_tasks)
+                              grid_rows=min(6, s.eval_scenes), tasks=tasks)
   return summary
 
 
@@ -181,11 +240,12 @@ def _sample(config, fourm_dir: str, s: DemoSettings) -> dict[str, Any]:
 
   out_dir = os.path.join(fourm_dir, "sample")
   previous = _read_json(os.path.join(out_dir, "summary.json"))
-  if previous and previous.get("step") == s.fourm_steps:
-    _say(f"sample of step {s.fourm_steps} in {out_dir} exists; skipped")
+  if previous and previous.get("step") == int(config.train.steps):
+    _say(f"sample of step {config.train.steps} in {out_dir} exists; skipped")
     return previous
-  return generate_run.run_generate(config, fourm_dir, {"caption": SAMPLE_CAPTION},
-                                   ["tok_rgb", "det"], out_dir=out_dir, seed=0)
+  targets = ["tok_rgb"] if config.objective == "decoder" else ["tok_rgb", "det"]
+  return generate_run.run_generate(config, fourm_dir, {"caption": SAMPLE_CAPTION}, targets,
+                                   out_dir=out_dir, seed=0)
 
 
 def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
@@ -197,7 +257,10 @@ def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
   data_dir = os.path.join(workdir, "data")
   tokens_dir = os.path.join(workdir, "tokens")
   tokenizers_dir = os.path.join(tokens_dir, "tokenizers")
-  fourm_dir = os.path.join(workdir, "fourm")
+  if s.model not in MODELS:
+    raise UserError(f"demo: --model must be one of {', '.join(MODELS)}, got {s.model!r}")
+  label = MODELS[s.model]
+  fourm_dir = os.path.join(workdir, s.model)  # the trained model's workdir
 
   shapes_summary = stages.run("shapes data", _prepare_shapes, data_dir, s)
   stages.figures["scenes"] = shapes_summary["splits"]
@@ -220,13 +283,16 @@ def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
   tokens = stages.run("pre-tokenize", pretokenize.run_prepare_tokens, tokens_config, tokens_dir)
   stages.figures["tokens"] = {split: v["records"] for split, v in tokens["splits"].items()}
 
-  config = fourm_config(workdir, s)
-  trained = stages.run("4M training", loop.run_train, config, fourm_dir)
+  config = (decoder_config if s.model == "decoder" else fourm_config)(workdir, s)
+  trained = stages.run(f"{label} training", loop.run_train, config, fourm_dir,
+                       evaluator=curves.make_training_eval(config, fourm_dir))
   first, last = _train_losses(os.path.join(fourm_dir, "metrics.jsonl"))
-  stages.figures["4M"] = {"steps": trained.get("step"), "loss_first": first, "loss_last": last,
-                          **{k: v for k, v in (trained.get("eval") or {}).items()
-                             if k in ("eval/loss",)}}
-  stages.pngs["4M loss curve"] = trained.get("plot")
+  stages.figures[label] = {"steps": trained.get("step"), "loss_first": first, "loss_last": last,
+                           **{k: v for k, v in (trained.get("eval") or {}).items()
+                              if k in ("eval/loss",)}}
+  stages.pngs[f"{label} loss curve"] = trained.get("plot")
+  stages.pngs[f"{label} learning curves"] = trained.get("curves") or _existing(
+      os.path.join(fourm_dir, curves.CURVES_FILE))
 
   evaluated = stages.run("evaluation", _evaluate, config, fourm_dir, s)
   stages.figures["eval"] = {k: round(v, 4) for k, v in evaluated["metrics"].items()
@@ -250,10 +316,16 @@ def run_demo(workdir: str, settings: DemoSettings) -> dict[str, Any]:
   total = time.perf_counter() - start
   summary = {"workdir": workdir, "seconds": total, "stage_seconds": stages.timings,
              "figures": stages.figures, "pngs": stages.pngs}
-  with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
+  suffix = "" if s.model == "fourm" else f"_{s.model}"
+  with open(os.path.join(workdir, f"demo_summary{suffix}.json"), "w") as f:
     json.dump(summary, f, indent=1, default=str)
+  summary["report"] = write_report(workdir, summary, evaluated, f"report{suffix}.md")
   _print_summary(summary)
   return summary
+
+
+def _existing(path: str) -> str | None:
+  return path if os.path.isfile(path) else None
 
 
 def _preview(workdir: str) -> str:
@@ -265,6 +337,50 @@ def _preview(workdir: str) -> str:
       column_titles=("rgb", "depth", "semseg"), row_titles=[s["caption"] for s in scenes])
 
 
+# The metrics of report.md's table: suffix -> whether higher is better.
+REPORT_METRICS = {"attr_acc": True, "exact": True, "parsed": True, "f1": True, "miou": True,
+                  "pixel_acc": True, "abs_rel": False}
+
+
+def _fmt(value: Any) -> str:
+  return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def write_report(workdir: str, summary: dict[str, Any], evaluated: dict[str, Any],
+                 filename: str = "report.md") -> str:
+  """`<workdir>/<filename>`: every generation metric with its chance level and tokenizer ceiling,
+  the teacher-forced accuracies, the tokenizers' quality, wall time per stage and the PNGs."""
+  metrics, bounds = evaluated.get("metrics", {}), evaluated.get("bounds") or {}
+  lines = [f"# mmjax demo: {evaluated.get('objective')} ({summary['seconds'] / 60:.1f} min)", "",
+           (f"Model of step {evaluated.get('step')}, generation scored on "
+            f"{evaluated.get('num_scenes')} validation scenes. Chance: another scene's ground "
+            "truth scored against this one; ceiling: the ground-truth tokens decoded by the "
+            "tokenizer."),
+           "", "| metric | model | chance | ceiling |", "|---|---|---|---|"]
+  for key in sorted(k for k in metrics if k.startswith("gen/")):
+    if key.rsplit("/", 1)[-1] in REPORT_METRICS:
+      lines.append(f"| {key.removeprefix('gen/')} | {_fmt(metrics[key])} | "
+                   f"{_fmt(bounds.get('chance', {}).get(key))} | "
+                   f"{_fmt(bounds.get('ceiling', {}).get(key))} |")
+  lines += ["", "abs_rel: lower is better; the others higher.", "",
+            "| teacher-forced (validation) | value |", "|---|---|"]
+  lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())
+            if k.startswith(("val/acc/", "val/loss"))]
+  lines += ["", "| stage | seconds |", "|---|---|"]
+  lines += [f"| {k} | {v:.0f} |" for k, v in summary["stage_seconds"].items()]
+  lines += [f"| total | {summary['seconds']:.0f} |", ""]
+  for name, figures in summary["figures"].items():
+    lines.append(f"- {name}: `{json.dumps(figures, default=str)}`")
+  lines.append("")
+  for name, path in summary["pngs"].items():
+    if path:
+      lines += [f"## {name}", "", f"![{name}]({os.path.relpath(path, workdir)})", ""]
+  path = os.path.join(workdir, filename)
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
   out = sys.stdout
   print("\nmmjax demo: summary", file=out)
@@ -273,6 +389,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
   print(f"  {'total':<16} {summary['seconds']:7.1f} s", file=out)
   for name, figures in summary["figures"].items():
     print(f"  {name}: {json.dumps(figures, default=str)}", file=out)
+  print(f"mmjax demo: report {summary.get('report')}", file=out)
   print("mmjax demo: PNGs", file=out)
   for name, path in summary["pngs"].items():
     print(f"  {name:<28} {path}", file=out)

@@ -138,11 +138,24 @@ def test_demo_quick_runs_every_stage_then_resumes(tmp_path, capsys):
   assert 0.0 <= metrics["gen/caption->tok_rgb/attr_acc"] <= 1.0
   assert not any(k.startswith("gen/rgb->det") for k in metrics)  # quick: two tasks only
   assert "sample tok_rgb" in summary["pngs"] and "sample det" in summary["pngs"]
+  # Learning curves during training, and the report's table with chance and ceiling.
+  assert "4M learning curves" in summary["pngs"]
+  rows = [r.split("|") for r in (workdir / "report.md").read_text().splitlines()
+          if r.startswith("| rgb->caption/attr_acc |")]
+  assert len(rows) == 1 and 0.0 <= float(rows[0][3]) <= 1.0  # chance
+  assert float(rows[0][4]) == 1.0  # ceiling: the text tokenizer round-trips every caption
 
   assert cli.main(["demo", "--quick", "--workdir", str(workdir)]) == 0
   again = capsys.readouterr().out
   assert again.count("exists; skipped") == 6  # text, 3 image tokenizers, evaluation, sample
   assert json.loads((workdir / "demo_summary.json").read_text())["figures"]["4M"]["steps"] == 2
+
+  # The decoder on the same tokens: its own training, evaluation and report.
+  assert cli.main(["demo", "--quick", "--model", "decoder", "--workdir", str(workdir)]) == 0
+  capsys.readouterr()
+  report = (workdir / "report_decoder.md").read_text()
+  assert "| caption->tok_rgb/attr_acc |" in report and "| tok_rgb->caption/attr_acc |" in report
+  assert (workdir / "decoder" / "curves.png").is_file()
 
 
 def test_tokenizer_train_text(tmp_path, capsys):

@@ -107,6 +107,9 @@ def get_config(arg=None):
       text_first=4,     # lowest text id that may be sampled: skips the text tokenizer's PAD..EOS
   ))
 
+  # Generation metrics during training (learning curves: mmjax/eval/curves.py).
+  config.eval = defaults.training_eval()
+
   if arg.runlocal:
     config.data.num_train, config.data.num_val = 256, 32
     config.train.update(steps=20, batch_size=4, warmup_steps=2, log_every=5, checkpoint_every=10)

@@ -26,7 +26,9 @@ eval on 16 scenes: semseg mIoU 0.16 (pixel acc 0.88), depth abs-rel 0.19, captio
 accuracy 0.04, rgb->caption 0 (no caption parses yet) and rgb->det F1 0: 200 steps and `runlocal`
 tokenizers are far from enough for text and boxes.
 `mmjax demo` runs the same sequence at demo sizes. Training writes metrics.jsonl, TensorBoard
-events (tb/) and loss.png into the workdir.
+events (tb/) and loss.png into the workdir; `--config.eval.every_steps=K` adds the generation
+metrics every K steps and curves.png (each metric against steps, with its chance level and
+tokenizer ceiling).
 Variants: `tiny` (D=192, 4+4 layers) and `small` (D=384, 6+6). `runlocal` shrinks steps and data.
 `tokenizers=ARG`: the config argument the image tokenizers were trained with (e.g. runlocal).
 """
@@ -91,6 +93,8 @@ def get_config(arg=None):
   config.mesh = defaults.mesh()
   # `mmjax generate`: sampler settings (every key commented in mmjax/generate/fourm_settings.py).
   config.generate = fourm_settings.section(steps=8)
+  # Generation metrics during training (learning curves: mmjax/eval/curves.py).
+  config.eval = defaults.training_eval()
 
   if arg.runlocal:
     config.data.num_train, config.data.num_val = 256, 32

@@ -109,7 +109,7 @@ def _condition(sampler, layout, registry: mod.Registry, name: str,
 # Scoring and drawing of each output kind.
 
 
-class _Scorer:
+class Scorer:
   """Accumulates one task's scores; `rows` keeps what the grid shows of the first scenes."""
 
   def __init__(self, task: Task, grid_rows: int):
@@ -216,7 +216,7 @@ def generation_metrics(model, registry: mod.Registry, records: Sequence[Mapping[
   for task in tasks:
     start = time.perf_counter()
     layout = fourm_generate.EncoderLayout(registry, (task.source, task.target))
-    scorer = _Scorer(task, grid_rows)
+    scorer = Scorer(task, grid_rows)
     for indices in _batches(len(records), batch_size):
       rows = indices + [indices[-1]] * (batch_size - len(indices))
       ctx = _condition(sampler, layout, registry, task.source, [records[i] for i in rows])

@@ -5,9 +5,11 @@
   fourm      teacher-forced validation loss and accuracy per modality, then any-to-any generation
              on `num_scenes` validation scenes of the shapes data, scored exactly
              (`mmjax.eval.fourm_eval`), one grid per task
-  decoder    teacher-forced validation loss and accuracy per modality
+  decoder    teacher-forced validation loss and accuracy per modality, then caption <-> rgb
+             generation scored the same way (`mmjax.eval.decoder_eval`)
 
-Writes `<out_dir>/metrics.json` ({"objective", "step", "metrics", "grids", "samples", ...}) and the
+Writes `<out_dir>/metrics.json` ({"objective", "step", "metrics", "grids", "samples", "bounds"
+(4M on shapes: every generation metric's chance level and tokenizer ceiling), ...}) and the
 grids beside it; returns the same summary.
 """
 
@@ -24,15 +26,12 @@ import jax
 import ml_collections
 from etils import epath
 
-from mmjax import progress
+from mmjax import modalities, progress
 from mmjax.data.pipeline.demo_tokens import use_demo_tokens_if_unset
-from mmjax.data.tokens import records as tokens_tfds
 from mmjax.errors import UserError
-from mmjax.eval import fourm_eval
-from mmjax.eval import teacher_forced
+from mmjax.eval import shapes_generation, teacher_forced
 from mmjax.objectives import tokenizer as tokenizer_objective
 from mmjax.tokenizers import image_metrics
-from mmjax.tokenizers import modality as modality_tokenizers
 from mmjax.train.loop import load_model
 from mmjax.train.objective import get_objective
 
@@ -93,52 +92,31 @@ def _eval_tokens_model(config, workdir: str, out_dir: str, *, num_scenes: int, s
   metrics = teacher_forced.validation_metrics(objective, model, max_batches=max_val_batches,
                                               seed=seed)
   result: dict[str, Any] = {"step": step, "metrics": metrics, "grids": {}, "samples": {}}
-  if config.objective == "fourm" and num_scenes > 0:
-    generated = _fourm_generation(config, model, out_dir, num_scenes=num_scenes, seed=seed,
+  if num_scenes > 0:
+    generated = _shapes_generation(config, model, out_dir, num_scenes=num_scenes, seed=seed,
                                   grid_rows=grid_rows, task_names=tasks)
     for key in ("metrics", "grids", "samples"):
       result[key].update(generated[key])
     result["generation_seconds"] = generated["seconds"]
     result["generation_note"] = generated.get("note", "")
+    if generated.get("bounds"):
+      result["bounds"] = generated["bounds"]
   return result
 
 
-def _fourm_generation(config, model, out_dir: str, *, num_scenes: int, seed: int,
+def _shapes_generation(config, model, out_dir: str, *, num_scenes: int, seed: int,
                       grid_rows: int, task_names: Sequence[str] | None) -> dict[str, Any]:
-  """Any-to-any metrics on the first `num_scenes` validation records (shapes data only)."""
-
-  data = config.data
-  ds_dir = tokens_tfds.dataset_dir(data.data_dir, data.name)
-  source_info = tokens_tfds.read_metadata(ds_dir).get("source", {})
-  if not str(source_info.get("name", "")).startswith("shapes/"):
-    note = (f"no generation metrics: {ds_dir} was not tokenized from the shapes data "
-            f"(source {source_info.get('name', source_info.get('kind'))!r}), so no exact ground "
-            "truth is known")
-    _report(note)
-    return {"metrics": {}, "grids": {}, "samples": {}, "seconds": {}, "note": note}
-  registry = model.registry
-  tasks = fourm_eval.shapes_tasks(registry)
-  if task_names is not None:
-    unknown = sorted(set(task_names) - {t.name for t in tasks})
-    if unknown:
-      raise UserError(f"mmjax eval: unknown generation task(s) {', '.join(unknown)}; this config "
-                      f"has {', '.join(t.name for t in tasks)}")
-    tasks = [t for t in tasks if t.name in task_names]
-  source = tokens_tfds.load_tokens(data.data_dir, data.name, "validation")
-  records = [source[i] for i in range(min(num_scenes, len(source)))]
-  scenes = fourm_eval.ground_truth_scenes(records, int(source_info.get("seed", data.seed)),
-                                          int(data.image_size))
-  tokenizers_dir = data.get("tokenizers_dir", "") or os.path.join(data.data_dir, "tokenizers")
-  tokenizers = {}
-  for target in sorted({t.target for t in tasks}):
-    m = registry[target]
-    tokenizers[target] = tokenizer_objective.load_modality_tokenizer(
-        m, modality_tokenizers.tokenizer_dir_for(m, tokenizers_dir))
-  _report(f"generation on {len(records)} validation scenes: "
-          + ", ".join(t.name for t in tasks))
-  generated = fourm_eval.generation_metrics(
-      model, registry, records, scenes, tokenizers,
-      num_sentinels=int(config.masking.get("num_sentinels", 100)),
-      generate_config=config.get("generate"), out_dir=out_dir, seed=seed, grid_rows=grid_rows,
-      tasks=tasks, report=progress.status("mmjax eval"))
+  """Any-to-any metrics on the first `num_scenes` validation records (shapes data only), with
+  every metric's chance level and tokenizer ceiling under "bounds"."""
+  setup = shapes_generation.ShapesGeneration.load(
+      config, modalities.from_config(config.modalities), num_scenes=num_scenes,
+      task_names=task_names)
+  if isinstance(setup, str):
+    _report(setup)
+    return {"metrics": {}, "grids": {}, "samples": {}, "seconds": {}, "note": setup}
+  _report(f"generation on {len(setup.records)} validation scenes: "
+          + ", ".join(t.name for t in setup.tasks))
+  generated = setup.run(model, out_dir=out_dir, seed=seed, grid_rows=grid_rows,
+                        report=progress.status("mmjax eval"))
+  generated["bounds"] = setup.bounds()
   return generated

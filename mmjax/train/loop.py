@@ -195,13 +195,18 @@ def _evaluate(config, objective, setup, eval_fn, state) -> dict[str, float]:
   return {f"eval/{k}": v / count for k, v in totals.items()} if count else {}
 
 
-def run_train(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -> dict[str, Any]:
-  """Trains (or resumes from `workdir`'s latest valid checkpoint); returns a summary dict."""
+def run_train(config: ml_collections.ConfigDict, workdir: str, *, stream=None,
+              evaluator=None) -> dict[str, Any]:
+  """Trains (or resumes from `workdir`'s latest valid checkpoint); returns a summary dict.
+
+  `evaluator` (e.g. `mmjax.eval.curves.TrainingEval`): called as `evaluator(step, model)` every
+  `evaluator.every_steps` steps and at the end, on one process; the metrics it returns are
+  logged with the step's. `evaluator.finish()` (a plot's path) ends the run."""
   with _Preemption() as preemption:  # before anything slow: a SIGTERM must never kill the run
-    return _run(config, workdir, stream, preemption)
+    return _run(config, workdir, stream, preemption, evaluator)
 
 
-def _run(config, workdir, stream, preemption: _Preemption) -> dict[str, Any]:
+def _run(config, workdir, stream, preemption: _Preemption, evaluator=None) -> dict[str, Any]:
   train = config.train
   demo_tokens.use_demo_tokens_if_unset(config)  # here, not in build(): only commands that read data
   objective, setup = build(config)
@@ -233,7 +238,8 @@ def _run(config, workdir, stream, preemption: _Preemption) -> dict[str, Any]:
                      "to save)")
       summary["preempted"] = True
     elif start < train.steps:
-      _loop(config, objective, setup, state, it, checkpointer, writer, start, summary, preemption)
+      _loop(config, objective, setup, state, it, checkpointer, writer, start, summary, preemption,
+            evaluator)
     bad = getattr(it, "bad_by_dataset", None)
     if bad is not None:  # records skipped as bad (data.bad_records="skip"), per dataset
       summary["bad_records"] = {"total": sum(bad.values()), "by_dataset": bad}
@@ -245,12 +251,14 @@ def _run(config, workdir, stream, preemption: _Preemption) -> dict[str, Any]:
     writer.close()
   summary["checkpoints"] = checkpointer.steps()
   summary["plot"] = writer.plot()
+  if evaluator is not None and jax.process_index() == 0:
+    summary["curves"] = evaluator.finish()
   summary["metrics_file"] = os.fspath(writer.path)
   return summary
 
 
 def _loop(config, objective, setup, state, it, checkpointer, writer, start, summary,
-          preemption: _Preemption) -> None:
+          preemption: _Preemption, evaluator=None) -> None:
   train = config.train
   batch_size = train.batch_size
   flops_per_step = objective.train_flops_per_sample() * batch_size
@@ -314,9 +322,15 @@ def _loop(config, objective, setup, state, it, checkpointer, writer, start, summ
         results = _evaluate(config, objective, setup, eval_fn, state)
         writer.write(number, results)
         summary["eval"] = results
+      evaluated = evaluator is not None and (number % evaluator.every_steps == 0 or last)
+      if evaluated:
+        fetch()
+        if jax.process_index() == 0:
+          model = nnx.merge(setup.graphdef, *jax.device_get((state["params"], state["rest"])))
+          writer.write(number, evaluator(number, model))
       if do_save:
         checkpointer.save(number, state, it)
-      if do_eval or do_save:
+      if do_eval or do_save or evaluated:
         clock["time"] = time.perf_counter()  # step times exclude evaluation and saving
       if stop:
         checkpointer.wait()
