@@ -17,7 +17,10 @@ import os
 import sys
 from typing import Any
 
-from mmjax import modalities
+import jax
+from etils import epath
+
+from mmjax import modalities, paths
 from mmjax.config import ConfigError
 from mmjax.eval import shapes_generation
 from mmjax.train.metrics import read_jsonl
@@ -50,13 +53,13 @@ class TrainingEval:
       if isinstance(self._setup, str):
         print(f"mmjax train: {self._setup}", file=sys.stderr, flush=True)
       else:
-        with open(os.path.join(self.workdir, BOUNDS_FILE), "w") as f:
-          json.dump(self._setup.bounds(), f, indent=1)
+        (epath.Path(self.workdir) / BOUNDS_FILE).write_text(
+            json.dumps(self._setup.bounds(), indent=1))
     if isinstance(self._setup, str):
       return {}
-    out_dir = os.path.join(self.workdir, "eval", f"step_{step}")
-    os.makedirs(out_dir, exist_ok=True)
-    generated = self._setup.run(model, out_dir=out_dir, grid_rows=self.grid_rows)
+    out_dir = epath.Path(self.workdir) / "eval" / f"step_{step}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generated = self._setup.run(model, out_dir=os.fspath(out_dir), grid_rows=self.grid_rows)
     return {k: float(v) for k, v in generated["metrics"].items() if not k.endswith("/scenes")}
 
   def finish(self) -> str | None:
@@ -69,7 +72,6 @@ def make_training_eval(config, workdir: str) -> TrainingEval | None:
   if (config.get("objective") not in ("fourm", "decoder") or section is None
       or not section.get("every_steps")):
     return None
-  import jax
   if jax.process_count() > 1:
     raise ConfigError("config key 'eval.every_steps': evaluation during training runs on one "
                       "process only; set it to 0 and run `mmjax eval` on the checkpoints")
@@ -84,22 +86,18 @@ def _series(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
 def plot_curves(workdir: str) -> str | None:
   """`<workdir>/curves.png`: the loss, then each headline generation metric against steps with
   its chance level and tokenizer ceiling (from bounds.json) as lines; None without metrics."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
-    return None
-  records = read_jsonl(path)
+  records = read_jsonl(epath.Path(workdir) / "metrics.jsonl")
   keys = sorted({k for r in records for k in r
                  if k.startswith("gen/") and k.rsplit("/", 1)[-1] in HEADLINE})
   if not keys:
     return None
-  bounds_path = os.path.join(workdir, BOUNDS_FILE)
-  bounds = {"ceiling": {}, "chance": {}}
-  if os.path.isfile(bounds_path):
-    with open(bounds_path) as f:
-      bounds = json.load(f)
-  import matplotlib
+  bounds_path = epath.Path(workdir) / BOUNDS_FILE
+  bounds = (json.loads(bounds_path.read_text()) if bounds_path.is_file()
+            else {"ceiling": {}, "chance": {}})
+  # Late: matplotlib takes a second to import and only the plot needs it.
+  import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # noqa: PLC0415
 
   cols = min(3, len(keys) + 1)
   rows = -(-(len(keys) + 1) // cols)
@@ -129,7 +127,6 @@ def plot_curves(workdir: str) -> str | None:
   for ax in flat[len(keys) + 1:]:
     ax.axis("off")
   fig.tight_layout()
-  out = os.path.join(workdir, CURVES_FILE)
-  fig.savefig(out, dpi=90)
+  out = paths.save_figure(fig, epath.Path(workdir) / CURVES_FILE, dpi=90)
   plt.close(fig)
   return out
