@@ -94,11 +94,14 @@ def _two_processes(record_dir, args, cache_dir, **extra):
                                         MMJAX_LOCAL_DEVICES=2, **extra)) for i in range(2)]
 
 
-def _finish(procs, expected=0, timeout=300):
+def _finish(procs, expected=0, timeout=300, others=()):
+  """Waits for `procs`; the first must exit with `expected`, the others with it or one of
+  `others`."""
   outs = []
-  for proc in procs:
+  for i, proc in enumerate(procs):
     out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == expected, err[-3000:]
+    allowed = (expected,) if i == 0 else (expected, *others)
+    assert proc.returncode in allowed, err[-3000:]
     outs.append((out, err))
   return outs
 
@@ -137,8 +140,10 @@ def test_two_processes_match_one_and_survive_a_kill(family, data_dir, tmp_path):
   start = time.monotonic()
   reference_proc = _start(ref_rec, _train_args(config_file, data_dir, ref_dir),
                           _env(cache, MMJAX_LOCAL_DEVICES=4, MMJAX_TEST_READ_AS_HOSTS=2))
+  # Process 0 hosts the coordination service: when it dies first, JAX aborts the other process
+  # (SIGABRT) before that one reaches its own kill. Either way the checkpoint was committed.
   _finish(_two_processes(rec, args, cache, MMJAX_TEST_KILL_AFTER_SAVE=KILL_AFTER),
-          expected=-signal.SIGKILL)
+          expected=-signal.SIGKILL, others=(-signal.SIGABRT,))
   _finish([reference_proc])
   seconds = {"1 x 4 beside 2 x 2 until killed": time.monotonic() - start}
   assert sorted(_losses(run_dir)) == [1, 2]
