@@ -215,7 +215,7 @@ class _Traffic(_Module):
 
   def _read_bytes(self, fused: str | None, op: str, index: int, shape: str, out: str) -> float:
     """Bytes read of one operand: all of it, except where only a slice of it is read (the
-    scanned layers' stacked weights, one layer per iteration)."""
+    scanned layers' stacked weights, one layer per iteration) or it is a buffer updated in place."""
     if fused is None:
       if op == "dynamic-slice" and index == 0:
         return _array_bytes(out)
@@ -225,25 +225,50 @@ class _Traffic(_Module):
     params = list(self.shapes.get(fused, {}))
     if index >= len(params):
       return _array_bytes(shape)
-    name = params[index]
-    uses = [(use_op, use_shape, args.split(")", 1)[0])
-            for _, use_shape, use_op, args in self.computations.get(fused, [])
-            if re.search(rf"%{re.escape(name)}\b", args.split(")", 1)[0])]
-    if uses and all(o == "dynamic-slice" and re.match(rf"\s*%{re.escape(name)}\b", a)
-                    for o, _, a in uses):
-      return sum(_array_bytes(use_shape) for _, use_shape, _ in uses)
-    if uses and all(o == "dynamic-update-slice" and re.match(rf"\s*%{re.escape(name)}\b", a)
-                    for o, _, a in uses):
-      return 0.0
-    return _array_bytes(shape)
+    return min(_array_bytes(shape), self._value_read(fused, params[index]))
+
+  def _value_read(self, computation: str, value: str) -> float:
+    """Bytes of `value` that `computation` reads, following bitcasts and nested fusions."""
+    total = 0.0
+    full = _array_bytes(self.shapes[computation].get(value, ""))
+    for name, shape, op, rest in self.computations.get(computation, []):
+      operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+      if value not in operands:
+        continue
+      at = operands.index(value)
+      if op == "dynamic-slice" and at == 0:
+        total += _array_bytes(shape)
+      elif op == "dynamic-update-slice" and at == 0:
+        continue
+      elif op == "bitcast":
+        total += self._value_read(computation, name)
+      elif op == "fusion" and (inner := re.search(r"calls=%?([\w.\-]+)", rest)):
+        params = list(self.shapes.get(inner.group(1), {}))
+        total += (self._value_read(inner.group(1), params[at]) if at < len(params) else full)
+      else:
+        return full
+    return total
 
   def _in_place_update_bytes(self, fused: str, written: float) -> float:
-    """A fusion whose result is a dynamic-update-slice writes only the update."""
+    """A fusion's results that are dynamic-update-slices write only their updates."""
     instructions = self.computations.get(fused, [])
-    if not instructions or instructions[-1][2] != "dynamic-update-slice":
+    if not instructions:
       return written
-    operands = re.findall(r"%([\w.\-]+)", instructions[-1][3].split(")", 1)[0])
-    return _array_bytes(self.shapes[fused].get(operands[1], "")) if len(operands) > 1 else written
+    by_name = {name: (shape, op, rest) for name, shape, op, rest in instructions}
+
+    def result_bytes(name: str) -> float:
+      shape, op, rest = by_name.get(name, ("", "", ""))
+      operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+      if op == "bitcast" and operands:
+        return result_bytes(operands[0])
+      if op == "dynamic-update-slice" and len(operands) > 1:
+        return _array_bytes(self.shapes[fused].get(operands[1], ""))
+      return _array_bytes(shape)
+
+    root, _, op, rest = instructions[-1]
+    if op == "tuple":
+      return sum(result_bytes(o) for o in re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0]))
+    return result_bytes(root)
 
 
 def loop_bytes(hlo_text: str) -> tuple[float, float]:
@@ -262,9 +287,13 @@ def loop_scaled_bytes(xla_bytes: float, hlo_text: str) -> float:
 
 def splash_kernels(hlo_text: str) -> dict[str, int]:
   """How many splash attention kernels (Pallas/Mosaic custom calls) the program holds, by kind."""
-  calls = re.findall(r'custom_call_target="tpu_custom_call".*?op_name="[^"]*/'
-                     r'(splash_mha_(?:fwd|dq|dkv))', hlo_text)
-  return {kind: calls.count(kind) for kind in sorted(set(calls))}
+  counts: dict[str, int] = {}
+  for instructions in _Module(hlo_text).computations.values():
+    for _, _, op, rest in instructions:
+      kind = re.search(r'op_name="[^"]*/(splash_mha_(?:fwd|dq|dkv))', rest)
+      if op == "custom-call" and kind:
+        counts[kind.group(1)] = counts.get(kind.group(1), 0) + 1
+  return dict(sorted(counts.items()))
 
 
 def _window(rest: str, spatial: int) -> list[tuple[int, int, int, int]]:
