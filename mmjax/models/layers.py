@@ -119,6 +119,8 @@ def over_batch_shards(fn: Callable, batched: Sequence[jax.Array], replicated: Se
   if not axes or axes[0] is None:
     return fn(*batched, *replicated)
   names = (axes[0],) if isinstance(axes[0], str) else tuple(axes[0])
+  if all(mesh.shape[n] == 1 for n in names):  # one shard: the plain call
+    return fn(*batched, *replicated)
   spec = jax.sharding.PartitionSpec
 
   def per_shard(*args):
