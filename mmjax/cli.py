@@ -146,6 +146,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    "matches (the others keep their earlier result in DIR)")
   aot.add_argument("--row-timeout", type=float, default=3600, metavar="S",
                    help="with --table: seconds one row may compile (default 3600)")
+  aot.add_argument("--resume", action="store_true",
+                   help="with --table: skip the rows that compiled in an earlier run")
   aot.add_argument("--render-only", action="store_true",
                    help="with --table: rebuild the table from DIR without compiling, "
                         "counting FLOPs and bytes again from the saved programs")
@@ -261,7 +263,7 @@ def _run_aot(args: argparse.Namespace) -> int:
       raise UserError("mmjax aot --table: the rows name their configs and topologies "
                       "(mmjax/train/aot_table.py); drop --config, --config.* and --topology")
     result = aot_table.run_table(args.table, args.rows, timeout_s=args.row_timeout,
-                                 render_only=args.render_only)
+                                 render_only=args.render_only, resume=args.resume)
     print(result.pop("markdown"), end="", file=sys.stderr)
     print(json.dumps(result))
     return 0

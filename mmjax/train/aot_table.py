@@ -187,12 +187,15 @@ def render(rows: list[Row], out: epath.Path,
 
 
 def run_table(out_dir: str, pattern: str | None = None, *, timeout_s: float = 3600,
-              render_only: bool = False) -> dict[str, Any]:
+              render_only: bool = False, resume: bool = False) -> dict[str, Any]:
   """Compiles the rows matching `pattern` (every row when None) one after another, then writes
-  the table of all rows (those not compiled in this run keep their earlier result)."""
+  the table of all rows (those not compiled in this run keep their earlier result); with
+  `resume`, rows that compiled before are skipped."""
   out = epath.Path(out_dir)
   (out / "rows").mkdir(parents=True, exist_ok=True)
   chosen = [] if render_only else select(pattern)
+  if resume:
+    chosen = [row for row in chosen if not (out / "rows" / row.name / "aot.json").exists()]
   failed = 0
   for i, row in enumerate(chosen, 1):
     with progress.phase(f"aot table {i}/{len(chosen)}: {row.name} on {row.topology}"):

@@ -79,6 +79,15 @@ def test_the_table_compiles_each_row_in_a_process_and_a_failure_is_a_cell(tmp_pa
   assert "exit status 2: the train step does not fit v5e:2x2" in lines[3]
   assert "not run" in lines[4]
 
+  # Resuming skips the row that compiled and retries the one that failed.
+  error = (out / "rows" / "huge" / "error.txt").read_text()
+  calls = []
+  monkeypatch.setattr(aot_table, "_run_row", lambda row, folder, timeout_s: calls.append(row.name)
+                      or {"error": "again"})
+  assert cli.main(["aot", f"--table={out}", "--rows=toy|huge", "--resume"]) == 0
+  assert calls == ["huge"]
+  (out / "rows" / "huge" / "error.txt").write_text(error)
+
   # Re-rendering without compiling keeps every row's result.
   assert cli.main(["aot", f"--table={out}", "--render-only"]) == 0
   assert (out / "aot_table.md").read_text().splitlines() == lines
