@@ -149,9 +149,9 @@ def row_cells(row: Row, result: dict[str, Any] | None) -> list[str]:
   """The table's cells for one row: what compiled, or why not."""
   head = [row.model, row.topology]
   if result is None:
-    return head + ["not run"] + [""] * 7
+    return head + ["not run"] + [""] * (len(HEADER) - 3)
   if "error" in result:
-    return head + [result["error"].replace("|", "/")] + [""] * 7
+    return head + [result["error"].replace("|", "/")] + [""] * (len(HEADER) - 3)
   memory = result["memory_per_chip"]
   chips = result["chips"]
   hbm = result["hbm_bytes_per_chip"]

@@ -73,6 +73,7 @@ def test_the_table_compiles_each_row_in_a_process_and_a_failure_is_a_cell(tmp_pa
 
   lines = (out / "aot_table.md").read_text().splitlines()
   assert lines[0].startswith("| model | slice |") and len(lines) == 2 + len(rows)
+  assert {line.count("|") for line in lines} == {len(aot_table.HEADER) + 1}
   toy_cells = [c.strip() for c in lines[2].strip("|").split("|")]
   assert toy_cells[:3] == ["toy MLP", "v5e:2x2", "data 4; 4/chip"]
   assert "/ 16.0 (" in toy_cells[5] and toy_cells[8] == "no"
