@@ -74,6 +74,8 @@ def shapes_data(**overrides) -> ml_collections.ConfigDict:
       image_size=64,          # side of the square scenes
       num_train=20000,        # scenes in the train split
       num_val=1000,           # scenes in the validation split
+      max_objects=0,          # `mmjax prepare tokens`: keep only scenes with at most this many
+                              # objects (their indices kept); 0 = every scene (1-4 objects)
       seed=0,                 # scene i of a split is a pure function of (seed, split, i)
       shuffle_seed=0,         # order of the training stream
       num_workers=0,          # grain multiprocessing workers; 0 reads in the main process

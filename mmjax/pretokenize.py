@@ -159,6 +159,13 @@ def _sample_id(raw: Mapping[str, Any], split: str, index: int) -> str:
   return f"{split}/{index}" if value is None else str(value)
 
 
+def _raw_index(raw: Mapping[str, Any], position: int) -> int:
+  """The sample's own index in its raw split (shapes scenes carry theirs, which stays right when
+  a filter such as data.max_objects skips scenes), else its position."""
+  value = raw.get("index")
+  return position if value is None else int(np.asarray(value).reshape(-1)[0])
+
+
 def _check_sample(job: _Job, raw: Mapping[str, Any], where: str) -> dict[str, Any]:
   """{modality: validated raw value, or None where absent} of one raw sample."""
   values: dict[str, Any] = {}
@@ -196,7 +203,7 @@ def _encode_chunk(job: _Job, split: str, source: Any, indices: range, bad: _BadL
     except UserError as e:  # the source could not read the sample (e.g. a corrupt image file)
       bad.add(BadSample(where, "<read>", str(e)), "<read>")
       continue
-    rows.append((i, _sample_id(raw, split, i), where, values, gt))
+    rows.append((_raw_index(raw, i), _sample_id(raw, split, i), where, values, gt))
 
   ids: dict[str, list[Any]] = {}
   for name, tokenizer in job.tokenizers.items():

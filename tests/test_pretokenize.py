@@ -198,6 +198,18 @@ def test_shapes_round_trip_through_tfds_shards(tmp_path, tokenizers_dir, image_t
       batch_size=4, process_index=0, process_count=1)
   batch = next(it)
   assert batch["enc_tokens"].shape[0] == 4 and it.bad_records == 0
+  # data.max_objects keeps fewer scenes; each record keeps its scene's index (evaluation
+  # regenerates the scene from it).
+  with config.unlocked():
+    config.data.data_dir = os.path.join(workdir, "data")
+    config.data.max_objects = 2
+  few = pretokenize.run_prepare_tokens(config, str(tmp_path / "few"),
+                                       tokenizers={"tok_rgb": image_tokenizers["tok_rgb"]},
+                                       progress=False)
+  kept = [s for s in raw if s["num_objects"] <= 2]
+  assert 0 < len(kept) < 12
+  assert [(int(r["index"]), r["gt_caption"].decode()) for r in read_split(few, "train")] == [
+      (int(s["index"]), s["caption"]) for s in kept]
 
 
 def test_rerun_skips_and_killed_run_resumes_to_the_same_shards(tmp_path, tokenizers_dir,

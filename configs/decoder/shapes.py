@@ -37,6 +37,7 @@ import ml_collections
 
 from mmjax import config as mmconfig
 from mmjax import defaults
+from mmjax.objectives.tokenizer import image_tokenizer_config
 
 SIZES = {
     "tiny": dict(d_model=256, num_layers=4, num_heads=4),
@@ -60,13 +61,14 @@ def get_config(arg=None):
   config.modalities = ml_collections.ConfigDict(sort_keys=False, initial_dictionary=dict(
       caption=dict(kind="sequence", source="caption", vocab_size=1024, max_length=48,
                    tokenizer="configs/tokenizers/shapes_text.py"),
-      tok_rgb=dict(kind="image_tokens", source="rgb", vocab_size=1024, grid=(8, 8),
+      tok_rgb=dict(kind="image_tokens", source="rgb", grid=(8, 8),
                    tokenizer="configs/tokenizers/shapes_rgb.py"),
   ))
-  if arg.tokenizers:  # the image tokenizers were trained with this config argument
-    for m in config.modalities.values():
-      if m.kind == "image_tokens":
+  for m in config.modalities.values():
+    if m.kind == "image_tokens":  # the tokenizer's config (and argument) sets the vocabulary
+      if arg.tokenizers:  # the image tokenizers were trained with this config argument
         m.tokenizer = f"{m.tokenizer}:{arg.tokenizers}"
+      m.vocab_size = image_tokenizer_config(m.source, arg.tokenizers or None).model.codebook_size
   # Documents built from each record, with probabilities (Chameleon: image first half the time).
   config.sequences = ml_collections.ConfigDict(dict(
       templates=(("caption", "tok_rgb"), ("tok_rgb", "caption")),
@@ -94,7 +96,8 @@ def get_config(arg=None):
   # `mmjax generate` (mmjax/generate/decoder_run.py): caption -> tok_rgb, image file -> caption,
   # and caption + image file -> a target when a template starts with them.
   config.generate = ml_collections.ConfigDict(dict(
-      temperature=1.0,  # softmax temperature; 0 = greedy
+      temperature=1.0,  # softmax temperature of image tokens; 0 = greedy
+      text_temperature=0.0,  # of text tokens: greedy captions, the model's best reading
       top_k=0,          # keep the k most likely allowed ids; 0 = off
       top_p=0.9,        # nucleus: the most likely ids holding this much mass; 1 = off
       # Two-way classifier-free guidance on the input, uncond + s(cond - uncond); 1 = off.

@@ -38,6 +38,7 @@ import ml_collections
 from mmjax import config as mmconfig
 from mmjax import defaults
 from mmjax.generate import fourm_settings
+from mmjax.objectives.tokenizer import image_tokenizer_config
 
 SIZES = {
     "tiny": dict(d_model=192, num_heads=3, encoder_layers=4, decoder_layers=4),
@@ -58,21 +59,22 @@ def get_config(arg=None):
   # of 64x64 scenes); text-like ones share the shapes SentencePiece vocabulary.
   config.modalities = ml_collections.ConfigDict(sort_keys=False, initial_dictionary=dict(
       rgb=dict(kind="image_pixels", source="rgb", image_size=64, patch_size=8),
-      tok_rgb=dict(kind="image_tokens", source="rgb", vocab_size=1024, grid=(8, 8),
+      tok_rgb=dict(kind="image_tokens", source="rgb", grid=(8, 8),
                    tokenizer="configs/tokenizers/shapes_rgb.py"),
-      tok_depth=dict(kind="image_tokens", source="depth", vocab_size=1024, grid=(8, 8),
+      tok_depth=dict(kind="image_tokens", source="depth", grid=(8, 8),
                      tokenizer="configs/tokenizers/shapes_depth.py"),
-      tok_semseg=dict(kind="image_tokens", source="semseg", vocab_size=256, grid=(8, 8),
+      tok_semseg=dict(kind="image_tokens", source="semseg", grid=(8, 8),
                       tokenizer="configs/tokenizers/shapes_semseg.py"),
       caption=dict(kind="sequence", source="caption", vocab_size=1024, max_length=48,
                    tokenizer="configs/tokenizers/shapes_text.py"),
       det=dict(kind="sequence", source="det", vocab_size=1024, max_length=64,
                tokenizer="configs/tokenizers/shapes_text.py"),
   ))
-  if arg.tokenizers:  # the image tokenizers were trained with this config argument
-    for m in config.modalities.values():
-      if m.kind == "image_tokens":
+  for m in config.modalities.values():
+    if m.kind == "image_tokens":  # the tokenizer's config (and argument) sets the vocabulary
+      if arg.tokenizers:  # the image tokenizers were trained with this config argument
         m.tokenizer = f"{m.tokenizer}:{arg.tokenizers}"
+      m.vocab_size = image_tokenizer_config(m.source, arg.tokenizers or None).model.codebook_size
   config.masking = ml_collections.ConfigDict(dict(
       mixture="4m7",            # Dirichlet mixture: "4m7", "4m21", or a fixed "rgb->tok_semseg"
       input_alpha=0.5,          # all->all component concentration
@@ -94,7 +96,9 @@ def get_config(arg=None):
   config.train = defaults.train(steps=2000, batch_size=32, lr=5e-4, warmup_steps=200)
   config.mesh = defaults.mesh()
   # `mmjax generate`: sampler settings (every key commented in mmjax/generate/fourm_settings.py).
-  config.generate = fourm_settings.section(steps=8)
+  # Captions and boxes greedy (the model's best reading of the image: at temperature 1 the demo's
+  # 800-step model scored rgb->caption attribute accuracy 0.24, greedy 0.35, chance 0.23).
+  config.generate = fourm_settings.section(steps=8, temperature_per_modality="caption:0,det:0")
   # Generation metrics during training (learning curves: mmjax/eval/curves.py).
   config.eval = defaults.training_eval()
 

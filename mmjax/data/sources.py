@@ -114,6 +114,23 @@ class Subset:
     return self.source[self.lo + i]
 
 
+class AtMostObjects:
+  """The shapes scenes of a source that hold at most `max_objects` objects, renumbered from 0;
+  each keeps its scene `index`, so evaluation regenerates the same scenes."""
+
+  def __init__(self, source: Any, max_objects: int):
+    self.source = source
+    self.fields = source_fields(source)
+    self.keep = [i for i in range(len(source))
+                 if int(np.asarray(source[i]["num_objects"])) <= max_objects]
+
+  def __len__(self) -> int:
+    return len(self.keep)
+
+  def __getitem__(self, i: int) -> Any:
+    return self.source[self.keep[i]]
+
+
 def with_holdout(sources: Mapping[str, Any], num_heldout: int) -> dict[str, Any]:
   """`sources`, and where they have no validation split, the last `num_heldout` train samples as
   one (taken out of train): reconstruction quality is then measured on unseen images."""
@@ -165,9 +182,12 @@ def open_sources(data: Mapping[str, Any], workdir: str | None,
       raise UserError(f"{data_dir} holds no shapes/s{size} dataset; build it with "
                       f"`mmjax prepare shapes --out {data_dir}`")
     have = {s["name"] for s in json.loads(info.read_text()).get("splits", [])}
-    return ({s: shapes_records.load_shapes(data_dir, s, size) for s in splits if s in have},
-            {"kind": "tfds", "name": f"shapes/s{size}",
-             "data_dir": os.fspath(paths.resolve(data_dir)), "seed": int(data.get("seed", 0))})
+    loaded = {s: shapes_records.load_shapes(data_dir, s, size) for s in splits if s in have}
+    max_objects = int(data.get("max_objects", 0))
+    if max_objects:
+      loaded = {s: AtMostObjects(src, max_objects) for s, src in loaded.items()}
+    return loaded, {"kind": "tfds", "name": f"shapes/s{size}", "max_objects": max_objects,
+                    "data_dir": os.fspath(paths.resolve(data_dir)), "seed": int(data.get("seed", 0))}
   with _quiet_absl():  # tfds' warnings about datasets it builds from files
     try:
       builder = tfds.builder(name, data_dir=data_dir)

@@ -49,8 +49,7 @@ def generation_metrics(config, model, registry: mod.Registry,
       begin, new_tokens = [], target.max_length + 1
       layout = dataclasses.replace(layout, begin_image=-1)  # text only: no image can start
     _, weights, _ = decoder_run.guidance_weights(settings, [source], target)
-    sample = sampler.SampleConfig(temperature=settings.temperature, top_k=settings.top_k,
-                                  top_p=settings.top_p, guidance=weights)
+    sample = decoder_run.sample_config(settings, target, weights)
     scorer = fourm_eval.Scorer(task, grid_rows)
     for b0 in range(0, len(records), batch_size):
       rows = list(range(b0, min(b0 + batch_size, len(records))))

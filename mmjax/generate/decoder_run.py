@@ -57,6 +57,7 @@ _SUPPORTED = ("caption -> image (a sequence input, an image_tokens target), imag
 class GenerateConfig:
   """`config.generate` of a decoder config (every key commented in configs/decoder/shapes.py)."""
   temperature: float = 1.0
+  text_temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
   image_cfg_scale: float = 1.0
@@ -71,13 +72,22 @@ _SCALES = ("image_cfg_scale", "text_cfg_scale", "three_way_image_scale", "three_
 
 def generate_config(config) -> GenerateConfig:
   cfg = to_dataclass(GenerateConfig, config.get("generate", {}), where="generate")
-  if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
-    raise UserError(f"config section 'generate': need temperature >= 0, top_k >= 0 and top_p in "
-                    f"(0, 1]; got {cfg.temperature}, {cfg.top_k}, {cfg.top_p}")
+  if min(cfg.temperature, cfg.text_temperature) < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
+    raise UserError(f"config section 'generate': need temperature and text_temperature >= 0, "
+                    f"top_k >= 0 and top_p in (0, 1]; got {cfg.temperature}, "
+                    f"{cfg.text_temperature}, {cfg.top_k}, {cfg.top_p}")
   for key in _SCALES:
     if getattr(cfg, key) < 0:
       raise UserError(f"config key 'generate.{key}' must be >= 0, got {getattr(cfg, key)}")
   return cfg
+
+
+def sample_config(settings: GenerateConfig, target: mm.Modality,
+                  weights: tuple[float, ...]) -> sampler.SampleConfig:
+  """How the target's tokens are drawn: text at `text_temperature`, images at `temperature`."""
+  temperature = settings.text_temperature if target.is_sequence else settings.temperature
+  return sampler.SampleConfig(temperature=temperature, top_k=settings.top_k,
+                              top_p=settings.top_p, guidance=weights)
 
 
 def guidance_weights(settings: GenerateConfig, sources: Sequence[mm.Modality],
@@ -230,8 +240,7 @@ def generate_decoder(config, workdir: str, inputs: Mapping[str, str], targets: S
 
   _report(f"loading the decoder from {workdir}")
   model, step = load_model(config, workdir, allow_random_init=allow_random_init)
-  sample = sampler.SampleConfig(temperature=settings.temperature, top_k=settings.top_k,
-                                top_p=settings.top_p, guidance=weights)
+  sample = sample_config(settings, target, weights)
   prompts = [c for c in copies for _ in range(num_samples)]  # copy-major
   _report(f"sampling {num_samples} x {new_tokens} tokens of {target.name} (step {step}, "
           f"guidance {form})")

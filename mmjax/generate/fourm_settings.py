@@ -1,9 +1,10 @@
 """Sampler settings of 4M generation: the `config.generate` section, per-target settings.
 
 The section (every key commented in `section`) holds the defaults of every target;
-`steps_per_modality`, `cfg_weights` and `order` are short strings, so that the command line can
-override them:
+`steps_per_modality`, `temperature_per_modality`, `cfg_weights` and `order` are short strings, so
+that the command line can override them:
   --config.generate.steps_per_modality=tok_rgb:12,tok_semseg:4
+  --config.generate.temperature_per_modality=caption:0,det:0
   --config.generate.cfg_weights=caption:3,tok_depth:1
   --config.generate.order=tok_rgb,det
 """
@@ -31,6 +32,7 @@ def section(**overrides) -> ml_collections.ConfigDict:
       steps=8,                     # MaskGIT / ROAR steps per image target
       steps_per_modality="",       # per-target steps, e.g. "tok_rgb:12,tok_semseg:4"
       temperature=1.0,             # sampling temperature; 0 = greedy
+      temperature_per_modality="", # per-target temperatures, e.g. "caption:0" (greedy captions)
       temperature_schedule="constant",  # "constant", "linear" (to ~0) or "onex:MIN:POWER"
       top_k=0,                     # keep the k most likely tokens; 0 = off
       top_p=1.0,                   # nucleus filtering; 1 = off
@@ -91,15 +93,17 @@ def target_settings(gen: Mapping[str, Any], targets: Sequence[str],
   """Per-target settings from `config.generate` (defaults when the config has no section)."""
   gen = dict(section().items()) | dict(gen or {})
   steps = parse_map(gen["steps_per_modality"], "steps_per_modality", int)
+  temperatures = parse_map(gen["temperature_per_modality"], "temperature_per_modality", float)
   weights = parse_map(gen["cfg_weights"], "cfg_weights", float)
-  for key, names in (("steps_per_modality", steps), ("cfg_weights", weights)):
+  for key, names in (("steps_per_modality", steps), ("temperature_per_modality", temperatures),
+                     ("cfg_weights", weights)):
     for name in names:
       if name not in known:
         raise ConfigError(f"config key 'generate.{key}' names modality {name!r}; known: "
                           f"{', '.join(known)}")
   return {t: TargetSettings(
       schedule=gen["image_schedule"], token_schedule=gen["token_schedule"],
-      steps=int(steps.get(t, gen["steps"])), temperature=float(gen["temperature"]),
+      steps=int(steps.get(t, gen["steps"])), temperature=float(temperatures.get(t, gen["temperature"])),
       temperature_schedule=gen["temperature_schedule"], top_k=int(gen["top_k"]),
       top_p=float(gen["top_p"]), cfg_scale=float(gen["cfg_scale"]),
       cfg_weights=tuple(sorted(weights.items()))) for t in targets}

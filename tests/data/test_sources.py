@@ -7,6 +7,8 @@ import pytest
 
 from mmjax.config import ConfigError
 from mmjax.data import sources
+from mmjax.data.shapes import records as shapes_records
+from mmjax.data.shapes import world
 from mmjax.errors import UserError
 from tests.data.photo_folder import render, write_folder
 
@@ -54,3 +56,15 @@ def test_sources_that_cannot_be_opened_are_one_line(tmp_path):
     sources.open_sources({"name": "no_such_dataset_xyz", "data_dir": str(tmp_path)}, None,
                          ("train",))
   assert "\n" not in str(e.value)
+
+
+def test_shapes_with_at_most_k_objects_keep_their_scene_indices(tmp_path):
+  shapes_records.prepare_shapes(tmp_path, num_train=40, num_val=8, image_size=16, progress=False)
+  data = {"name": "shapes", "data_dir": str(tmp_path), "image_size": 16}
+  every, _ = sources.open_sources(data, None, ("train",))
+  few, described = sources.open_sources(dict(data, max_objects=2), None, ("train",))
+  assert described["max_objects"] == 2
+  expected = [i for i in range(40)
+              if world.generate_scene(i, image_size=16)["num_objects"] <= 2]
+  assert 0 < len(expected) < 40 and len(every["train"]) == 40
+  assert [int(few["train"][i]["index"]) for i in range(len(few["train"]))] == expected

@@ -206,14 +206,18 @@ def test_spans_and_merge():
 def test_settings_from_config_section():
   names = ("tok_a", "caption")
   got = target_settings({"steps": 5, "steps_per_modality": "tok_a:3", "cfg_weights": "caption:2",
-                         "temperature_schedule": "linear"}, names, names)
+                         "temperature_schedule": "linear", "temperature": 0.7,
+                         "temperature_per_modality": "caption:0"}, names, names)
   assert got["tok_a"].steps == 3 and got["caption"].steps == 5
+  assert got["tok_a"].temperature == 0.7 and got["caption"].temperature == 0.0
   assert got["tok_a"].cfg_weights == (("caption", 2.0),)
   assert dataclasses.asdict(got["caption"])["temperature_schedule"] == "linear"
   with pytest.raises(ConfigError, match="steps_per_modality"):
     target_settings({"steps_per_modality": "tok_z:3"}, names, names)
   with pytest.raises(ConfigError, match="cfg_weights"):
     target_settings({"cfg_weights": "caption=2"}, names, names)
+  with pytest.raises(ConfigError, match="temperature_per_modality"):
+    target_settings({"temperature_per_modality": "det:0"}, names, names)
   with pytest.raises(ConfigError, match="image_schedule"):
     target_settings({"image_schedule": "random"}, names, names)
   assert chain_order({"order": "caption,tok_a"}, ["tok_a", "caption"]) == ["caption", "tok_a"]
