@@ -141,8 +141,8 @@ def _build_parser() -> argparse.ArgumentParser:
   bench_shapes.set_defaults(run=_run_bench_shapes)
 
   aot = commands.add_parser("aot", help="compile the train step for a TPU topology without TPUs")
-  _add_common(aot, config_required=True)
-  aot.add_argument("--topology", required=True,
+  _add_common(aot, config_required=False)
+  aot.add_argument("--topology",
                    help="TPU kind and chips per axis: v5p:2x2x2, v4:2x2x1, v5e:2x4, v6e:4x4")
   aot.add_argument("--out", metavar="DIR", help="write the program there (StableHLO; when "
                    "compiled also the optimised HLO and the serialized executable); default: "
@@ -150,6 +150,19 @@ def _build_parser() -> argparse.ArgumentParser:
   aot.add_argument("--lower-only", action="store_true",
                    help="lower on stand-in CPU devices without the TPU compiler (what runs "
                         "without libtpu): shardings, state bytes and HLO FLOPs, no memory analysis")
+  aot.add_argument("--table", metavar="DIR",
+                   help="instead of one config: compile every row of the README's AOT table "
+                        "(mmjax/train/aot_table.py), one process each, and write "
+                        "DIR/aot_table.md and .json")
+  aot.add_argument("--rows", metavar="REGEX", help="with --table: only the rows whose name "
+                   "matches (the others keep their earlier result in DIR)")
+  aot.add_argument("--row-timeout", type=float, default=3600, metavar="S",
+                   help="with --table: seconds one row may compile (default 3600)")
+  aot.add_argument("--resume", action="store_true",
+                   help="with --table: skip the rows that compiled in an earlier run")
+  aot.add_argument("--render-only", action="store_true",
+                   help="with --table: rebuild the table from DIR without compiling, "
+                        "counting FLOPs and bytes again from the saved programs")
   aot.set_defaults(run=_run_aot)
 
   _add_convert_commands(commands)
@@ -255,6 +268,19 @@ def _load_config(args: argparse.Namespace):
 def _run_aot(args: argparse.Namespace) -> int:
   from mmjax.train import aot
 
+  if args.table:
+    from mmjax.train import aot_table
+
+    if args.config or args.overrides or args.topology:
+      raise UserError("mmjax aot --table: the rows name their configs and topologies "
+                      "(mmjax/train/aot_table.py); drop --config, --config.* and --topology")
+    result = aot_table.run_table(args.table, args.rows, timeout_s=args.row_timeout,
+                                 render_only=args.render_only, resume=args.resume)
+    print(result.pop("markdown"), end="", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+  if not args.config or not args.topology:
+    raise UserError("mmjax aot: give --config and --topology (or --table DIR)")
   config = _load_config(args)
   result = aot.run_aot(config, args.topology, out_dir=args.out or args.workdir,
                        lower_only=args.lower_only)

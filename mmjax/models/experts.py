@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmjax.models import grouped
+from mmjax.models import grouped, layers
 from mmjax.models.decoder_layers import param
 from mmjax.models.grouped import Routing
 
@@ -55,9 +55,15 @@ class ModalLinear(nnx.Module):
       y = grouped.dot("nk,kf->nf", x_NK, self.kernel[...].reshape(k_in, k_out), self.dtype)
       return y.reshape(*lead, *self.out_shape)
     w_GKF = self.kernel[...].reshape(self.groups, k_in, k_out)
-    y = grouped.grouped_matmul(x_NK[routing.order_N], w_GKF, routing.sizes_G, impl=self.impl,
-                               chunk=self.chunk, dtype=self.dtype)
-    return y[routing.inverse_N].reshape(*lead, *self.out_shape)
+
+    def per_shard(x_NK, modality_N, w_GKF):  # each batch shard sorts and multiplies its tokens
+      local = grouped.make_routing(modality_N, self.groups)
+      y = grouped.grouped_matmul(x_NK[local.order_N], w_GKF, local.sizes_G, impl=self.impl,
+                                 chunk=self.chunk, dtype=self.dtype)
+      return y[local.inverse_N]
+
+    y = layers.over_batch_shards(per_shard, (x_NK, routing.modality_N), (w_GKF,))
+    return y.reshape(*lead, *self.out_shape)
 
 
 class SwiGLU(nnx.Module):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.models import layers
 from mmjax.models.fourm import FourM
 
 F32_MIN = float(np.finfo(np.float32).min)
@@ -167,14 +168,12 @@ def _chunked(model: FourM, y_TD, group_T, labels_T, counts_G, opts_base):
                for v in (loss, ce, correct))
 
 
-def _ragged(model: FourM, y_TD, group_T, labels_T, counts_G, opts_base):
-  """Per-target-group sums (loss, ce, correct) through one ragged_dot over padded-vocab heads."""
+def _ragged(model: FourM, y_BMD, group_BM, labels_BM, opts_base):
+  """Per-target-group sums (loss, ce, correct) through one ragged_dot over padded-vocab heads per
+  shard of the batch (each chip sorts and multiplies only its own tokens)."""
   smoothing, z_loss, dtype = opts_base
   names = [m.name for m in model.registry.targets()]
   num_groups = len(names)
-  order = jnp.argsort(group_T, stable=True)
-  sorted_group = group_T[order]
-  h = y_TD[order]
   vocabs = []
   stacked = []
   v_max = max(m.vocab_size for m in model.registry.targets())
@@ -183,20 +182,31 @@ def _ragged(model: FourM, y_TD, group_T, labels_T, counts_G, opts_base):
     w = w.T if transposed else w
     vocabs.append(w.shape[1])
     stacked.append(jnp.pad(w, ((0, 0), (0, v_max - w.shape[1]))))
-  z = jax.lax.ragged_dot(h.astype(dtype), jnp.stack(stacked).astype(dtype),
-                         counts_G.astype(jnp.int32), preferred_element_type=jnp.float32)
-  vocab_T = jnp.asarray(np.array(vocabs + [1], np.int32))[sorted_group]
-  in_vocab = jnp.arange(v_max)[None, :] < vocab_T[:, None]
-  z = jnp.where(in_vocab, z, F32_MIN)
-  lse = jax.nn.logsumexp(z, axis=-1)
-  labels = jnp.clip(labels_T[order], 0, vocab_T - 1)
-  zy = jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0]
-  loss = lse - (1.0 - smoothing) * zy + z_loss * lse * lse
-  if smoothing:
-    loss = loss - smoothing * jnp.sum(jnp.where(in_vocab, z, 0.0), axis=-1) / vocab_T
-  correct = (zy >= jnp.max(z, axis=-1)).astype(jnp.float32)
-  return tuple(jax.ops.segment_sum(v, sorted_group, num_groups + 1)[:num_groups]
-               for v in (loss, lse - zy, correct))
+  vocab_G = np.array(vocabs + [1], np.int32)
+
+  def shard_sums(y_BMD, group_BM, labels_BM, w_GDV):
+    group_T = group_BM.reshape(-1)
+    counts_G = jax.ops.segment_sum(jnp.ones_like(group_T), group_T, num_groups + 1)[:num_groups]
+    order = jnp.argsort(group_T, stable=True)
+    sorted_group = group_T[order]
+    h = y_BMD.reshape(group_T.shape[0], -1)[order]
+    z = jax.lax.ragged_dot(h.astype(dtype), w_GDV.astype(dtype), counts_G.astype(jnp.int32),
+                           preferred_element_type=jnp.float32)
+    vocab_T = jnp.asarray(vocab_G)[sorted_group]
+    in_vocab = jnp.arange(v_max)[None, :] < vocab_T[:, None]
+    z = jnp.where(in_vocab, z, F32_MIN)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    labels = jnp.clip(labels_BM.reshape(-1)[order], 0, vocab_T - 1)
+    zy = jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0]
+    loss = lse - (1.0 - smoothing) * zy + z_loss * lse * lse
+    if smoothing:
+      loss = loss - smoothing * jnp.sum(jnp.where(in_vocab, z, 0.0), axis=-1) / vocab_T
+    correct = (zy >= jnp.max(z, axis=-1)).astype(jnp.float32)
+    return tuple(jax.ops.segment_sum(v, sorted_group, num_groups + 1)[:num_groups]
+                 for v in (loss, lse - zy, correct))
+
+  return layers.over_batch_shards(shard_sums, (y_BMD, group_BM, labels_BM), (jnp.stack(stacked),),
+                                  summed=True)
 
 
 def head_sums(model: FourM, y_BMD: jax.Array, batch, impl: str | None = None):
@@ -214,8 +224,13 @@ def head_sums(model: FourM, y_BMD: jax.Array, batch, impl: str | None = None):
   labels_T = batch["dec_targets"].reshape(-1)
   counts = jax.ops.segment_sum(jnp.ones_like(group_T), group_T, len(targets) + 1)[:len(targets)]
   opts = (float(cfg.label_smoothing), float(cfg.z_loss), model.dtype)
-  fn = {"chunked": _chunked, "ragged": _ragged}[impl]
-  loss, ce, correct = fn(model, y_TD, group_T, labels_T, counts, opts)
+  if impl == "ragged":
+    loss, ce, correct = _ragged(model, y_BMD, group_T.reshape(b, m),
+                                batch["dec_targets"].reshape(b, m), opts)
+  elif impl == "chunked":
+    loss, ce, correct = _chunked(model, y_TD, group_T, labels_T, counts, opts)
+  else:
+    raise ValueError(f"heads impl must be auto, chunked or ragged, got {impl!r}")
   return loss, ce, correct, counts.astype(jnp.float32)
 
 

@@ -28,7 +28,9 @@ dot = layers.einsum
 
 
 class Routing(NamedTuple):
-  """Tokens grouped by modality (MoT), computed once per forward pass and shared by every layer.
+  """Tokens grouped by modality (MoT). The decoder makes one for the whole batch (its modality_N
+  gives every per-modality norm and linear its token's group); each grouped matmul makes its own for
+  its shard of the batch (`layers.over_batch_shards`), so no device sorts the whole batch.
 
   modality_N: group id per flattened token; order_N sorts tokens by group (stable); inverse_N undoes
   the sort; sizes_G counts tokens per group.

@@ -101,6 +101,37 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+def over_batch_shards(fn: Callable, batched: Sequence[jax.Array], replicated: Sequence[jax.Array],
+                      *, summed: bool = False):
+  """`fn(*batched, *replicated)` run on each shard of the batch (axis 0 of every `batched` array,
+  split as the logical "batch" axis is) with whole copies of `replicated`; its outputs are split
+  the same way, or with `summed` added up over the shards.
+
+  For grouped matmuls (`ragged_dot`) over tokens sorted by group: sorting the whole batch's tokens
+  and multiplying them in one ragged_dot leaves the SPMD partitioner no axis to split, so every
+  chip would sort, gather and multiply every token of the global batch. Per shard, each chip
+  sorts and multiplies its own. Without an active mesh and rules it is the plain call."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = core_spmd.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return fn(*batched, *replicated)
+  axes = tuple(logical_to_spec(("batch",), tuple(rules), mesh, batched[0].shape))[:1]
+  if not axes or axes[0] is None:
+    return fn(*batched, *replicated)
+  names = (axes[0],) if isinstance(axes[0], str) else tuple(axes[0])
+  if all(mesh.shape[n] == 1 for n in names):  # one shard: the plain call
+    return fn(*batched, *replicated)
+  spec = jax.sharding.PartitionSpec
+
+  def per_shard(*args):
+    out = fn(*args)
+    return jax.tree.map(lambda x: jax.lax.psum(x, names), out) if summed else out
+
+  return jax.shard_map(per_shard, mesh=mesh,
+                       in_specs=(*(spec(axes[0]) for _ in batched), *(spec() for _ in replicated)),
+                       out_specs=spec() if summed else spec(axes[0]))(*batched, *replicated)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Matmuls, linears and norms.
 

@@ -36,6 +36,7 @@ from mmjax import progress
 from mmjax.errors import UserError
 from mmjax.models.configs import MODEL_CONFIGS
 from mmjax.train import flops as mmflops
+from mmjax.train import hlo_flops
 from mmjax.train import state as trainstate
 from mmjax.train import step as trainstep
 from mmjax.train.loop import build
@@ -50,13 +51,14 @@ class TpuKind:
   device_kind: str     # jax Device.device_kind
   hbm_bytes: int       # HBM per chip
   dims: int            # dimensions of its topology names (2x2 or 2x2x2)
+  hbm_bandwidth: float  # HBM bytes/s per chip
 
 
 TPU_KINDS = {
-    "v4": TpuKind("v4", "TPU v4", 32 * GIB, 3),
-    "v5e": TpuKind("v5e", "TPU v5 lite", 16 * GIB, 2),
-    "v5p": TpuKind("v5p", "TPU v5", 95 * GIB, 3),
-    "v6e": TpuKind("v6e", "TPU v6 lite", 32 * GIB, 2),
+    "v4": TpuKind("v4", "TPU v4", 32 * GIB, 3, 1228e9),
+    "v5e": TpuKind("v5e", "TPU v5 lite", 16 * GIB, 2, 819e9),
+    "v5p": TpuKind("v5p", "TPU v5", 95 * GIB, 3, 2765e9),
+    "v6e": TpuKind("v6e", "TPU v6 lite", 32 * GIB, 2, 1640e9),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +236,44 @@ def does_not_fit(message: str, topo: Topology, stablehlo: str) -> str:
           f"(try a larger slice, more fsdp, model.remat or a smaller train.batch_size)")
 
 
+def xla_cost(compiled) -> dict[str, float]:
+  """XLA's own cost analysis of a compiled step, per chip: loop bodies and kernels counted once."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 -- some backends do not implement it.
+    return {}
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return {key: float(cost[key]) for key in ("flops", "bytes accessed") if cost and key in cost}
+
+
+def program_figures(hlo_text: str, cost: dict[str, float], *, chips: int, model_flops: float,
+                    peak: float | None, bandwidth: float) -> dict[str, Any]:
+  """What the compiled program does per chip, from its optimised HLO and XLA's cost analysis:
+  FLOPs and HBM bytes with every loop body counted per iteration (and splash kernels' matmuls),
+  the ratio to the analytic model FLOPs, the splash kernels present, the roofline step time."""
+  flops = (hlo_flops.loop_scaled_flops(cost["flops"], hlo_text) if "flops" in cost else None)
+  bytes_ = (hlo_flops.loop_scaled_bytes(cost["bytes accessed"], hlo_text)
+            if "bytes accessed" in cost else None)
+  figures: dict[str, Any] = {
+      "xla_flops_per_chip": flops,
+      "xla_flops_per_step": None if flops is None else flops * chips,
+      # Compiled over analytic model FLOPs (loop bodies counted per iteration); above 1: the
+      # remat recomputation, elementwise work and what the analytic count leaves out.
+      "flops_ratio": None if not flops or not model_flops else round(flops * chips / model_flops, 4),
+      "bytes_accessed_per_chip": bytes_,
+      "hbm_bandwidth_per_chip": bandwidth,
+      "splash_kernels": hlo_flops.splash_kernels(hlo_text),
+      "roofline_step_s": None, "roofline_bound": None,
+  }
+  if flops and bytes_ and peak:
+    compute_s, memory_s = flops / peak, bytes_ / bandwidth
+    figures.update(roofline_step_s=max(compute_s, memory_s),
+                   roofline_bound="compute" if compute_s >= memory_s else "memory",
+                   roofline_compute_s=compute_s, roofline_memory_s=memory_s)
+  return figures
+
+
 def _lowered_flops(lowered) -> float | None:
   try:
     cost = lowered.cost_analysis()
@@ -304,28 +344,25 @@ def run_aot(config: ml_collections.ConfigDict, topology: str, *, out_dir: str | 
   }
   if compiled is not None:
     memory = _memory(compiled)
-    xla_flops = mmflops.compiled_flops(compiled)
+    cost = xla_cost(compiled)
     result.update(
         compile_s=round(compile_s, 3),
         memory_per_chip=memory,
         total_gib_per_chip=round(memory["total_bytes"] / GIB, 3),
         fits=memory["total_bytes"] <= hbm,
         hbm_fraction=round(memory["total_bytes"] / hbm, 4),
-        xla_flops_per_chip=xla_flops,
-        xla_flops_per_step=None if xla_flops is None else xla_flops * chips,
-        # Compiled over analytic model FLOPs (loop bodies counted per iteration); above 1: the
-        # remat recomputation, elementwise work and what the analytic count leaves out.
-        flops_ratio=None if not xla_flops or not model_flops
-        else round(xla_flops * chips / model_flops, 4),
+        xla_cost_per_chip=cost,
+        **program_figures(compiled.as_text(), cost, chips=chips, model_flops=model_flops,
+                          peak=peak, bandwidth=topo.kind.hbm_bandwidth),
     )
   else:
-    hlo_flops = _lowered_flops(lowered)
+    unoptimised_flops = _lowered_flops(lowered)
     result.update(
         memory_per_chip=None,
         fits=None,
         state_fits=state_bytes + batch_bytes <= hbm,
-        hlo_flops_per_step=hlo_flops,
-        hlo_flops_per_chip=None if hlo_flops is None else hlo_flops / chips,
+        hlo_flops_per_step=unoptimised_flops,
+        hlo_flops_per_chip=None if unoptimised_flops is None else unoptimised_flops / chips,
         note=("lowered only, over CPU devices standing in for the chips: memory per chip "
               "(temporaries) and XLA's optimised FLOPs need the TPU compiler, libtpu "
               "(pip install -e .[tpu]); hlo_flops are those of the unoptimised program, which "

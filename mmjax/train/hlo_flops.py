@@ -2,7 +2,8 @@
 
 XLA's cost analysis counts the body of a while loop once, so a program whose layers run under
 `lax.scan` reports the FLOPs of one layer. This walks the module's text instead: the FLOPs of each
-`dot` and `convolution` (2 x output elements x contracted size), through fusions and calls, with
+`dot` (2 x output elements x contracted size) and `convolution` (as XLA counts it), through
+fusions and calls, with
 a while loop's body multiplied by its trip count (`known_trip_count` in its backend config, else
 the bound of its condition). Splash attention kernels (custom calls XLA gives no cost) count the
 matmuls they run: 2 forward, 3 for dq, 4 for dk/dv, each 2·L·S·D per head, over the blocks their
@@ -73,6 +74,8 @@ class _Module:
   def _instruction_flops(self, computation: str, shape: str, op: str, rest: str) -> float:
     if op == "custom-call" and SPLASH_SCOPE in rest and self.kernels:
       return _splash_flops(rest)
+    if op == "custom-call" and "ragged-dot" in rest:  # XLA counts these: in both totals
+      return _ragged_dot_flops(shape, rest)
     out = _dims(shape)
     if out is None:
       return 0.0
@@ -84,15 +87,43 @@ class _Module:
       contracted = math.prod(lhs[int(d)] for d in match.group(1).split(",") if d)
       return 2.0 * math.prod(out) * contracted
     if op == "convolution":
-      kernel = self._operand_shape(computation, rest, 1)
-      labels = re.search(r"dim_labels=[^_]*_([^-]*)->", rest)
-      if kernel is None or not labels or "o" not in labels.group(1):
-        return 0.0
-      groups = re.search(r"feature_group_count=([0-9]+)", rest)
-      per_output = math.prod(kernel) / kernel[labels.group(1).index("o")]
-      del groups  # grouped convolutions: each output reads its group's inputs, as counted here
-      return 2.0 * math.prod(out) * per_output
+      return self._convolution_flops(computation, out, rest)
     return 0.0
+
+  def _convolution_flops(self, computation: str, out: list[int], rest: str) -> float:
+    """2 x batch x input features x output features (per group) x the (output, kernel) position
+    pairs of each spatial dimension that read an input element rather than padding or a dilation
+    hole: how XLA's cost analysis counts a convolution. The TPU compiler rewrites batched dot
+    products as convolutions whose padded, reversed windows stand for the batch axes; a count of
+    output elements x kernel window would multiply those axes in twice."""
+    lhs = self._operand_shape(computation, rest, 0)
+    rhs = self._operand_shape(computation, rest, 1)
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
+    if lhs is None or rhs is None or not labels:
+      return 0.0
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    if not (len(lhs_labels) == len(lhs) and len(rhs_labels) == len(rhs)
+            and len(out_labels) == len(out)):
+      return 0.0
+    window = _window(rest, len(lhs) - 2)
+    valid = 1
+    for d, (stride, low, base, dilation) in enumerate(window):
+      size_in = lhs[lhs_labels.index(str(d))]
+      size_kernel = rhs[rhs_labels.index(str(d))]
+      size_out = out[out_labels.index(str(d))]
+      count = 0
+      for k in range(size_kernel):
+        for o in range(size_out):
+          at = o * stride - low + k * dilation   # position in the base-dilated, padded input
+          if at % base == 0 and 0 <= at // base < size_in:
+            count += 1
+      valid *= count
+    groups = re.search(r"feature_group_count=([0-9]+)", rest)
+    batch_groups = re.search(r"batch_group_count=([0-9]+)", rest)
+    features_in = lhs[lhs_labels.index("f")] // (int(groups.group(1)) if groups else 1)
+    batch = lhs[lhs_labels.index("b")] // (int(batch_groups.group(1)) if batch_groups else 1)
+    return 2.0 * batch * features_in * out[out_labels.index("o" if "o" in out_labels else "f")] \
+        * valid
 
   def _trip_count(self, rest: str) -> int:
     """A while loop's iterations: XLA's `known_trip_count`, else the bound of a condition
@@ -131,6 +162,155 @@ class _Module:
     return total
 
 
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+               "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+# Instructions that move no data of their own (views, tuples) or whose traffic the computations
+# they run are counted for; an async pair is counted once, at its start.
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
+               "conditional", "after-all", "partition-id", "replica-id"}
+
+
+def _array_bytes(shape: str) -> int:
+  return sum(math.prod(int(d) for d in dims.split(",") if d) * _ITEM_BYTES.get(dtype, 0)
+             for dtype, dims in _SHAPE.findall(shape.split("{", 1)[0] if "(" not in shape
+                                               else shape))
+
+
+class _Traffic(_Module):
+  """HBM bytes each top-level instruction reads and writes (a fusion's operands and results, not
+  its insides), with loop bodies counted per iteration: what XLA's "bytes accessed" adds up."""
+
+  @functools.lru_cache(maxsize=None)  # noqa: B019 -- one module, walked twice
+  def bytes(self, computation: str, loops: bool) -> float:
+    total = 0.0
+    shapes = self.shapes.get(computation, {})
+    for _, shape, op, rest in self.computations.get(computation, []):
+      if op == "while":
+        body = re.search(r"body=%?([\w.\-]+)", rest)
+        if body:
+          total += (self._trip_count(rest) if loops else 1) * self.bytes(body.group(1), loops)
+        continue
+      if op == "call":
+        for called in re.findall(r"to_apply=%?([\w.\-]+)", rest):
+          total += self.bytes(called, loops)
+        continue
+      branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
+      if branches:
+        names = [b.strip().lstrip("%") for b in branches.group(1).split(",")]
+        total += max((self.bytes(b, loops) for b in names), default=0.0)
+        continue
+      if op in _NO_TRAFFIC or op.endswith("-done"):
+        continue
+      operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+      fused = re.search(r"calls=%?([\w.\-]+)", rest) if op == "fusion" else None
+      read = [self._read_bytes(fused.group(1) if fused else None, op, i, shapes.get(o, ""), shape)
+              for i, o in enumerate(operands)]
+      written = _array_bytes(shape)
+      if op == "dynamic-update-slice" and len(operands) > 1:  # updated where it lies
+        written = _array_bytes(shapes.get(operands[1], ""))
+      elif fused:
+        written = self._in_place_update_bytes(fused.group(1), written)
+      total += written + sum(read)
+    return total
+
+  def _read_bytes(self, fused: str | None, op: str, index: int, shape: str, out: str) -> float:
+    """Bytes read of one operand: all of it, except where only a slice of it is read (the
+    scanned layers' stacked weights, one layer per iteration) or it is a buffer updated in place."""
+    if fused is None:
+      if op == "dynamic-slice" and index == 0:
+        return _array_bytes(out)
+      if op == "dynamic-update-slice" and index == 0:
+        return 0.0
+      return _array_bytes(shape)
+    params = list(self.shapes.get(fused, {}))
+    if index >= len(params):
+      return _array_bytes(shape)
+    return min(_array_bytes(shape), self._value_read(fused, params[index]))
+
+  def _value_read(self, computation: str, value: str) -> float:
+    """Bytes of `value` that `computation` reads, following bitcasts and nested fusions."""
+    total = 0.0
+    full = _array_bytes(self.shapes[computation].get(value, ""))
+    for name, shape, op, rest in self.computations.get(computation, []):
+      operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+      if value not in operands:
+        continue
+      at = operands.index(value)
+      if op == "dynamic-slice" and at == 0:
+        total += _array_bytes(shape)
+      elif op == "dynamic-update-slice" and at == 0:
+        continue
+      elif op == "bitcast":
+        total += self._value_read(computation, name)
+      elif op == "fusion" and (inner := re.search(r"calls=%?([\w.\-]+)", rest)):
+        params = list(self.shapes.get(inner.group(1), {}))
+        total += (self._value_read(inner.group(1), params[at]) if at < len(params) else full)
+      else:
+        return full
+    return total
+
+  def _in_place_update_bytes(self, fused: str, written: float) -> float:
+    """A fusion's results that are dynamic-update-slices write only their updates."""
+    instructions = self.computations.get(fused, [])
+    if not instructions:
+      return written
+    by_name = {name: (shape, op, rest) for name, shape, op, rest in instructions}
+
+    def result_bytes(name: str) -> float:
+      shape, op, rest = by_name.get(name, ("", "", ""))
+      operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+      if op == "bitcast" and operands:
+        return result_bytes(operands[0])
+      if op == "dynamic-update-slice" and len(operands) > 1:
+        return _array_bytes(self.shapes[fused].get(operands[1], ""))
+      return _array_bytes(shape)
+
+    root, _, op, rest = instructions[-1]
+    if op == "tuple":
+      return sum(result_bytes(o) for o in re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0]))
+    return result_bytes(root)
+
+
+def loop_bytes(hlo_text: str) -> tuple[float, float]:
+  """(bytes accessed with loop bodies counted once, with them counted per iteration)."""
+  module = _Traffic(hlo_text)
+  if module.entry is None:
+    return 0.0, 0.0
+  return module.bytes(module.entry, False), module.bytes(module.entry, True)
+
+
+def loop_scaled_bytes(xla_bytes: float, hlo_text: str) -> float:
+  """XLA's bytes accessed with every loop body's further iterations added."""
+  once, every = loop_bytes(hlo_text)
+  return xla_bytes + (every - once)
+
+
+def splash_kernels(hlo_text: str) -> dict[str, int]:
+  """How many splash attention kernels (Pallas/Mosaic custom calls) the program holds, by kind."""
+  counts: dict[str, int] = {}
+  for instructions in _Module(hlo_text).computations.values():
+    for _, _, op, rest in instructions:
+      kind = re.search(r'op_name="[^"]*/(splash_mha_(?:fwd|dq|dkv))', rest)
+      if op == "custom-call" and kind:
+        counts[kind.group(1)] = counts.get(kind.group(1), 0) + 1
+  return dict(sorted(counts.items()))
+
+
+def _window(rest: str, spatial: int) -> list[tuple[int, int, int, int]]:
+  """(stride, low padding, base dilation, window dilation) per spatial dimension of a
+  convolution's `window={size=.. stride=.. pad=lo_hi.. lhs_dilate=.. rhs_dilate=..}`."""
+  match = re.search(r"window=\{([^}]*)\}", rest)
+  fields = dict(f.split("=", 1) for f in match.group(1).split()) if match else {}
+
+  def values(key: str, default: int) -> list[int]:
+    if key not in fields:
+      return [default] * spatial
+    return [int(v.split("_")[0]) for v in fields[key].split("x")]
+
+  return list(zip(values("stride", 1), values("pad", 0), values("lhs_dilate", 1),
+                  values("rhs_dilate", 1)))
+
+
 def _splash_flops(rest: str) -> float:
   """Matmul FLOPs of one splash kernel call from its q, k shapes [B, H, L, D], [B, G, S, D]."""
   name = re.search(r'op_name="[^"]*/(splash_mha_(?:fwd|dq|dkv))', rest)
@@ -147,6 +327,20 @@ def _splash_flops(rest: str) -> float:
   blocks = max(1, lq // SPLASH_BLOCK)
   visited = (blocks + 1) / (2 * blocks) if f"{SPLASH_SCOPE}causal" in rest else 1.0
   return _SPLASH_MATMULS[name.group(1)] * 2.0 * b * h * lq * s * d * visited
+
+
+def _ragged_dot_flops(shape: str, rest: str) -> float:
+  """A grouped matmul kernel (`ragged_dot` on TPU, a custom call XLA gives no cost): every row of
+  its [M, K] operand meets one group's [K, N] weight, 2·M·K·N, whichever way its operands lie."""
+  out = _dims(shape)
+  at = rest.find("operand_layout_constraints={")
+  floats = [[int(d) for d in dims.split(",") if d] for dtype, dims in _SHAPE.findall(rest[at:])
+            if dtype in ("bf16", "f16", "f32")]
+  if out is None or at < 0 or len(out) != 2 or not floats or len(floats[0]) != 2:
+    return 0.0
+  lhs = floats[0]
+  contracted = lhs[1] if lhs[0] == out[0] else lhs[0]
+  return 2.0 * out[0] * out[1] * contracted
 
 
 def loop_flops(hlo_text: str, kernels: bool = True) -> tuple[float, float]:

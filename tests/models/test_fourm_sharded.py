@@ -13,8 +13,8 @@ from tests.models import fourm_fixtures as fx
 RULES = sharding.logical_rules(defaults.mesh())
 
 
-def _step(graphdef):
-  return jax.jit(jax.value_and_grad(lambda s, b: fourm_loss(nnx.merge(graphdef, s), b)[0]))
+def _step(graphdef, heads="auto"):
+  return jax.jit(jax.value_and_grad(lambda s, b: fourm_loss(nnx.merge(graphdef, s), b, heads)[0]))
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,12 @@ def reference():
   return graphdef, state, b, loss, grads
 
 
-@pytest.mark.parametrize("shape", [dict(data=8), dict(data=2, fsdp=4), dict(data=4, tensor=2)])
-def test_sharded_equals_single_device(reference, shape):
+# "ragged" (the TPU/GPU heads) sorts and multiplies each batch shard's tokens on its own devices.
+@pytest.mark.parametrize("shape, heads", [(dict(data=8), "auto"), (dict(data=2, fsdp=4), "auto"),
+                                          (dict(data=4, tensor=2), "auto"),
+                                          pytest.param(dict(data=2, fsdp=2, tensor=2), "ragged",
+                                                       marks=pytest.mark.slow)])
+def test_sharded_equals_single_device(reference, shape, heads):
   graphdef, state, b, loss, grads = reference
   mesh_cfg = defaults.mesh(**shape)
   mesh = sharding.make_mesh(mesh_cfg)
@@ -38,7 +42,7 @@ def test_sharded_equals_single_device(reference, shape):
   with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
     s = jax.device_put(state, state_sh)
     bb = {k: jax.device_put(v, batch_sh) for k, v in b.items()}
-    loss_s, grads_s = _step(graphdef)(s, bb)
+    loss_s, grads_s = _step(graphdef, heads)(s, bb)
   # Some parameters really are split (fsdp / tensor), so the test exercises sharding.
   if "fsdp" in shape or "tensor" in shape:
     specs = [x.sharding.spec for x in jax.tree.leaves(s)]

@@ -109,6 +109,10 @@ def test_compiled_flops_count_every_layer_and_splash_runs_on_tpu(tmp_path):
   assert 1.0 <= result["flops_ratio"] <= 1.10, result["flops_ratio"]
   hlo = (tmp_path / "step.hlo.txt").read_text()
   assert "splash_mha_fwd" in hlo and "splash_mha_dkv" in hlo
+  # One kernel of each kind per attention of the scanned layer's body (forward, dq, dk/dv).
+  assert set(result["splash_kernels"]) == {"splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"}
+  assert result["roofline_step_s"] == max(result["roofline_compute_s"],
+                                          result["roofline_memory_s"])
 
 
 def test_a_step_that_does_not_fit_is_one_line(tmp_path, capsys):
@@ -143,3 +147,49 @@ def test_hlo_flops_scale_loop_bodies_by_their_trip_counts():
   assert every == matmuls and once == matmuls / 15
   xla = compiled.cost_analysis()["flops"]
   assert xla < matmuls / 10 and mmflops.compiled_flops(compiled) >= matmuls
+
+
+def test_tpu_convolutions_and_grouped_matmuls_count_as_xla_counts_them():
+  """The TPU compiler writes batched dot products as convolutions whose padded, reversed windows
+  stand for the batch axes, and ragged_dot as a kernel plus a group-masked convolution: per
+  instruction the walk must agree with XLA's own cost analysis (no loops here to scale)."""
+  devices = aot.topology_devices(aot.parse_topology("v5e:2x2"))
+  mesh = jax.sharding.Mesh(devices[:1], ("x",))
+
+  def spec(shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+
+  def heads(x, w):  # the 4M/decoder QKV projection: [B, L, D] x [D, 3, H, K]
+    return jnp.einsum("abc,cdef->abdef", x, w, preferred_element_type=jnp.float32).sum()
+
+  def grouped(x, w, sizes):
+    return jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32).sum()
+
+  cases = [(jax.grad(heads, argnums=(0, 1)), (spec((8, 128, 256)), spec((256, 3, 4, 64))),
+            2 * 2 * 8 * 128 * 256 * 3 * 4 * 64),
+           # dx as a kernel (2·M·K·N) and dw as a convolution over every group (G·2·M·K·N)
+           (jax.grad(grouped, argnums=(0, 1)), (spec((512, 256)), spec((4, 256, 384)),
+                                                spec((4,), jnp.int32)),
+            (1 + 4) * 2 * 512 * 256 * 384)]
+  for fn, args, expected in cases:
+    compiled = jax.jit(fn).lower(*args).compile()
+    once, every = hlo_flops.loop_flops(compiled.as_text())
+    assert once == every == pytest.approx(expected, rel=1e-3)
+    assert compiled.cost_analysis()["flops"] == pytest.approx(expected, rel=1e-2)  # + sums
+
+
+def test_bytes_accessed_scale_loop_bodies_by_their_trip_counts():
+  def f(x, ws):
+    return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws)[0].sum()
+
+  x = jnp.ones((64, 256))
+  short = jax.jit(f).lower(x, jnp.ones((2, 256, 256))).compile()
+  long = jax.jit(f).lower(x, jnp.ones((12, 256, 256))).compile()
+  once_short, every_short = hlo_flops.loop_bytes(short.as_text())
+  once_long, every_long = hlo_flops.loop_bytes(long.as_text())
+  # 10 more iterations read 10 more [256, 256] weights at least (plus the carry each time).
+  assert every_long - every_short >= 10 * 256 * 256 * 4
+  assert once_long - once_short < 10 * 256 * 256 * 4  # counted once, only the inputs grow
+  xla = long.cost_analysis()["bytes accessed"]
+  assert hlo_flops.loop_scaled_bytes(xla, long.as_text()) == xla + every_long - once_long

@@ -10,6 +10,9 @@
   "rgb2all"    one rgb->all component.
   "a,b->c,d"   a fixed direction for transfer, e.g. "rgb->tok_semseg": alpha 1 for the named inputs
                and targets, 0 elsewhere (one input takes the whole input budget).
+  "x+y+..."    the components of each part in turn, e.g. "all2all+rgb2all+caption->tok_rgb": a
+               direction trained on purpose next to the any-to-any ones (weights default to each
+               part's own; `masking.mixture_weights` lists one per component).
 
 "rgb" means `masking.rgb_modality`, or if that is empty the `image_pixels` modality, else the
 image-token modality whose source is "rgb". `masking.mixture_weights` (empty: the defaults above)
@@ -70,6 +73,9 @@ def _uniform(names: Sequence[str], alpha: float) -> dict[str, float]:
 def components(name: str, registry: Registry, *, input_alpha: float = 0.5,
                rgb: str = "") -> list[Component]:
   """The components of the mixture `name` for this registry."""
+  if "+" in name:
+    return [c for part in name.split("+")
+            for c in components(part.strip(), registry, input_alpha=input_alpha, rgb=rgb)]
   all_names = registry.names
   target_names = [m.name for m in registry.targets()]
   if "->" in name:

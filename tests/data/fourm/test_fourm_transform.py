@@ -266,3 +266,22 @@ def test_bench_data_reports_rates():
               "tfds_read_decode_records_per_s_per_core"):
     assert result[key] > 0, key
   assert result["modalities"] == ["tok_rgb", "tok_semseg", "caption"]  # pixels left out
+
+
+def test_mixture_of_parts_adds_a_direction_to_the_any_to_any_components():
+  registry, transform = _make("all2all+rgb2all+caption->tok_rgb", N=24, M=24)
+  mix = transform.mixture
+  assert mix.names == ("all2all_a0.5", "rgb2all", "caption->tok_rgb")
+  np.testing.assert_allclose(mix.weights, [1 / 3] * 3)
+  weighted = mixtures.from_config(dict(mixture="all2all+caption->tok_rgb",
+                                       mixture_weights=(3, 1)), registry)
+  np.testing.assert_allclose(weighted.weights, [0.75, 0.25])
+  batch, bad = transform(synthetic_records(registry, 3000, seed=4), np.random.default_rng(4))
+  k_cap, k_tok = registry.index("caption"), registry.index("tok_rgb")
+  enc_only_caption = ((batch["enc_modality"] == k_cap) | ~batch["enc_valid"]).all(1)
+  dec_only_tokens = ((batch["dec_modality"] == k_tok) | ~batch["dec_valid"]).all(1)
+  direction = enc_only_caption & dec_only_tokens & batch["dec_valid"].any(1)
+  # The direction's rows (a third) see only the caption and predict only rgb tokens; the
+  # any-to-any components rarely draw such a row.
+  assert not bad.any() and 0.3 < direction.mean() < 0.4
+  assert (batch["dec_valid"][direction].sum(1) == 16).all()  # the whole 4x4 grid
