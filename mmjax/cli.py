@@ -120,8 +120,20 @@ def _build_parser() -> argparse.ArgumentParser:
     command.set_defaults(run={"step": _run_bench_step, "data": _run_bench_data,
                               "decode": _run_bench_decode}[name])
   bench_kinds.choices["step"].add_argument("--steps", type=int, default=10, help="timed steps")
-  bench_kinds.choices["step"].add_argument("--warmup", type=int, default=2,
-                                           help="untimed steps after compilation")
+  bench_step = bench_kinds.choices["step"]
+  bench_step.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  bench_step.add_argument("--batch", choices=("synthetic", "masked", "data"), default="synthetic",
+                          help="synthetic: every slot budget filled; masked: random records "
+                               "through the training masking (the reference's budget "
+                               "statistics); data: the first batch of data.data_dir")
+  bench_step.add_argument("--valid-targets", type=int, metavar="N",
+                          help="with --batch=masked: the first batch (seed by seed) with exactly "
+                               "N valid target slots, e.g. 1258 for the reference's 4M-tiny batch")
+  bench_step.add_argument("--text-tokens", type=int, metavar="N",
+                          help="with --batch=masked: tokens per random caption/box sequence "
+                               "(default 8, as the reference's batch)")
+  bench_step.add_argument("--no-profile", dest="profile", action="store_false",
+                          help="skip the profiled step and its per-phase breakdown")
   bench_shapes = bench_kinds.add_parser("shapes", help="shapes scene generation speed")
   _add_common(bench_shapes, config_required=False)
   bench_shapes.add_argument("--num-scenes", type=int, default=5000)
@@ -443,7 +455,9 @@ def _run_bench_step(args: argparse.Namespace) -> int:
 
   config = _load_config(args)
   _join_cluster(args.workdir)
-  result = bench.run_bench_step(config, steps=args.steps, warmup=args.warmup)
+  result = bench.run_bench_step(config, steps=args.steps, warmup=args.warmup, batch=args.batch,
+                                valid_targets=args.valid_targets, text_tokens=args.text_tokens,
+                                profile=args.profile)
   print(json.dumps(result, default=str))
   return 0
 
@@ -497,6 +511,17 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return rest, overrides
 
 
+def _prepare_process(command: str) -> None:
+  """Process-wide settings of every command, before JAX starts its threads: freed host memory
+  is kept for reuse (mmjax/hostmem.py) and the persistent compilation cache is on
+  (mmjax/compile_cache.py; not for `aot`)."""
+  from mmjax import compile_cache, hostmem
+
+  hostmem.retain_freed_memory()
+  if command != "aot":
+    compile_cache.enable()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = _split_overrides(argv)
@@ -504,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     args = parser.parse_args(rest)
     args.overrides = overrides
+    _prepare_process(getattr(args, "command", "") or "")
     if not hasattr(args, "run"):
       command = " ".join(a for a in rest if not a.startswith("-"))
       if not command:

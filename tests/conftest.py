@@ -12,6 +12,10 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Commands run by tests (in process or as subprocesses) write no compilation cache into the
+# user's home and leave malloc's defaults; the tests of those two features set them themselves.
+os.environ["MMJAX_COMPILATION_CACHE"] = "off"
+os.environ["MMJAX_HOST_MEMORY"] = "system"
 
 
 def pytest_collection_modifyitems(items):

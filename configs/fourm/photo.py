@@ -81,6 +81,8 @@ def get_config(arg=None):
   config.model.num_input_tokens = 128
   config.model.num_target_tokens = 128
   config.model.dtype = "auto"  # bfloat16 on TPU/GPU, float32 on CPU
+  config.model.tie_heads = True  # each output head is its decoder token table, as the reference
+                                 # trains (and as 4m.py); False: separate [D, V] heads
   config.model.update(defaults.model_target())
   config.train = defaults.train(steps=20000, batch_size=64, lr=5e-4, warmup_steps=1000)
   config.mesh = defaults.mesh()

@@ -22,7 +22,7 @@ from mmjax.models.configs import model_config
 from mmjax.models.flops import fourm_flops
 from mmjax.models.fourm import FourM
 from mmjax.models.fourm_loss import fourm_loss
-from mmjax.objectives.fourm_synthetic import synthetic_batch
+from mmjax.objectives.fourm_synthetic import REFERENCE_TEXT_TOKENS, masked_batch, synthetic_batch
 from mmjax.train.objective import register_objective
 
 # The trainer's split names -> the pre-tokenized dataset's (`mmjax prepare tokens` writes tfds names).
@@ -65,6 +65,12 @@ class FourMObjective:
   def synthetic_batch(self, batch_size: int, seed: int) -> dict[str, np.ndarray]:
     return synthetic_batch(self.registry, batch_size, self.cfg.num_input_tokens,
                            self.cfg.num_target_tokens, seed)
+
+  def masked_batch(self, batch_size: int, seed: int,
+                   text_tokens: int = REFERENCE_TEXT_TOKENS) -> dict[str, np.ndarray]:
+    """Random records through the training masking (`bench step --batch=masked`)."""
+    transform = fourm_pipeline.transform_from_config(self.config, registry=self.registry)
+    return masked_batch(transform, batch_size, seed, text_tokens)
 
   def flops(self) -> dict[str, float]:
     targets = self.registry.targets()

@@ -11,6 +11,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.train import hlo_flops
 
@@ -58,6 +59,22 @@ def measure_matmul_rate(dtype: str = "float32", size: int = 2048, repeats: int =
   for _ in range(repeats):
     start = time.perf_counter()
     matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size ** 3 / best
+
+
+def measure_numpy_matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a square fp32 matmul in numpy (its BLAS), best of `repeats`: the host's matmul rate
+  outside XLA, for comparing CPUs and matmul libraries."""
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((size, size), dtype=np.float32)
+  b = rng.standard_normal((size, size), dtype=np.float32)
+  out = np.empty((size, size), np.float32)
+  np.matmul(a, b, out=out)
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    np.matmul(a, b, out=out)
     best = min(best, time.perf_counter() - start)
   return 2.0 * size ** 3 / best
 

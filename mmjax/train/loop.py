@@ -32,7 +32,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from mmjax import config as mmconfig
-from mmjax import paths, progress
+from mmjax import hostcpu, paths, progress
 from mmjax import sharding as mmsharding
 from mmjax.data.pipeline import demo_tokens
 from mmjax.errors import UserError
@@ -107,6 +107,16 @@ class _Preemption:
     return self.requested
 
 
+def _compute_dtype(dtype: str, platform: str) -> str:
+  """bf16 compute on a CPU without bf16 arithmetic becomes fp32, with a note: XLA:CPU would convert
+  every bf16 operand to fp32 and back, slower than fp32 throughout (parameters stay fp32)."""
+  if platform == "cpu" and dtype == "bfloat16" and hostcpu.native_bf16() is False:
+    print("mmjax: note: model.dtype=bfloat16 on a CPU without bf16 arithmetic (no avx512_bf16, "
+          "amx_bf16 or Arm bf16): computing in float32, which is faster there", file=sys.stderr)
+    return "float32"
+  return dtype
+
+
 def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None):
   """(objective, setup) after checking the config against the devices (default: all devices;
   `mmjax aot` passes the devices of a TPU topology description)."""
@@ -118,7 +128,8 @@ def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
       platform = config.model.get("platform", "auto")
       if platform == "auto":
         platform = config.model.platform = platform_of(devices[0].platform)
-      config.model.dtype = resolve_dtype_name(config.model.get("dtype", "auto"), platform)
+      config.model.dtype = _compute_dtype(resolve_dtype_name(config.model.get("dtype", "auto"),
+                                                             platform), platform)
   policy = config.train.nan_policy
   if policy not in NAN_POLICIES:
     raise mmconfig.ConfigError(f"config key 'train.nan_policy' must be one of {NAN_POLICIES}, "

@@ -58,3 +58,19 @@ def test_nan_skip_then_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
   assert again["checkpoints"] == [3, 6] and again["skipped"] == 1 and again["preempted"] is False
   assert again["loss"] == first[6]
   assert again["eval"]["eval/loss"] == pytest.approx(records[-1]["eval/loss"], rel=1e-6)
+
+
+def test_bf16_on_a_cpu_without_bf16_computes_in_fp32(monkeypatch, capsys):
+  from mmjax import hostcpu
+  from mmjax.train import loop as train_loop
+
+  monkeypatch.setattr(hostcpu, "native_bf16", lambda flags=None: False)
+  assert train_loop._compute_dtype("bfloat16", "cpu") == "float32"
+  assert "computing in float32" in capsys.readouterr().err
+  assert train_loop._compute_dtype("bfloat16", "tpu") == "bfloat16"  # accelerators keep bf16
+  assert train_loop._compute_dtype("float32", "cpu") == "float32"
+  monkeypatch.setattr(hostcpu, "native_bf16", lambda flags=None: True)
+  assert train_loop._compute_dtype("bfloat16", "cpu") == "bfloat16"
+  monkeypatch.setattr(hostcpu, "native_bf16", lambda flags=None: None)  # unknown: as asked
+  assert train_loop._compute_dtype("bfloat16", "cpu") == "bfloat16"
+  assert capsys.readouterr().err == ""
