@@ -12,6 +12,7 @@ from PIL import Image
 
 from mmjax import cli
 from mmjax import config as mmconfig
+from mmjax import modalities as mod
 from mmjax.data.shapes import world as shapes
 from mmjax.errors import UserError
 from mmjax.generate import decoder_run
@@ -249,3 +250,16 @@ def test_image_to_caption_with_bidirectional_image_blocks(fake_sampling, scene_p
   assert len(call["prompts"]) == 2 and call["prompts"][1] == call["prompts"][0][:1]  # BOS only
   assert summary["guidance"] == "two_way" and summary["image_blocks_bidirectional"]
   assert summary["outputs"]["captions"] == ["a caption"]
+
+
+def test_text_targets_have_their_own_temperature():
+  config = mmconfig.load(os.path.join(ROOT, "configs/decoder/shapes.py:tiny"),
+                         ["--config.generate.temperature=0.8"])
+  settings = decoder_run.generate_config(config)
+  registry = mod.from_config(config.modalities)
+  assert decoder_run.sample_config(settings, registry["caption"], (1.0,)).temperature == 0.0
+  image = decoder_run.sample_config(settings, registry["tok_rgb"], (3.0, -2.0))
+  assert image.temperature == 0.8 and image.guidance == (3.0, -2.0)
+  with pytest.raises(UserError, match="text_temperature"):
+    decoder_run.generate_config(mmconfig.load(os.path.join(ROOT, "configs/decoder/shapes.py:tiny"),
+                                              ["--config.generate.text_temperature=-1"]))
