@@ -61,6 +61,7 @@ from mmjax.convert.common import (
   read_safetensors,
   write_workdir,
 )
+from mmjax.generate import fourm_settings
 from mmjax.models.layers import sincos_1d, sincos_2d
 
 NORM_EPS = 1e-6  # every released 4M model: LayerNorm(eps=1e-6)
@@ -352,6 +353,9 @@ def _mmjax_config(base: ml_collections.ConfigDict, model: dict[str, Any], mods: 
       section["learned_positions"] = True
     sections[m.mm_name] = section
   config.modalities = ml_collections.ConfigDict(sections, sort_keys=False)
+  if "generate" in config:
+    config.generate = ml_collections.ConfigDict(
+        fourm_settings.for_modalities(config.generate, list(sections)))
   config.model.update(model)
   config.imported_from = os.path.dirname(os.path.abspath(source))
   return config

@@ -88,6 +88,20 @@ def parse_map(text: str, key: str, value_type=float) -> dict[str, Any]:
   return out
 
 
+PER_MODALITY = ("steps_per_modality", "temperature_per_modality", "cfg_weights")
+
+
+def for_modalities(gen: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+  """`gen` with its per-modality entries limited to the modalities `names`: a config derived from
+  another with fewer modalities (e.g. by `mmjax import`) keeps the settings of the others."""
+  out = dict(gen)
+  for key in PER_MODALITY:
+    if key in out:
+      out[key] = ",".join(item for item in str(out[key]).split(",")
+                          if item.partition(":")[0].strip() in names)
+  return out
+
+
 def target_settings(gen: Mapping[str, Any], targets: Sequence[str],
                     known: Sequence[str]) -> dict[str, TargetSettings]:
   """Per-target settings from `config.generate` (defaults when the config has no section)."""

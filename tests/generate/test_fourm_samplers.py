@@ -11,7 +11,8 @@ import pytest
 from mmjax.config import ConfigError
 from mmjax.generate import fourm as gen
 from mmjax.generate import fourm_schedules as sched
-from mmjax.generate.fourm_settings import TargetSettings, chain_order, target_settings
+from mmjax.generate.fourm_settings import (TargetSettings, chain_order, for_modalities,
+                                          target_settings)
 from mmjax.tokenizers import special
 from tests.models import fourm_fixtures as fx
 
@@ -218,6 +219,9 @@ def test_settings_from_config_section():
     target_settings({"cfg_weights": "caption=2"}, names, names)
   with pytest.raises(ConfigError, match="temperature_per_modality"):
     target_settings({"temperature_per_modality": "det:0"}, names, names)
+  kept = for_modalities({"temperature_per_modality": "caption:0,det:0", "cfg_weights": "det:2",
+                         "steps": 5}, names)
+  assert kept == {"temperature_per_modality": "caption:0", "cfg_weights": "", "steps": 5}
   with pytest.raises(ConfigError, match="image_schedule"):
     target_settings({"image_schedule": "random"}, names, names)
   assert chain_order({"order": "caption,tok_a"}, ["tok_a", "caption"]) == ["caption", "tok_a"]

@@ -62,6 +62,7 @@ def _configs(root: str):
     fourm.train.update(steps=STEPS, batch_size=32, lr=2e-3, warmup_steps=30, eval_every=STEPS,
                        checkpoint_every=STEPS, log_every=50, eval_batches=2)
     fourm.generate.temperature = 0.0  # greedy captions: the model's best guess
+    fourm.generate.temperature_per_modality = ""  # the base config's names absent modalities
   return tokens, fourm
 
 
