@@ -92,6 +92,9 @@ def _build_parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--num-scenes", type=int, default=32,
                         help="validation scenes for the generation-based (any-to-any) metrics")
   evaluate.add_argument("--seed", type=int, default=0, help="sampling seed")
+  evaluate.add_argument("--tasks", default="", help="generation tasks to score, comma-separated "
+                        "(e.g. 'rgb->caption,caption->tok_rgb'); default: every task the config "
+                        "supports")
   evaluate.add_argument("--out", metavar="DIR", help="where metrics and grids go; default "
                         "<workdir>/eval")
   evaluate.set_defaults(run=_run_eval)
@@ -397,7 +400,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     raise UserError(f"--num-scenes must be >= 0, got {args.num_scenes}")
   _join_cluster(workdir)
   summary = run.run_eval(config, workdir, out_dir=args.out or os.path.join(workdir, "eval"),
-                         num_scenes=args.num_scenes, seed=args.seed)
+                         num_scenes=args.num_scenes, seed=args.seed,
+                         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] or None)
   print(json.dumps(summary, default=str))
   return 0
 

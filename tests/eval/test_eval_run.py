@@ -87,3 +87,18 @@ def test_ground_truth_scenes_are_checked_against_the_records():
 def test_printable_titles():
   assert fourm_eval.printable("a\x03b\ufffd") == "a?b\ufffd"
   assert len(fourm_eval.printable("x" * 500)) == 120
+
+
+def test_eval_scores_the_tasks_named_on_the_command_line(tmp_path, monkeypatch, capsys):
+  seen = {}
+
+  def fake_run_eval(config, workdir, **kwargs):
+    seen.update(kwargs)
+    return {"step": 0}
+
+  monkeypatch.setattr(run, "run_eval", fake_run_eval)
+  args = ["eval", f"--config={TOKENIZER}", "--workdir", str(tmp_path)]
+  assert cli.main([*args, "--tasks", "rgb->caption, caption->tok_rgb"]) == 0
+  assert seen["tasks"] == ["rgb->caption", "caption->tok_rgb"]
+  assert cli.main(args) == 0
+  assert seen["tasks"] is None  # every task the config supports
