@@ -5,7 +5,8 @@ XLA's cost analysis counts the body of a while loop once, so a program whose lay
 `dot` (2 x output elements x contracted size) and `convolution` (as XLA counts it), through
 fusions and calls, with
 a while loop's body multiplied by its trip count (`known_trip_count` in its backend config, else
-the bound of its condition). Splash attention kernels (custom calls XLA gives no cost) count the
+from its counter: where it starts, the bound its condition compares it with, the step its body
+adds). Splash attention kernels (custom calls XLA gives no cost) count the
 matmuls they run: 2 forward, 3 for dq, 4 for dk/dv, each 2·L·S·D per head, over the blocks their
 mask visits (the name scope of `mmjax.models.attention` says causal or full). `loop_scaled_flops`
 adds the loops' further iterations and the kernels to XLA's own total.
@@ -40,6 +41,7 @@ class _Module:
     self.kernels = kernels
     self.computations: dict[str, list[tuple[str, str, str, str]]] = {}
     self.shapes: dict[str, dict[str, str]] = {}
+    self.roots: dict[str, str] = {}  # computation -> its ROOT instruction
     self.entry = None
     current = None
     for line in text.splitlines():
@@ -59,6 +61,8 @@ class _Module:
       match = _INSTRUCTION.match(line)
       if match:
         name, shape, op, rest = match.groups()
+        if line.lstrip().startswith("ROOT "):
+          self.roots[current] = name
         self.shapes[current][name] = shape
         self.computations[current].append((name, shape, op, rest))
       elif self.computations[current]:  # an attribute continued on the next line (kernel configs)
@@ -125,22 +129,119 @@ class _Module:
     return 2.0 * batch * features_in * out[out_labels.index("o" if "o" in out_labels else "f")] \
         * valid
 
-  def _trip_count(self, rest: str) -> int:
-    """A while loop's iterations: XLA's `known_trip_count`, else the bound of a condition
-    `counter < constant` (how a scan's loop reads once the TPU compiler has rewritten it)."""
+  def _trip_count(self, computation: str, rest: str) -> int:
+    """A while loop's iterations: XLA's `known_trip_count`, else read off the loop itself (how a
+    scan's loop, or a windowed einsum's, reads once the TPU compiler has rewritten it): the
+    condition compares a counter of the loop's tuple with a constant bound, the body adds a
+    constant step to that counter, and the while's operand starts it at a constant. The step
+    matters: the TPU compiler unrolls the windowed einsum loops of sharded matmuls by 2, so their
+    counter runs 0, 2 < 4, two iterations of a body that holds two matmuls, not four."""
     known = re.search(r'"known_trip_count":\{"n":"([0-9]+)"', rest)
     if known:
       return int(known.group(1))
     condition = re.search(r"condition=%?([\w.\-]+)", rest)
-    instructions = self.computations.get(condition.group(1), []) if condition else []
-    constants = {name: int(m.group(1)) for name, _, op, args in instructions
-                 if op == "constant" and (m := re.match(r"(-?[0-9]+)\)", args))}
-    for _, _, op, args in instructions:
-      if op == "compare" and "direction=LT" in args:
-        operands = re.findall(r"%([\w.\-]+)", args.split(")", 1)[0])
-        if len(operands) == 2 and operands[1] in constants:
-          return constants[operands[1]]
-    return 1
+    body = re.search(r"body=%?([\w.\-]+)", rest)
+    bound = self._loop_bound(condition.group(1)) if condition else None
+    if bound is None:
+      return 1
+    index, direction, limit = bound
+    known_counter = index >= 0
+    step = self._loop_step(body.group(1), index) if body and known_counter else None
+    start = self._loop_start(computation, rest, index) if known_counter else None
+    step = 1 if step is None else step
+    start = 0 if start is None else start
+    if direction == "GT":  # counting down: i > limit
+      direction, start, limit, step = "LT", -start, -limit, -step
+    elif direction == "GE":
+      direction, start, limit, step = "LE", -start, -limit, -step
+    if step <= 0:
+      return 1
+    span = limit - start + (1 if direction == "LE" else 0)
+    return max(0, -(-span // step))
+
+  def _by_name(self, computation: str) -> dict[str, tuple[str, str, str]]:
+    return {name: (shape, op, args) for name, shape, op, args in
+            self.computations.get(computation, [])}
+
+  @staticmethod
+  def _operands(args: str) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", args.split(")", 1)[0])
+
+  def _through(self, instructions: dict, name: str) -> tuple[str, str, str]:
+    """`name`'s instruction, looking through copies, converts and bitcasts."""
+    shape, op, args = instructions.get(name, ("", "", ""))
+    while op in ("copy", "convert", "bitcast") and self._operands(args):
+      shape, op, args = instructions.get(self._operands(args)[0], ("", "", ""))
+    return shape, op, args
+
+  def _constant(self, instructions: dict, name: str) -> int | None:
+    _, op, args = self._through(instructions, name)
+    match = re.match(r"(-?[0-9]+)\)", args) if op == "constant" else None
+    return int(match.group(1)) if match else None
+
+  def _counter(self, instructions: dict, name: str) -> int | None:
+    """The tuple index of the loop state `name` reads (get-tuple-element of the parameter)."""
+    _, op, args = self._through(instructions, name)
+    index = re.search(r"index=([0-9]+)", args) if op == "get-tuple-element" else None
+    return int(index.group(1)) if index else None
+
+  def _loop_bound(self, condition: str) -> tuple[int, str, int] | None:
+    """(counter index, direction, bound) of a condition `counter <op> constant`."""
+    instructions = self._by_name(condition)
+    flipped = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE"}
+    names = [self.roots[condition]] if condition in self.roots else []
+    names += [n for n, (_, op, _) in instructions.items() if op == "compare"]
+    for name in names:
+      _, op, args = instructions.get(name, ("", "", ""))
+      direction = re.search(r"direction=([A-Z]+)", args)
+      operands = self._operands(args)
+      if op != "compare" or not direction or direction.group(1) not in flipped \
+          or len(operands) != 2:
+        continue
+      lhs, rhs = operands
+      if (limit := self._constant(instructions, rhs)) is not None \
+          and (index := self._counter(instructions, lhs)) is not None:
+        return index, direction.group(1), limit
+      if (limit := self._constant(instructions, lhs)) is not None \
+          and (index := self._counter(instructions, rhs)) is not None:
+        return index, flipped[direction.group(1)], limit
+    for name in names:  # a counter this walk cannot follow: `... < constant`, counted from 0 by 1
+      _, op, args = instructions.get(name, ("", "", ""))
+      operands = self._operands(args)
+      if op == "compare" and "direction=LT" in args and len(operands) == 2 \
+          and (limit := self._constant(instructions, operands[1])) is not None:
+        return -1, "LT", limit
+    return None
+
+  def _loop_step(self, body: str, index: int) -> int | None:
+    """The constant the body adds to (or subtracts from) counter `index` each iteration."""
+    instructions = self._by_name(body)
+    _, op, args = instructions.get(self.roots.get(body, ""), ("", "", ""))
+    operands = self._operands(args)
+    if op != "tuple" or index >= len(operands):
+      return None
+    _, op, args = self._through(instructions, operands[index])
+    pair = self._operands(args)
+    if op not in ("add", "subtract") or len(pair) != 2:
+      return None
+    orders = [(pair[0], pair[1])] + ([(pair[1], pair[0])] if op == "add" else [])
+    for counter, constant in orders:
+      step = self._constant(instructions, constant)
+      if step is not None and self._counter(instructions, counter) == index:
+        return step if op == "add" else -step
+    return None
+
+  def _loop_start(self, computation: str, rest: str, index: int) -> int | None:
+    """The constant counter `index` starts at: element `index` of the while's operand tuple."""
+    instructions = self._by_name(computation)
+    operands = self._operands(rest)
+    if not operands:
+      return None
+    _, op, args = self._through(instructions, operands[0])
+    elements = self._operands(args)
+    if op != "tuple" or index >= len(elements):
+      return None
+    return self._constant(instructions, elements[index])
 
   @functools.lru_cache(maxsize=None)  # noqa: B019 -- one module, walked twice
   def flops(self, computation: str, loops: bool) -> float:
@@ -149,7 +250,7 @@ class _Module:
       total += self._instruction_flops(computation, shape, op, rest)
       if op == "while":
         body = re.search(r"body=%?([\w.\-]+)", rest)
-        count = self._trip_count(rest) if loops else 1
+        count = self._trip_count(computation, rest) if loops else 1
         if body:
           total += count * self.flops(body.group(1), loops)
         continue
@@ -188,7 +289,8 @@ class _Traffic(_Module):
       if op == "while":
         body = re.search(r"body=%?([\w.\-]+)", rest)
         if body:
-          total += (self._trip_count(rest) if loops else 1) * self.bytes(body.group(1), loops)
+          total += ((self._trip_count(computation, rest) if loops else 1)
+                    * self.bytes(body.group(1), loops))
         continue
       if op == "call":
         for called in re.findall(r"to_apply=%?([\w.\-]+)", rest):

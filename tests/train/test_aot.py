@@ -193,3 +193,71 @@ def test_bytes_accessed_scale_loop_bodies_by_their_trip_counts():
   assert once_long - once_short < 10 * 256 * 256 * 4  # counted once, only the inputs grow
   xla = long.cost_analysis()["bytes accessed"]
   assert hlo_flops.loop_scaled_bytes(xla, long.as_text()) == xla + every_long - once_long
+
+
+def test_windowed_einsum_loops_count_by_their_step():
+  """An fsdp-sharded matmul compiles to a windowed einsum loop that the TPU compiler unrolls by 2:
+  its counter runs 0, 2 < 4 (two iterations of a body holding two matmuls, one per direction of
+  the ring). Counted as `bound` iterations, every such matmul counted twice (the 1B decoder on
+  v5p:2x2x2 read 1.93x the analytic FLOPs)."""
+  devices = aot.topology_devices(aot.parse_topology("v5p:2x2x2"))
+  mesh = jax.sharding.Mesh(devices, ("fsdp",))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None))
+  n, d, f = 8192, 512, 1024
+  x = jax.ShapeDtypeStruct((n, d), jnp.bfloat16, sharding=rows)
+  w = jax.ShapeDtypeStruct((d, f), jnp.bfloat16, sharding=rows)  # gathered for the matmul
+
+  def matmul(x, w):
+    y = jnp.einsum("nd,df->nf", x, w, preferred_element_type=jnp.bfloat16)
+    return jax.lax.with_sharding_constraint(y, rows)
+
+  text = jax.jit(matmul).lower(x, w).compile().as_text()
+  assert "windowed_dot_general" in text  # else this test no longer covers the unrolled loop
+  _, every = hlo_flops.loop_flops(text)
+  assert every == 2 * n * d * f / len(devices)
+
+
+def _loop_module(start: int, bound: int, step: int, direction: str = "LT") -> str:
+  """An HLO module whose while loop runs a [8, 16] x [16, 32] dot per iteration, its counter
+  (tuple element 1) starting at `start`, compared with `bound`, advanced by `step`."""
+  op, amount = ("add", step) if step > 0 else ("subtract", -step)
+  state = "(f32[8,16], s32[], f32[16,32])"
+  return f"""HloModule m
+
+%body (p: {state}) -> {state} {{
+  %p = {state} parameter(0)
+  %x = f32[8,16]{{1,0}} get-tuple-element(%p), index=0
+  %i = s32[]{{:T(128)}} get-tuple-element(%p), index=1
+  %w = f32[16,32]{{1,0}} get-tuple-element(%p), index=2
+  %y = f32[8,32]{{1,0}} dot(%x, %w), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
+  %c = s32[]{{:T(128)}} constant({amount})
+  %next = s32[]{{:T(128)}} {op}(%i, %c)
+  ROOT %t = {state} tuple(%x, %next, %w)
+}}
+
+%cond (q: {state}) -> pred[] {{
+  %q = {state} parameter(0)
+  %j = s32[]{{:T(128)}} get-tuple-element(%q), index=1
+  %b = s32[]{{:T(128)}} constant({bound})
+  ROOT %lt = pred[]{{:T(512)}} compare(%j, %b), direction={direction}
+}}
+
+ENTRY %main (a: f32[8,16], v: f32[16,32]) -> f32[8,16] {{
+  %a = f32[8,16]{{1,0}} parameter(0)
+  %v = f32[16,32]{{1,0}} parameter(1)
+  %s = s32[]{{:T(128)}} constant({start})
+  %s2 = s32[]{{:T(128)}} copy(%s)
+  %init = {state} tuple(%a, %s2, %v)
+  %loop = {state} while(%init), condition=%cond, body=%body
+  ROOT %out = f32[8,16]{{1,0}} get-tuple-element(%loop), index=0
+}}
+"""
+
+
+@pytest.mark.parametrize("start, bound, step, direction, trips", [
+    (0, 4, 1, "LT", 4), (0, 4, 2, "LT", 2), (1, 8, 2, "LT", 4), (0, 4, 2, "LE", 3),
+    (5, 0, -1, "GT", 5), (6, 0, -4, "GE", 2), (3, 3, 1, "LT", 0),
+])
+def test_loop_trip_counts_follow_the_counter(start, bound, step, direction, trips):
+  once, every = hlo_flops.loop_flops(_loop_module(start, bound, step, direction))
+  assert once == 2 * 8 * 16 * 32 and every == trips * once
