@@ -517,11 +517,13 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _prepare_process(command: str) -> None:
   """Process-wide settings of every command, before JAX starts its threads: freed host memory
-  is kept for reuse (mmjax/hostmem.py) and the persistent compilation cache is on
-  (mmjax/compile_cache.py; not for `aot`)."""
-  from mmjax import compile_cache, hostmem
+  is kept for reuse (mmjax/hostmem.py), libtpu stays quiet on a host without TPU chips
+  (mmjax/libtpu_env.py) and the persistent compilation cache is on (mmjax/compile_cache.py; not
+  for `aot`)."""
+  from mmjax import compile_cache, hostmem, libtpu_env
 
   hostmem.retain_freed_memory()
+  libtpu_env.one_host_slice_without_chips()
   if command != "aot":
     compile_cache.enable()
 

@@ -16,7 +16,6 @@ scanned layers, counts once there). Temporaries, and so whether the step fits, n
 from __future__ import annotations
 
 import dataclasses
-import glob
 import importlib.util
 import json
 import math
@@ -32,7 +31,7 @@ from etils import epath
 from jax.experimental import serialize_executable
 from jax.experimental import topologies
 
-from mmjax import progress
+from mmjax import libtpu_env, progress
 from mmjax.errors import UserError
 from mmjax.models.configs import MODEL_CONFIGS
 from mmjax.train import flops as mmflops
@@ -104,7 +103,7 @@ def topology_devices(topology: Topology) -> list[jax.Device]:
   # libtpu takes a machine-wide lock file for the chips it drives; a compile-only topology drives
   # none, and other processes (any JAX process here with libtpu installed) may hold the lock.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  _one_host_slice_without_chips()
+  libtpu_env.one_host_slice_without_chips()
   try:
     desc = topologies.get_topology_desc(topology_name=topology.name, platform="tpu")
   except Exception as e:  # noqa: BLE001 -- libtpu reports a bad name as a runtime error.
@@ -116,26 +115,6 @@ def topology_devices(topology: Topology) -> list[jax.Device]:
     raise UserError(f"--topology {topology.name}: libtpu describes {len(devices)} chips, expected "
                     f"{topology.chips}")
   return devices
-
-
-_SLICE_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_HOST_BOUNDS", "TPU_ACCELERATOR_TYPE")
-
-
-def _one_host_slice_without_chips() -> None:
-  """On a host without TPU chips libtpu cannot learn its slice from the metadata server and prints
-  errors about TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES while it describes a compile-only
-  topology. Naming a one-host slice silences them; the topology compiled for is unchanged. Left
-  alone on TPU hosts and where the user set any of these variables."""
-  if any(os.environ.get(name) for name in _SLICE_VARS) or tpu_chips_present():
-    return
-  os.environ["TPU_WORKER_HOSTNAMES"] = "localhost"
-  os.environ["TPU_HOST_BOUNDS"] = "1,1,1"
-
-
-def tpu_chips_present() -> bool:
-  """Whether this host has TPU chips: their device files (/dev/accel* up to v4, VFIO groups from
-  v5 on)."""
-  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def _configured_cpu_devices() -> int:
