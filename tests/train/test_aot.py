@@ -10,6 +10,8 @@ import pytest
 from mmjax import cli
 from mmjax import config as mmconfig
 from mmjax.errors import UserError
+from mmjax.models import grouped as mmgrouped
+from mmjax.models import layers
 from mmjax.models.configs import model_config
 from mmjax.train import aot, hlo_flops, toy
 from mmjax.train import flops as mmflops
@@ -167,12 +169,20 @@ def test_tpu_convolutions_and_grouped_matmuls_count_as_xla_counts_them():
   def grouped(x, w, sizes):
     return jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32).sum()
 
+  def grouped_tpu(x, w, sizes):  # the model's TPU path: megablox tgmm for the weight gradient
+    with layers.target("tpu"):
+      return mmgrouped.ragged_matmul(x, w, sizes, jnp.bfloat16).sum()
+
   cases = [(jax.grad(heads, argnums=(0, 1)), (spec((8, 128, 256)), spec((256, 3, 4, 64))),
             2 * 2 * 8 * 128 * 256 * 3 * 4 * 64),
            # dx as a kernel (2·M·K·N) and dw as a convolution over every group (G·2·M·K·N)
            (jax.grad(grouped, argnums=(0, 1)), (spec((512, 256)), spec((4, 256, 384)),
                                                 spec((4,), jnp.int32)),
-            (1 + 4) * 2 * 512 * 256 * 384)]
+            (1 + 4) * 2 * 512 * 256 * 384),
+           # dx as a kernel and dw as the grouped tgmm kernel: 2·M·K·N each
+           (jax.grad(grouped_tpu, argnums=(0, 1)), (spec((512, 256)), spec((4, 256, 384)),
+                                                    spec((4,), jnp.int32)),
+            (1 + 1) * 2 * 512 * 256 * 384)]
   for fn, args, expected in cases:
     compiled = jax.jit(fn).lower(*args).compile()
     once, every = hlo_flops.loop_flops(compiled.as_text())
