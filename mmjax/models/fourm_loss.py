@@ -192,7 +192,8 @@ def _ragged(model: FourM, y_BMD, group_BM, labels_BM, opts_base):
     order = jnp.argsort(group_T, stable=True)
     sorted_group = group_T[order]
     h = y_BMD.reshape(group_T.shape[0], -1)[order]
-    z = grouped.ragged_matmul(h, w_GDV, counts_G.astype(jnp.int32), dtype)
+    with layers.target(model.cfg.platform):  # the loss runs outside the model call's target
+      z = grouped.ragged_matmul(h, w_GDV, counts_G.astype(jnp.int32), dtype)
     vocab_T = jnp.asarray(vocab_G)[sorted_group]
     in_vocab = jnp.arange(v_max)[None, :] < vocab_T[:, None]
     z = jnp.where(in_vocab, z, F32_MIN)

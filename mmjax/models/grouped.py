@@ -109,15 +109,28 @@ TGMM_SCOPE = "mmjax_tgmm"  # names the weight-gradient kernel for FLOP counts (m
 def ragged_matmul(x_NK: jax.Array, w_GKF: jax.Array, sizes_G: jax.Array, dtype, *,
                   grouped_weight_grad: bool | None = None) -> jax.Array:
   """`jax.lax.ragged_dot` in `dtype` with fp32 results. With `grouped_weight_grad` (default: when
-  the target is a TPU) its weight gradient is megablox's grouped `tgmm` instead of the compiler's
-  per-group dense matmuls; elsewhere the kernel runs in Pallas's interpreter (the CPU tests)."""
+  the target is a TPU and no mesh axis is left to the SPMD partitioner) its weight gradient is
+  megablox's grouped `tgmm` instead of the compiler's per-group dense matmuls; elsewhere the
+  kernel runs in Pallas's interpreter (the CPU tests). A Mosaic kernel cannot be partitioned
+  automatically: it runs per shard (`layers.over_batch_shards`: MoT, the 4M heads), and where the
+  partitioner splits the grouped matmul (MoMa's expert choice over the whole batch) ragged_dot's
+  own gradient stays."""
   if grouped_weight_grad is None:
-    grouped_weight_grad = layers.target_platform() == "tpu"
+    grouped_weight_grad = layers.target_platform() == "tpu" and _all_axes_manual()
   if not grouped_weight_grad:
     return jax.lax.ragged_dot(x_NK.astype(dtype), w_GKF.astype(dtype), sizes_G,
                               preferred_element_type=jnp.float32)
   return _ragged_tgmm(x_NK, w_GKF, sizes_G.astype(jnp.int32), jnp.dtype(dtype),
                       layers.target_platform() != "tpu")
+
+
+def _all_axes_manual() -> bool:
+  """No mesh, or every mesh axis of more than one device is manual here (inside a shard_map)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return True
+  return all(size == 1 or kind == jax.sharding.AxisType.Manual
+             for size, kind in zip(mesh.axis_sizes, mesh.axis_types))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
