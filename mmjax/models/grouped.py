@@ -6,8 +6,8 @@ Two implementations with static shapes and dynamic group sizes:
 - "ragged": `jax.lax.ragged_dot`. On TPU/GPU a true grouped matmul: 2·N·K·F FLOPs for N rows. On
   CPU XLA expands it to G dense matmuls over masked copies (G× the FLOPs), so it is not used there.
   Its weight gradient (rows ragged along the contracted axis) the TPU compiler also expands, to G
-  dense matmuls over all N rows, so on TPU `ragged_dot` takes a VJP (`ragged_matmul`) whose weight
-  gradient is the Pallas megablox grouped kernel `tgmm`: 2·N·K·F again.
+  dense matmuls over all N rows, so on TPU, where it runs per shard, `ragged_dot` takes a VJP
+  (`ragged_matmul`) whose weight gradient is the Pallas megablox grouped kernel `tgmm`: 2·N·K·F.
 - "chunked" (default on CPU): each group's rows are laid out from a chunk-aligned offset in a buffer
   of P = ceil(N/c)·c + G·c rows; every chunk of c rows then belongs to exactly one group and is
   multiplied by that group's weight (a scan over chunks, one [c, K] @ [K, F] matmul each).
@@ -103,7 +103,7 @@ def grouped_matmul(x_NK: jax.Array, w_GKF: jax.Array, sizes_G: jax.Array, *, imp
   return jnp.where(inside[:, None], out[jnp.minimum(dest, num_chunks * c - 1)], 0.0)
 
 
-TGMM_SCOPE = "mmjax_tgmm"  # names the weight-gradient kernel for FLOP counts (mmjax.train.hlo_flops)
+TGMM_SCOPE = "mmjax_tgmm"  # names the weight-gradient kernel for mmjax.train.hlo_flops
 
 
 def ragged_matmul(x_NK: jax.Array, w_GKF: jax.Array, sizes_G: jax.Array, dtype, *,

@@ -8,7 +8,8 @@ a while loop's body multiplied by its trip count (`known_trip_count` in its back
 from its counter: where it starts, the bound its condition compares it with, the step its body
 adds). Splash attention kernels (custom calls XLA gives no cost) count the
 matmuls they run: 2 forward, 3 for dq, 4 for dk/dv, 5 for the fused dk/dv kernel that also writes
-dq (no dq kernel then), each 2·L·S·D per head, over the blocks their mask visits (the name scope of `mmjax.models.attention` says causal or full). The grouped matmuls
+dq (no dq kernel then), each 2·L·S·D per head, over the blocks their mask visits (the name scope
+of `mmjax.models.attention` says causal or full). The grouped matmuls
 (`ragged_dot`'s custom calls, and megablox's `tgmm` kernel of their weight gradient on TPU, named by
 `mmjax.models.grouped`'s scope) XLA does count, once: a loop body's further iterations add them.
 `loop_scaled_flops` adds the loops' further iterations and the attention kernels to XLA's own
