@@ -11,7 +11,9 @@ each target modality's tokens are contiguous; every token's logits then come onl
   ever kept.
 - "ragged" (TPU/GPU): `jax.lax.ragged_dot` over the sorted tokens with the heads padded to the largest
   vocabulary [G, D, V_max] and group sizes = per-modality counts; a grouped matmul whose cost is the
-  dense one (tokens x D x V_max). On CPU ragged_dot would compute every group densely (G x).
+  dense one (tokens x D x V_max). On CPU ragged_dot would compute every group densely (G x). On
+  TPU its weight gradient is megablox's grouped kernel (`grouped.ragged_matmul`), which the
+  compiler would otherwise lower as G dense matmuls over all tokens.
 
 Per-token loss with label smoothing e and z-loss weight a (z = logits, V = the modality's vocab):
   loss = lse - (1 - e) z_y - e mean(z) + a lse^2;  reported CE is lse - z_y.
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.models import layers
+from mmjax.models import grouped, layers
 from mmjax.models.fourm import FourM
 
 F32_MIN = float(np.finfo(np.float32).min)
@@ -190,8 +192,8 @@ def _ragged(model: FourM, y_BMD, group_BM, labels_BM, opts_base):
     order = jnp.argsort(group_T, stable=True)
     sorted_group = group_T[order]
     h = y_BMD.reshape(group_T.shape[0], -1)[order]
-    z = jax.lax.ragged_dot(h.astype(dtype), w_GDV.astype(dtype), counts_G.astype(jnp.int32),
-                           preferred_element_type=jnp.float32)
+    with layers.target(model.cfg.platform):  # the loss runs outside the model call's target
+      z = grouped.ragged_matmul(h, w_GDV, counts_G.astype(jnp.int32), dtype)
     vocab_T = jnp.asarray(vocab_G)[sorted_group]
     in_vocab = jnp.arange(v_max)[None, :] < vocab_T[:, None]
     z = jnp.where(in_vocab, z, F32_MIN)

@@ -5,6 +5,9 @@ Two implementations with static shapes and dynamic group sizes:
 
 - "ragged": `jax.lax.ragged_dot`. On TPU/GPU a true grouped matmul: 2·N·K·F FLOPs for N rows. On
   CPU XLA expands it to G dense matmuls over masked copies (G× the FLOPs), so it is not used there.
+  Its weight gradient (rows ragged along the contracted axis) the TPU compiler also expands, to G
+  dense matmuls over all N rows, so on TPU, where it runs per shard, `ragged_dot` takes a VJP
+  (`ragged_matmul`) whose weight gradient is the Pallas megablox grouped kernel `tgmm`: 2·N·K·F.
 - "chunked" (default on CPU): each group's rows are laid out from a chunk-aligned offset in a buffer
   of P = ceil(N/c)·c + G·c rows; every chunk of c rows then belongs to exactly one group and is
   multiplied by that group's weight (a scan over chunks, one [c, K] @ [K, F] matmul each).
@@ -15,6 +18,8 @@ Two implementations with static shapes and dynamic group sizes:
 
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import NamedTuple
 
 import jax
@@ -63,9 +68,7 @@ def grouped_matmul(x_NK: jax.Array, w_GKF: jax.Array, sizes_G: jax.Array, *, imp
   """Rows [0, sizes[0]) use w[0], the next sizes[1] rows w[1], ...; rows past sum(sizes) give 0."""
   impl = resolve_impl(impl)
   if impl == "ragged":
-    return jax.lax.ragged_dot(x_NK.astype(dtype), w_GKF.astype(dtype), sizes_G,
-                              preferred_element_type=jnp.float32
-                              ).astype(layers.activation_dtype(dtype))
+    return ragged_matmul(x_NK, w_GKF, sizes_G, dtype).astype(layers.activation_dtype(dtype))
   n, k = x_NK.shape
   g, _, f = w_GKF.shape
   ends = jnp.cumsum(sizes_G)
@@ -98,6 +101,71 @@ def grouped_matmul(x_NK: jax.Array, w_GKF: jax.Array, sizes_G: jax.Array, *, imp
   _, out = jax.lax.scan(one_chunk, None, (buf.reshape(num_chunks, c, k), chunk_group))
   out = out.reshape(num_chunks * c, f)
   return jnp.where(inside[:, None], out[jnp.minimum(dest, num_chunks * c - 1)], 0.0)
+
+
+TGMM_SCOPE = "mmjax_tgmm"  # names the weight-gradient kernel for mmjax.train.hlo_flops
+
+
+def ragged_matmul(x_NK: jax.Array, w_GKF: jax.Array, sizes_G: jax.Array, dtype, *,
+                  grouped_weight_grad: bool | None = None) -> jax.Array:
+  """`jax.lax.ragged_dot` in `dtype` with fp32 results. With `grouped_weight_grad` (default: when
+  the target is a TPU and no mesh axis is left to the SPMD partitioner) its weight gradient is
+  megablox's grouped `tgmm` instead of the compiler's per-group dense matmuls; elsewhere the
+  kernel runs in Pallas's interpreter (the CPU tests). A Mosaic kernel cannot be partitioned
+  automatically: it runs per shard (`layers.over_batch_shards`: MoT, the 4M heads), and where the
+  partitioner splits the grouped matmul (MoMa's expert choice over the whole batch) ragged_dot's
+  own gradient stays."""
+  if grouped_weight_grad is None:
+    grouped_weight_grad = layers.target_platform() == "tpu" and _all_axes_manual()
+  if not grouped_weight_grad:
+    return jax.lax.ragged_dot(x_NK.astype(dtype), w_GKF.astype(dtype), sizes_G,
+                              preferred_element_type=jnp.float32)
+  return _ragged_tgmm(x_NK, w_GKF, sizes_G.astype(jnp.int32), jnp.dtype(dtype),
+                      layers.target_platform() != "tpu")
+
+
+def _all_axes_manual() -> bool:
+  """No mesh, or every mesh axis of more than one device is manual here (inside a shard_map)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return True
+  return all(size == 1 or kind == jax.sharding.AxisType.Manual
+             for size, kind in zip(mesh.axis_sizes, mesh.axis_types))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _ragged_tgmm(x_NK, w_GKF, sizes_G, dtype, interpret):
+  del interpret
+  return jax.lax.ragged_dot(x_NK.astype(dtype), w_GKF.astype(dtype), sizes_G,
+                            preferred_element_type=jnp.float32)
+
+
+def _ragged_tgmm_fwd(x_NK, w_GKF, sizes_G, dtype, interpret):
+  return _ragged_tgmm(x_NK, w_GKF, sizes_G, dtype, interpret), (x_NK, w_GKF, sizes_G)
+
+
+def _ragged_tgmm_bwd(dtype, interpret, residuals, dy_NF):
+  x_NK, w_GKF, sizes_G = residuals
+  # The input gradient is ragged along rows that are not contracted: a grouped matmul as it is.
+  dx_NK = jax.lax.ragged_dot(dy_NF.astype(dtype), jnp.swapaxes(w_GKF, 1, 2).astype(dtype), sizes_G,
+                             preferred_element_type=jnp.float32)
+  # The weight gradient per group: x[group rows]^T dy[group rows]. The kernel tiles rows by tm,
+  # so the rows are padded to a multiple of it (rows past sum(sizes) belong to no group).
+  n, k = x_NK.shape
+  f = dy_NF.shape[1]
+  up = lambda a, b: -(-a // b) * b  # noqa: E731
+  tiling = (min(512, up(n, 128)), min(512, up(k, 128)), min(512, up(f, 128)))
+  rows = up(n, tiling[0])
+  x_pad = jnp.pad(x_NK.astype(dtype), ((0, rows - n), (0, 0)))
+  dy_pad = jnp.pad(dy_NF.astype(dtype), ((0, rows - n), (0, 0)))
+  megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+  with jax.named_scope(TGMM_SCOPE):
+    dw_GKF = megablox.tgmm(x_pad.T, dy_pad, sizes_G, jnp.float32, tiling=tiling,
+                           interpret=interpret)
+  return dx_NK.astype(x_NK.dtype), dw_GKF.astype(w_GKF.dtype), None
+
+
+_ragged_tgmm.defvjp(_ragged_tgmm_fwd, _ragged_tgmm_bwd)
 
 
 class Slots(NamedTuple):

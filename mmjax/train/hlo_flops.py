@@ -7,9 +7,13 @@ fusions and calls, with
 a while loop's body multiplied by its trip count (`known_trip_count` in its backend config, else
 from its counter: where it starts, the bound its condition compares it with, the step its body
 adds). Splash attention kernels (custom calls XLA gives no cost) count the
-matmuls they run: 2 forward, 3 for dq, 4 for dk/dv, each 2·L·S·D per head, over the blocks their
-mask visits (the name scope of `mmjax.models.attention` says causal or full). `loop_scaled_flops`
-adds the loops' further iterations and the kernels to XLA's own total.
+matmuls they run: 2 forward, 3 for dq, 4 for dk/dv, 5 for the fused dk/dv kernel that also writes
+dq (no dq kernel then), each 2·L·S·D per head, over the blocks their mask visits (the name scope
+of `mmjax.models.attention` says causal or full). The grouped matmuls
+(`ragged_dot`'s custom calls, and megablox's `tgmm` kernel of their weight gradient on TPU, named by
+`mmjax.models.grouped`'s scope) XLA does count, once: a loop body's further iterations add them.
+`loop_scaled_flops` adds the loops' further iterations and the attention kernels to XLA's own
+total.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import re
 
 SPLASH_SCOPE = "mmjax_splash_"  # mmjax.models.attention.SPLASH_SCOPE (no import: train reads HLO)
 SPLASH_BLOCK = 128
-_SPLASH_MATMULS = {"splash_mha_fwd": 2, "splash_mha_dq": 3, "splash_mha_dkv": 4}
+TGMM_SCOPE = "mmjax_tgmm"  # mmjax.models.grouped.TGMM_SCOPE
+_SPLASH_MATMULS = {"splash_mha_fwd": 2, "splash_mha_dq": 3, "splash_mha_dkv": 4,
+                   "splash_mha_dkv_fused": 5}
 _SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\((.*)\)\s+->\s+.*\{\s*$")
@@ -77,9 +83,11 @@ class _Module:
 
   def _instruction_flops(self, computation: str, shape: str, op: str, rest: str) -> float:
     if op == "custom-call" and SPLASH_SCOPE in rest and self.kernels:
-      return _splash_flops(rest)
+      return _splash_flops(shape, rest)
     if op == "custom-call" and "ragged-dot" in rest:  # XLA counts these: in both totals
       return _ragged_dot_flops(shape, rest)
+    if op == "custom-call" and f"{TGMM_SCOPE}" in rest:  # its cost estimate: in both totals
+      return _tgmm_flops(rest)
     out = _dims(shape)
     if out is None:
       return 0.0
@@ -413,22 +421,28 @@ def _window(rest: str, spatial: int) -> list[tuple[int, int, int, int]]:
                   values("rhs_dilate", 1)))
 
 
-def _splash_flops(rest: str) -> float:
-  """Matmul FLOPs of one splash kernel call from its q, k shapes [B, H, L, D], [B, G, S, D]."""
+def _splash_flops(result: str, rest: str) -> float:
+  """Matmul FLOPs of one splash kernel call from its q, k shapes [B, H, L, D], [B, G, S, D].
+  The fused dk/dv kernel is the dk/dv kernel that also returns dq's partial sums, one per key
+  block: a result of one more axis than q."""
   name = re.search(r'op_name="[^"]*/(splash_mha_(?:fwd|dq|dkv))', rest)
   at = rest.find("operand_layout_constraints={")
   # q and k are the first floating-point operands; a batch of one shard loses its batch axis.
-  operands = [[1] * (4 - len(shape)) + shape for dtype, dims in _SHAPE.findall(rest[at:])
-              if dtype in ("bf16", "f16", "f32") and len(shape := [int(d) for d in dims.split(",")
-                                                                   if d]) in (3, 4)][:2]
-  if not name or at < 0 or len(operands) < 2:
+  floats = [shape for dtype, dims in _SHAPE.findall(rest[at:])
+            if dtype in ("bf16", "f16", "f32")
+            and len(shape := [int(d) for d in dims.split(",") if d]) in (3, 4)][:2]
+  if not name or at < 0 or len(floats) < 2:
     return 0.0
-  q, k = operands
+  kind = name.group(1)
+  if kind == "splash_mha_dkv" and any(len([d for d in dims.split(",") if d]) > len(floats[0])
+                                      for _, dims in _SHAPE.findall(result)):
+    kind = "splash_mha_dkv_fused"
+  q, k = ([1] * (4 - len(shape)) + shape for shape in floats)
   b, h, lq, d = q
   s = k[2]
   blocks = max(1, lq // SPLASH_BLOCK)
   visited = (blocks + 1) / (2 * blocks) if f"{SPLASH_SCOPE}causal" in rest else 1.0
-  return _SPLASH_MATMULS[name.group(1)] * 2.0 * b * h * lq * s * d * visited
+  return _SPLASH_MATMULS[kind] * 2.0 * b * h * lq * s * d * visited
 
 
 def _ragged_dot_flops(shape: str, rest: str) -> float:
@@ -443,6 +457,18 @@ def _ragged_dot_flops(shape: str, rest: str) -> float:
   lhs = floats[0]
   contracted = lhs[1] if lhs[0] == out[0] else lhs[0]
   return 2.0 * out[0] * out[1] * contracted
+
+
+def _tgmm_flops(rest: str) -> float:
+  """Megablox's grouped weight-gradient kernel: lhs [M, K] and rhs [M, N] (its first floating-point
+  operands), every row in one group: 2·M·K·N, as its cost estimate tells XLA."""
+  at = rest.find("operand_layout_constraints={")
+  floats = [[int(d) for d in dims.split(",") if d] for dtype, dims in _SHAPE.findall(rest[at:])
+            if dtype in ("bf16", "f16", "f32")]
+  if at < 0 or len(floats) < 2 or len(floats[0]) != 2 or len(floats[1]) != 2:
+    return 0.0
+  (m, k), (_, n) = floats[0], floats[1]
+  return 2.0 * m * k * n
 
 
 def loop_flops(hlo_text: str, kernels: bool = True) -> tuple[float, float]:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmjax.models import experts, grouped
+from mmjax import defaults, sharding
+from mmjax.models import experts, grouped, layers
 
 
 def _reference_grouped(x, w, sizes):
@@ -39,6 +40,58 @@ def test_grouped_matmul_matches_reference_and_zeroes_unused_rows(impl, chunk):
 
   for a, b in zip(jax.grad(f, (0, 1))(x, w), jax.grad(g, (0, 1))(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sizes", [[60, 0, 110, 0], [0, 200, 0, 0]])
+def test_ragged_matmul_with_the_grouped_weight_gradient_matches_ragged_dot(sizes):
+  """The TPU path (megablox `tgmm` for the weight gradient, here in Pallas's interpreter) against
+  `ragged_dot`'s own gradient: uneven and empty groups, rows past the groups' end."""
+  rng = np.random.RandomState(1)
+  x = jnp.asarray(rng.randn(200, 40).astype(np.float32))
+  w = jnp.asarray(rng.randn(4, 40, 50).astype(np.float32))
+  sizes = jnp.asarray(np.array(sizes, np.int32))
+  cotangent = jnp.asarray(rng.randn(200, 50).astype(np.float32))
+
+  def run(grouped_weight_grad):
+    def f(xx, ww):
+      y = grouped.ragged_matmul(xx, ww, sizes, jnp.float32, grouped_weight_grad=grouped_weight_grad)
+      return jnp.sum(y * cotangent), y
+    return jax.jit(jax.grad(f, (0, 1), has_aux=True))(x, w)
+
+  (dx, dw), y = run(True)
+  (dx_ref, dw_ref), y_ref = run(False)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
+  assert np.all(np.asarray(dw)[np.asarray(sizes) == 0] == 0)
+
+
+def test_grouped_weight_gradient_per_batch_shard_sums_over_the_shards():
+  """As the model runs it on TPU: per batch shard (`layers.over_batch_shards`) with the weight
+  replicated; the weight's gradient is the sum over the shards, as one device's ragged_dot gives."""
+  rng = np.random.RandomState(2)
+  x = jnp.asarray(rng.randn(2, 128, 16).astype(np.float32))
+  w = jnp.asarray(rng.randn(3, 16, 24).astype(np.float32))
+  sizes = jnp.asarray(np.array([[50, 0, 70], [0, 128, 0]], np.int32))
+
+  def per_row(x_s, sizes_s, w_s, grouped_weight_grad):  # one row of the batch per shard
+    return grouped.ragged_matmul(x_s[0], w_s, sizes_s[0], jnp.float32,
+                                 grouped_weight_grad=grouped_weight_grad)[None]
+
+  def loss(xx, ww, grouped_weight_grad):
+    fn = lambda *a: per_row(*a, grouped_weight_grad)  # noqa: E731
+    return jnp.sum(jnp.sin(layers.over_batch_shards(fn, (xx, sizes), (ww,))))
+
+  def reference(xx, ww):
+    return sum(jnp.sum(jnp.sin(per_row(xx[i:i + 1], sizes[i:i + 1], ww, False))) for i in range(2))
+
+  expected = jax.grad(reference, (0, 1))(x, w)
+  mesh_config = defaults.mesh(data=2, fsdp=1, tensor=4)
+  mesh = sharding.make_mesh(mesh_config)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_rules(mesh_config)):
+    got = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(x, w, True)
+  for a, b in zip(got, expected):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
 def test_mot_linear_uses_each_tokens_modality_weight():
