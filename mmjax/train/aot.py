@@ -273,7 +273,7 @@ def run_aot(config: ml_collections.ConfigDict, topology: str, *, out_dir: str | 
   objective, setup = build(config, devices)
   batch_size = int(config.train.batch_size)
   batch = _abstract_batch(objective, setup, batch_size)
-  jitted = trainstep.jit_step(setup, config.train, programs="one")  # the TPU program
+  jitted = trainstep.jit_step(setup, config.train)
   with setup.context():
     start = time.perf_counter()
     with progress.phase(f"aot: lowering the train step for {topology}"):

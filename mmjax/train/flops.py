@@ -97,12 +97,7 @@ def mfu(model_flops_per_s: float, peak: float) -> float:
 
 def compiled_flops(compiled) -> float | None:
   """XLA's FLOP count of a compiled computation (per device on a sharded program), with the
-  matmuls of loop bodies (the scanned layers) counted once per iteration, not once in all. A step
-  of several programs (`step.TwoProgramStep`) counts them all."""
-  programs = getattr(compiled, "programs", None)
-  if programs is not None:
-    counts = [compiled_flops(p) for p in programs]
-    return None if None in counts else sum(counts)
+  matmuls of loop bodies (the scanned layers) counted once per iteration, not once in all."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # noqa: BLE001 -- some backends do not implement it.

@@ -15,7 +15,6 @@ own count of applied updates, so skipped steps do not advance the learning rate.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -82,20 +81,17 @@ def grads_and_metrics(setup: Setup, state: TrainState, batch: dict[str, jax.Arra
   return loss, metrics, grads, rest
 
 
-def _step_parts(setup: Setup, train_config):
-  """The step's two halves: `gradients(state, batch) -> (loss, metrics, grads, rest)` and
-  `apply(state, loss, metrics, grads, rest) -> (state, metrics)`, the optimizer update."""
+def make_step_fn(setup: Setup, train_config) -> Any:
+  """The pure step function (not jitted)."""
   microbatches = int(train_config.microbatches)
   if microbatches < 1:
     raise ValueError(f"train.microbatches must be >= 1, got {microbatches}")
   lr_fn = make_schedule(train_config)
 
-  def gradients(state: TrainState, batch: dict[str, jax.Array]):
-    rng = jax.random.fold_in(state["rng"], state["step"] + 1)
-    return grads_and_metrics(setup, state, batch, rng, microbatches)
-
-  def apply(state: TrainState, loss, metrics, grads, rest) -> tuple[TrainState, dict[str, Any]]:
+  def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, Any]]:
     number = state["step"] + 1
+    rng = jax.random.fold_in(state["rng"], number)
+    loss, metrics, grads, rest = grads_and_metrics(setup, state, batch, rng, microbatches)
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)
@@ -112,100 +108,15 @@ def _step_parts(setup: Setup, train_config):
                skipped=new_state["skipped"].astype(jnp.float32))
     return new_state, out
 
-  return gradients, apply
-
-
-def make_step_fn(setup: Setup, train_config) -> Any:
-  """The pure step function (not jitted)."""
-  gradients, apply = _step_parts(setup, train_config)
-
-  def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, Any]]:
-    return apply(state, *gradients(state, batch))
-
   return step
 
 
-def jit_step(setup: Setup, train_config, *, programs: str = "auto"):
-  """The step jitted with state/batch shardings; the state is donated (it is rebound).
-
-  `programs`: "one" (one jitted function), "two" (`TwoProgramStep`) or "auto": two where every
-  device of the mesh is a CPU, one elsewhere. `mmjax aot` asks for one."""
-  if programs not in ("auto", "one", "two"):
-    raise ValueError(f"programs must be 'auto', 'one' or 'two', got {programs!r}")
-  on_cpu = all(d.platform == "cpu" for d in setup.mesh.devices.flat)
-  if programs == "two" or (programs == "auto" and on_cpu):
-    return TwoProgramStep(setup, train_config)
+def jit_step(setup: Setup, train_config):
+  """The step jitted with state/batch shardings; the state is donated (it is rebound)."""
   replicated = NamedSharding(setup.mesh, PartitionSpec())
   return jax.jit(make_step_fn(setup, train_config),
                  in_shardings=(setup.state_shardings, setup.batch_shardings),
                  out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
-
-
-def _update_compiler_options() -> dict[str, str]:
-  """XLA:CPU options of the optimizer update's program: YNNPACK fuses only its dots and
-  reductions (none here but the norms) and XLA's own loop fusions take the elementwise work,
-  unless the user chose the YNN fusion flag in XLA_FLAGS."""
-  from mmjax import YNN_FUSION_DEFAULT, YNN_FUSION_FLAG  # noqa: PLC0415 -- the package's own
-
-  if f"{YNN_FUSION_FLAG}={YNN_FUSION_DEFAULT}" not in os.environ.get("XLA_FLAGS", ""):
-    return {}
-  return {YNN_FUSION_FLAG.lstrip("-"): "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
-                                      "LIBRARY_FUSION_TYPE_REDUCE"}
-
-
-class TwoProgramStep:
-  """The train step on XLA:CPU as two programs run one after the other: the gradients, then the
-  optimizer update, which is compiled with `_update_compiler_options`. Same arguments, results
-  and donation as the one-program step, and the same numbers (float rounding aside).
-
-  Why: measured on 4M-tiny fp32 (tied heads, batch 16, 1,258 valid targets, Intel Xeon, 2
-  cores, load average 2-3, the variants interleaved in one process, 5 rounds of 2 steps,
-  2026-12-07), one program took 4.24 s per step (median), the two programs 3.63 s (1.17x) and
-  the two with the update's elementwise work left to XLA's loop fusions 3.46 s (1.23x); the
-  parameters after the same steps differed by at most 7e-9. YNNPACK's elementwise fusions
-  materialise the optimizer's scalar broadcasts at the size of each parameter, and in one
-  program XLA fuses the update with the backward pass's last ops.
-
-  Behaves like a jitted function where the code uses one: call it, or `lower(...).compile()`;
-  the compiled step lists its two compiled programs in `programs`."""
-
-  def __init__(self, setup: Setup, train_config):
-    gradients, apply = _step_parts(setup, train_config)
-    replicated = NamedSharding(setup.mesh, PartitionSpec())
-    state = setup.state_shardings
-    grads = (replicated, replicated, state["params"], state["rest"])
-    self._gradients = jax.jit(gradients, in_shardings=(state, setup.batch_shardings),
-                              out_shardings=grads)
-    self._apply = jax.jit(apply, in_shardings=(state, *grads),
-                          out_shardings=(state, replicated), donate_argnums=0,
-                          compiler_options=_update_compiler_options())
-
-  def __call__(self, state: TrainState, batch: dict[str, jax.Array]):
-    return self._apply(state, *self._gradients(state, batch))
-
-  def lower(self, state, batch) -> _LoweredSteps:
-    outputs = jax.eval_shape(self._gradients, state, batch)
-    return _LoweredSteps(self._gradients.lower(state, batch), self._apply.lower(state, *outputs))
-
-
-class _LoweredSteps:
-  def __init__(self, gradients, apply):
-    self.programs = (gradients, apply)
-
-  def compile(self) -> _CompiledSteps:
-    return _CompiledSteps(*(p.compile() for p in self.programs))
-
-
-class _CompiledSteps:
-  def __init__(self, gradients, apply):
-    self.programs = (gradients, apply)
-
-  def __call__(self, state: TrainState, batch: dict[str, jax.Array]):
-    gradients, apply = self.programs
-    return apply(state, *gradients(state, batch))
-
-  def as_text(self) -> str:
-    return "\n".join(p.as_text() for p in self.programs)
 
 
 def jit_eval(setup: Setup):

@@ -69,16 +69,6 @@ class _Module:
     return out
 
 
-def _modules(hlo_text: str) -> dict[str, _Module]:
-  """The modules of a text holding one or more (a step of several programs), by name."""
-  out = {}
-  for part in re.split(r"(?m)^(?=HloModule )", hlo_text):
-    head = re.match(r"HloModule ([\w.\-]+)", part)
-    if head:
-      out[head.group(1)] = _Module(part)
-  return out or {"": _Module(hlo_text)}
-
-
 def phase_of(op_name: str) -> str:
   if not op_name:
     return "unattributed"
@@ -115,16 +105,13 @@ def _events(trace_dir: str) -> list[dict[str, Any]]:
 
 def breakdown(hlo_text: str, events: list[dict[str, Any]], steps: int = 1) -> dict[str, Any]:
   """Op time per step (s) and its shares by phase and by kind, from trace events of `steps` steps
-  of the program(s) whose compiled text is `hlo_text` (events name their module)."""
-  modules = _modules(hlo_text)
+  of the module whose compiled text is `hlo_text`."""
+  module = _Module(hlo_text)
   by_phase: collections.Counter = collections.Counter()
   by_kind: collections.Counter = collections.Counter()
   for event in events:
     name = event.get("name", "")
-    module = modules.get(event.get("args", {}).get("hlo_module", ""))
-    if module is None or name not in module.instructions:
-      module = next((m for m in modules.values() if name in m.instructions), None)
-    if module is None:
+    if name not in module.instructions:
       continue  # runtime events (executor, thread pool, Python), not HLO ops
     op_name = module.instructions[name][1]
     seconds = event.get("dur", 0) * 1e-6

@@ -13,14 +13,14 @@ from mmjax.train import toy
 _COMPILED = {}  # the program depends on the mesh and micro-batching only, not on the data
 
 
-def _losses(config, devices, steps=4, programs="auto"):
+def _losses(config, devices, steps=4):
   objective = toy.ToyObjective(config)
-  key = (tuple(config.mesh.shape.items()), config.train.microbatches, len(devices), programs)
+  key = (tuple(config.mesh.shape.items()), config.train.microbatches, len(devices))
   if key not in _COMPILED:
     mesh = mmsharding.make_mesh(config.mesh, devices)
     mmsharding.check_batch(mesh, config.mesh, config.train.batch_size)
     setup = trainstate.make_setup(config, objective, mesh)
-    _COMPILED[key] = setup, trainstep.jit_step(setup, config.train, programs=programs)
+    _COMPILED[key] = setup, trainstep.jit_step(setup, config.train)
   setup, step = _COMPILED[key]
   state = trainstate.init_state(config, setup)
   it = objective.make_iterator("train", 0, 1)
@@ -81,21 +81,3 @@ def test_nonfinite_loss_skips_the_update(single):
   assert metrics[1]["param_norm"] == metrics[0]["param_norm"]
   assert metrics[2]["lr"] == pytest.approx(clean[0]["lr"] * 2)
   assert np.isfinite(metrics[2]["loss"])
-
-
-@pytest.mark.parametrize("shape", [dict(data=1), dict(data=2, fsdp=2, tensor=2)])
-def test_two_programs_equal_one(shape):
-  """XLA:CPU's step as gradients + optimizer update programs (the default on CPU) takes the
-  same steps as the one-program step that TPUs and GPUs run."""
-  config = _mesh_config(toy.toy_config(), **shape)
-  devices = jax.devices()[:int(np.prod(list(shape.values())))]
-  two, state_two, setup = _losses(config, devices, programs="two")
-  one, state_one, _ = _losses(config, devices, programs="one")
-  for a, b in zip(two, one):
-    assert a.keys() == b.keys()
-    for k in a:
-      assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
-  for a, b in zip(jax.tree.leaves(state_two["params"]), jax.tree.leaves(state_one["params"])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-  assert int(state_two["step"]) == int(state_one["step"]) == 4
-  assert isinstance(trainstep.jit_step(setup, config.train), trainstep.TwoProgramStep)  # CPU
