@@ -158,6 +158,7 @@ def _ragged_tgmm_bwd(dtype, interpret, residuals, dy_NF):
   rows = up(n, tiling[0])
   x_pad = jnp.pad(x_NK.astype(dtype), ((0, rows - n), (0, 0)))
   dy_pad = jnp.pad(dy_NF.astype(dtype), ((0, rows - n), (0, 0)))
+  # The module by path: the package's `gmm` attribute is the function, and it exports no tgmm.
   megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
   with jax.named_scope(TGMM_SCOPE):
     dw_GKF = megablox.tgmm(x_pad.T, dy_pad, sizes_G, jnp.float32, tiling=tiling,
