@@ -86,7 +86,7 @@ class _Module:
       return _splash_flops(shape, rest)
     if op == "custom-call" and "ragged-dot" in rest:  # XLA counts these: in both totals
       return _ragged_dot_flops(shape, rest)
-    if op == "custom-call" and f"{TGMM_SCOPE}" in rest:  # its cost estimate: in both totals
+    if op == "custom-call" and TGMM_SCOPE in rest:  # its cost estimate: in both totals
       return _tgmm_flops(rest)
     out = _dims(shape)
     if out is None:
