@@ -74,7 +74,8 @@ def image_tokenizer_config(modality: str, arg: str | None = None) -> ml_collecti
   # VQ codes are 8-dim unit vectors (a low-dimensional lookup as ViT-VQGAN's factorized codes:
   # 90% of 1024 codes used after 300 steps where 32-dim codes used 42%) with a fast EMA.
   model = dict(modality=modality, quantizer=arg.quantizer, width=128, num_heads=4,
-               encoder_layers=2, decoder_layers=2, code_dim=8, code_norm=True, ema_decay=0.95)
+               encoder_layers=2, decoder_layers=2, code_dim=8, code_norm=True, ema_decay=0.95,
+               local_codes=True)
   # Vocabularies match the modality registry of configs/fourm/shapes.py (rgb/depth 1024,
   # semseg 256); FSQ levels with about as many codes.
   if modality == "semseg":

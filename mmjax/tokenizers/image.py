@@ -55,6 +55,8 @@ class ImageTokenizerConfig:
   commitment_weight: float = 1.0    # vq: weight of the commitment loss
   dead_threshold: float = 0.03      # vq: a code is dead below this fraction of the mean usage
   code_norm: bool = True            # LayerNorm on the decoder's code embedding (see Decoder)
+  local_codes: bool = False         # encoder reads one patch at a time (no attention, no
+                                    # positions): a code means the same content anywhere (Encoder)
   depth_min: float = 0.5            # depth: log-normalisation range (metres of the shapes world)
   depth_max: float = 16.0
   smooth_l1_beta: float = 0.05      # depth: quadratic below this error (in normalised units)
@@ -123,26 +125,33 @@ def sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: x += attn(norm(x)); x += mlp(norm(x)); bidirectional attention."""
+  """Pre-norm transformer block: x += attn(norm(x)); x += mlp(norm(x)); bidirectional attention.
+  Without `attention`, the MLP alone: each token is transformed on its own."""
 
-  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype):
+  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype, attention: bool = True):
     self.heads = heads
-    self.norm1 = _layernorm(dim, rngs=rngs, dtype=dtype)
-    self.qkv = _linear(dim, 3 * dim, ("embed", "heads"), rngs=rngs, dtype=dtype)
-    self.proj = _linear(dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype)
+    self.attention = attention
+    if attention:
+      self.norm1 = _layernorm(dim, rngs=rngs, dtype=dtype)
+      self.qkv = _linear(dim, 3 * dim, ("embed", "heads"), rngs=rngs, dtype=dtype)
+      self.proj = _linear(dim, dim, ("heads", "embed"), rngs=rngs, dtype=dtype)
     self.norm2 = _layernorm(dim, rngs=rngs, dtype=dtype)
     self.fc1 = _linear(dim, 4 * dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
     self.fc2 = _linear(4 * dim, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
   def __call__(self, x_BLD: Array) -> Array:
+    if self.attention:
+      x_BLD = self._attend(x_BLD)
+    return x_BLD + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x_BLD))))
+
+  def _attend(self, x_BLD: Array) -> Array:
     b, l, d = x_BLD.shape
     qkv = self.qkv(self.norm1(x_BLD)).reshape(b, l, 3, self.heads, d // self.heads)
     q_BLHK, k_BLHK, v_BLHK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     logits_BHLL = jnp.einsum("blhk,bmhk->bhlm", q_BLHK, k_BLHK) / math.sqrt(d // self.heads)
     attn_BHLL = jax.nn.softmax(logits_BHLL.astype(jnp.float32), axis=-1).astype(x_BLD.dtype)
     o_BLD = jnp.einsum("bhlm,bmhk->blhk", attn_BHLL, v_BLHK).reshape(b, l, d)
-    x_BLD = x_BLD + self.proj(o_BLD)
-    return x_BLD + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x_BLD))))
+    return x_BLD + self.proj(o_BLD)
 
 
 def patchify(x_BHWC: Array, p: int) -> Array:
@@ -161,21 +170,31 @@ def unpatchify(x_BLP: Array, h: int, w: int, p: int) -> Array:
 
 
 class Encoder(nnx.Module):
-  """ViT: patches -> linear + 2D sin-cos -> blocks -> norm -> linear to code_dim."""
+  """ViT: patches -> linear + 2D sin-cos -> blocks -> norm -> linear to code_dim.
+
+  With `local_codes`, no positions and no attention: each patch's code is a function of that
+  patch alone, as a convolutional encoder's is of its receptive field. Why: with the ViT encoder
+  the code of a patch also depends on where it is and on the rest of the scene, so a model
+  predicting tokens must learn one mapping per position. Measured on the demo's semseg tokens
+  (1000 steps, 400 scenes): the all-background patch took 84 different codes (the commonest 5%),
+  and the code given the exact 8x8 label patch still had 3.6 nats of entropy."""
 
   def __init__(self, cfg: ImageTokenizerConfig, *, rngs: nnx.Rngs, dtype):
     p, d = cfg.downsample, cfg.width
     self.patch = cfg.downsample
+    self.positions = not cfg.local_codes
     self.embed = _linear(p * p * cfg.in_channels, d, ("patch", "embed"), rngs=rngs, dtype=dtype)
-    self.blocks = nnx.List([Block(d, cfg.num_heads, rngs=rngs, dtype=dtype)
+    self.blocks = nnx.List([Block(d, cfg.num_heads, rngs=rngs, dtype=dtype,
+                                  attention=not cfg.local_codes)
                             for _ in range(cfg.encoder_layers)])
     self.norm = _layernorm(d, rngs=rngs, dtype=dtype)
     self.out = _linear(d, cfg.code_dim, ("embed", "code_dim"), rngs=rngs, dtype=dtype)
 
   def __call__(self, x_BHWC: Array) -> Array:
     b, h, w, _ = x_BHWC.shape
-    pos_LD = sincos_2d(h // self.patch, w // self.patch, self.embed.out_features)
-    x = self.embed(patchify(x_BHWC, self.patch)) + pos_LD
+    x = self.embed(patchify(x_BHWC, self.patch))
+    if self.positions:
+      x = x + sincos_2d(h // self.patch, w // self.patch, self.embed.out_features)
     for block in self.blocks:
       x = block(x)
     z_BLD = self.out(self.norm(x))

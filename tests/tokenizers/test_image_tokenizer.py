@@ -46,6 +46,27 @@ def test_tokenize_detokenize_shapes_and_dtypes(modality, quantizer):
   np.testing.assert_array_equal(model.tokenize(images[1:2]), ids[1:2])
 
 
+def test_local_codes_depend_on_the_patch_alone():
+  # The same 4x4 patch content, placed in every cell of a grid over different surroundings,
+  # gets one code with local_codes; the ViT encoder (positions, attention) gives it several.
+  rng = np.random.default_rng(0)
+  patch = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+  images = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+  for k in range(16):  # image k holds the patch in cell k
+    r, c = divmod(k, 4)
+    images[k, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = patch
+  for local in (True, False):
+    model = create_tokenizer(ImageTokenizerConfig(modality="rgb", local_codes=local,
+                                                  **dict(TINY, codebook_size=256)))
+    z = np.asarray(model.encoder(jnp.asarray(images, jnp.float32) / 255.0)).reshape(16, 16, -1)
+    cell = z[np.arange(16), np.arange(16)]  # [16, code_dim]: the patch's latent in each image
+    spread = float(np.abs(cell - cell[0]).max())
+    assert spread < 1e-5 if local else spread > 1e-2, (local, spread)
+    if local:
+      ids = np.asarray(model.tokenize(images))
+      assert len(set(ids[np.arange(16), np.arange(16)].tolist())) == 1
+
+
 def test_code_norm_makes_the_decoder_blind_to_the_code_embedding_scale():
   # With the norm, the code embedding enters the decoder at unit scale, however small the
   # embedding's weights are; without it, shrinking them changes the output.
