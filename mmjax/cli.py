@@ -45,6 +45,10 @@ def _build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--num-val", type=int, help="validation scenes to generate (default 200)")
   demo.add_argument("--quick", action="store_true",
                     help="smoke-test sizes: every stage runs, in seconds of work")
+  demo.add_argument("--reference", action="store_true",
+                    help="the reference run: more data, longer tokenizers, and 4M with "
+                         "configs/fourm/shapes.py:reference (about 2 hours; default workdir "
+                         "runs/reference)")
   demo.add_argument("--model", choices=("fourm", "decoder"), default="fourm",
                     help="the model trained on the demo's tokens: 4M (default) or the "
                          "mixed-modal decoder (report_decoder.md)")
@@ -489,11 +493,14 @@ def _run_demo(args: argparse.Namespace) -> int:
   from mmjax import demo
 
   _load_config(args)
-  settings = demo.DemoSettings.quick_settings() if args.quick else demo.DemoSettings()
+  if args.quick and args.reference:
+    raise UserError("demo: --quick and --reference are exclusive")
+  settings = (demo.DemoSettings.quick_settings() if args.quick else
+              demo.DemoSettings.reference_settings() if args.reference else demo.DemoSettings())
   sizes = {k: v for k, v in (("num_train", args.num_train), ("num_val", args.num_val))
            if v is not None}
   settings = dataclasses.replace(settings, model=args.model, **sizes)
-  workdir = args.workdir or os.path.join("runs", "demo")
+  workdir = args.workdir or os.path.join("runs", "reference" if args.reference else "demo")
   _join_cluster(workdir)
   demo.run_demo(workdir, settings)
   return 0

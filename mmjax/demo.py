@@ -98,6 +98,7 @@ class DemoSettings:
   decoder_batch: int = 8        # packed rows of 256 tokens (~2.7 records each)
   decoder_lr: float = 1e-3
   quick: bool = False           # smoke-test sizes (seconds of work; metrics meaningless)
+  reference: bool = False       # 4M trains with configs/fourm/shapes.py:reference's own sizes
 
   @classmethod
   def quick_settings(cls) -> DemoSettings:
@@ -108,6 +109,13 @@ class DemoSettings:
                curve_scenes=2, curve_tasks="rgb->caption", eval_scenes=2,
                eval_tasks=("rgb->caption", "caption->tok_rgb"), decoder_steps=2,
                decoder_batch=8, quick=True)
+
+  @classmethod
+  def reference_settings(cls) -> DemoSettings:
+    """The reference run: 4x the scenes, tokenizers trained 2-3x longer, and 4M with the sizes of
+    configs/fourm/shapes.py:reference (the fourm_* and curve fields here are not used)."""
+    return cls(num_train=20000, num_val=1000, tokenizer_steps=3000, rgb_tokenizer_steps=4000,
+               eval_scenes=200, reference=True)
 
 
 def _say(message: str) -> None:
@@ -178,8 +186,12 @@ def _image_tokenizer(modality: str, workdir: str, s: DemoSettings) -> dict[str, 
 
 def fourm_config(workdir: str, s: DemoSettings):
   """The demo's 4M config (4M tiny on the demo's tokens)."""
+  tokens = os.path.join(workdir, "tokens")
+  if s.reference:
+    return _config(f"configs/fourm/shapes.py:tiny,reference,tokenizers={TOKENIZER_ARG}",
+                   {"data.data_dir": tokens})
   return _config(f"configs/fourm/shapes.py:tiny,tokenizers={TOKENIZER_ARG}", {
-      "data.data_dir": os.path.join(workdir, "tokens"),
+      "data.data_dir": tokens,
       "train.steps": s.fourm_steps, "train.batch_size": s.fourm_batch, "train.lr": s.fourm_lr,
       "train.warmup_steps": max(1, s.fourm_steps // 10), "train.eval_every": s.eval_every,
       "train.checkpoint_every": s.eval_every, "train.log_every": max(1, s.fourm_steps // 20),

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from mmjax import cli
+from mmjax import config as mmconfig
 
 COMMANDS = ("demo", "prepare", "tokenizer", "train", "eval", "generate", "bench", "aot", "sweep")
 
@@ -42,6 +43,7 @@ def test_no_command_prints_help_and_fails(capsys):
     (["prepare", "shapes", "--out", "x", "--num-train", "many"], "invalid int value"),
     (["bench"], "choose one of its subcommands"),
     (["prepare", "shapes", "--out", "x", "--config.data.seed=1"], "without --config"),
+    (["demo", "--quick", "--reference"], "--quick and --reference are exclusive"),
 ])
 def test_user_errors_are_one_line_and_exit_2(capsys, argv, message):
   code, _, err = _run(capsys, *argv)
@@ -156,6 +158,18 @@ def test_demo_quick_runs_every_stage_then_resumes(tmp_path, capsys):
   report = (workdir / "report_decoder.md").read_text()
   assert "| caption->tok_rgb/attr_acc |" in report and "| tok_rgb->caption/attr_acc |" in report
   assert (workdir / "decoder" / "curves.png").is_file()
+
+
+def test_demo_reference_trains_4m_with_the_reference_config():
+  from mmjax import demo
+
+  settings = demo.DemoSettings.reference_settings()
+  config = demo.fourm_config("W", settings)
+  reference = mmconfig.load("configs/fourm/shapes.py:reference,tokenizers=runlocal", [])
+  assert config.train.to_dict() == reference.train.to_dict()
+  assert config.eval.every_steps == reference.eval.every_steps > 0
+  assert config.train.steps > 5 * demo.fourm_config("W", demo.DemoSettings()).train.steps
+  assert config.data.data_dir == "W/tokens"
 
 
 def test_tokenizer_train_text(tmp_path, capsys):

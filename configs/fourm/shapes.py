@@ -29,7 +29,8 @@ tokenizers are far from enough for text and boxes.
 events (tb/) and loss.png into the workdir; `--config.eval.every_steps=K` adds the generation
 metrics every K steps and curves.png (each metric against steps, with its chance level and
 tokenizer ceiling).
-Variants: `tiny` (D=192, 4+4 layers) and `small` (D=384, 6+6). `runlocal` shrinks steps and data.
+Variants: `tiny` (D=192, 4+4 layers) and `small` (D=384, 6+6). `runlocal` shrinks steps and data;
+`reference` sets the reference run's training sizes (`mmjax demo --reference` runs it end to end).
 `tokenizers=ARG`: the config argument the image tokenizers were trained with (e.g. runlocal).
 """
 
@@ -47,7 +48,7 @@ SIZES = {
 
 
 def get_config(arg=None):
-  arg = mmconfig.parse_arg(arg, variant="tiny", runlocal=False, tokenizers="")
+  arg = mmconfig.parse_arg(arg, variant="tiny", runlocal=False, tokenizers="", reference=False)
   if arg.variant not in SIZES:
     raise ValueError(f"variant must be one of {sorted(SIZES)}, got {arg.variant!r}")
   config = ml_collections.ConfigDict()
@@ -106,6 +107,14 @@ def get_config(arg=None):
   # Generation metrics during training (learning curves: mmjax/eval/curves.py).
   config.eval = defaults.training_eval()
 
+  if arg.reference:
+    # The reference run (`mmjax demo --reference`: README, "Reference run"): the demo's mixture
+    # (one third each of all->all at alpha 1, rgb->all and caption->all) and learning rate, for
+    # 10x its steps, with every generation metric measured on the way.
+    config.train.update(steps=10000, batch_size=16, lr=1e-3, warmup_steps=500, eval_every=1000,
+                        checkpoint_every=1000, log_every=100, eval_batches=4)
+    config.masking.update(mixture="4m21", mixture_weights=(0, 0, 1, 0, 1, 1))
+    config.eval.update(every_steps=1000, num_scenes=64, tasks="")
   if arg.runlocal:
     config.data.num_train, config.data.num_val = 256, 32
     config.train.update(steps=20, batch_size=8, warmup_steps=2, log_every=5, checkpoint_every=10)
