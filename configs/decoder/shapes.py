@@ -84,6 +84,8 @@ def get_config(arg=None):
 
   config.model = ml_collections.ConfigDict(dict(SIZES[arg.variant]))
   config.model.sparsity = arg.sparsity
+  # MoMa's expert choice inside each row: each batch shard routes its own tokens (models/experts.py).
+  config.model.moma_routing_rows = 1
   if "max_length" not in config.model:
     config.model.max_length = 256
   config.model.update(defaults.model_target())

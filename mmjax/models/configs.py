@@ -133,6 +133,8 @@ class DecoderConfig:
   # Added for the decoder model (issue 6):
   capacity_factor: float = 1.25   # moe: per-expert capacity ceil(cf * tokens * top_k / experts)
   expert_hidden: int = 0          # moma/moe expert width; 0: equal active compute with dense
+  moma_routing_rows: int = 0      # moma: expert choice inside each group of this many rows (each
+                                  # batch shard routes its own tokens); 0: over the whole batch
   moma_aux_router: bool = True    # moma: train a small sigmoid MLP to predict selection (causal decode)
   moma_aux_router_hidden: int = 0  # its width; 0: max(8, d_model // 8)
   aux_router_loss: float = 1.0    # moma: weight of the auxiliary routers' BCE (on detached inputs)
@@ -164,6 +166,8 @@ class DecoderConfig:
       raise ConfigError(f"model.norm_order must be 'pre' or 'post', got {self.norm_order!r}")
     if self.sparsity not in ("dense", "mot", "moma", "moe"):
       raise ConfigError(f"model.sparsity must be dense, mot, moma or moe, got {self.sparsity!r}")
+    if self.moma_routing_rows < 0:
+      raise ConfigError(f"model.moma_routing_rows must be >= 0, got {self.moma_routing_rows}")
 
 
 MODEL_CONFIGS = {"fourm": FourMConfig, "decoder": DecoderConfig}

@@ -65,7 +65,8 @@ class Block(nnx.Module):
       self.ffn = MoMaFFN(cfg.d_model, expert_hidden(cfg), num_modalities=num_modalities,
                          experts_per_modality=cfg.experts_per_modality,
                          aux_router=cfg.moma_aux_router,
-                         aux_hidden=cfg.moma_aux_router_hidden or max(8, cfg.d_model // 8), **common)
+                         aux_hidden=cfg.moma_aux_router_hidden or max(8, cfg.d_model // 8),
+                         routing_rows=cfg.moma_routing_rows, **common)
     else:
       self.ffn = TokenChoiceMoE(cfg.d_model, expert_hidden(cfg), num_experts=cfg.num_experts,
                                 top_k=cfg.moe_top_k, capacity_factor=cfg.capacity_factor, **common)

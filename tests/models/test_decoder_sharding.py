@@ -4,6 +4,7 @@ import importlib.util
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -52,6 +53,34 @@ def test_sharded_mot_gradients_equal_single_device():
   loss, grads = step(state, batch)
 
   mesh_config = defaults.mesh(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(mesh_config)
+  rules = sharding.logical_rules(mesh_config)
+  sharded_state = jax.device_put(state, sharding.tree_shardings(state, mesh, rules))
+  batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  sharded_batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    loss_s, grads_s = step(sharded_state, sharded_batch)
+  np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
+  for g_s, g in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(np.asarray(g_s), np.asarray(g), rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sharded_moma_routed_by_rows_equals_single_device():
+  """MoMa with expert choice inside each row (model.moma_routing_rows=1): each batch shard routes
+  and multiplies its own tokens, with values and gradients as on one device."""
+  model = helpers.make_model(helpers.make_cfg(sparsity="moma", num_heads=4, num_kv_heads=2,
+                                              grouped_impl="ragged", moma_routing_rows=1))
+  batch = helpers.make_batch([[1] * 8, [1] * 5 + [2] * 3, [1] * 6 + [0] * 2, [1] * 8], seed=7)
+  graphdef, state = nnx.split(model)
+
+  def loss_fn(s, b):
+    logits, aux, _ = nnx.merge(graphdef, s)(b, causal=False)
+    return (logits ** 2).mean() + jnp.sum(aux["moma_aux_router_bce"])
+
+  step = jax.jit(jax.value_and_grad(loss_fn))
+  loss, grads = step(state, batch)
+  mesh_config = defaults.mesh(data=2, fsdp=2, tensor=1, expert=2)
   mesh = sharding.make_mesh(mesh_config)
   rules = sharding.logical_rules(mesh_config)
   sharded_state = jax.device_put(state, sharding.tree_shardings(state, mesh, rules))

@@ -174,6 +174,31 @@ def test_moma_output_is_sigmoid_weighted_sum_over_taking_experts():
   np.testing.assert_allclose(y_c.reshape(-1, d), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_moma_routing_rows_chooses_inside_each_group_of_rows():
+  # routing_rows=1: each row is routed as if it were the whole batch; routing_rows=2 over two rows
+  # equals the whole-batch choice. The auxiliary BCE is measured against the same decisions.
+  d = 8
+  make = lambda rows: experts.MoMaFFN(
+      d, 16, num_modalities=2, experts_per_modality=2, aux_router=True, aux_hidden=8,
+      impl="chunked", chunk=4, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0),
+      routing_rows=rows)
+  x = jax.random.normal(jax.random.key(3), (2, 6, d))
+  modality = jnp.asarray([[0, 0, 1, 1, 1, 0], [1, 0, 0, 1, 1, 1]])
+  valid = jnp.ones((2, 6), bool).at[1, 5].set(False)
+  run = jax.jit(lambda m, x, mod, v: m(x, mod, v, causal=False))
+  whole, whole_aux = run(make(0), x, modality, valid)
+  by_row, _ = run(make(1), x, modality, valid)
+  rows = [run(make(0), x[i:i + 1], modality[i:i + 1], valid[i:i + 1])[0] for i in range(2)]
+  np.testing.assert_allclose(by_row, jnp.concatenate(rows), rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(by_row - whole).max()) > 1e-3  # per row is not the whole-batch choice
+  two, two_aux = run(make(2), x, modality, valid)
+  np.testing.assert_allclose(two, whole, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(two_aux["moma_aux_router_bce"], whole_aux["moma_aux_router_bce"],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="groups of 2 rows"):
+    run(make(2), x[:1], modality[:1], valid[:1])
+
+
 def test_token_choice_moe_top1_capacity_and_balance_loss():
   d, num = 8, 4
   moe = experts.TokenChoiceMoE(d, 16, num_experts=num, top_k=1, capacity_factor=1.0,
