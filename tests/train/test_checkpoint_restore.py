@@ -198,6 +198,9 @@ def test_garbage_in_array_files_is_one_line(written, workdir, capfd, monkeypatch
   err = [line for line in captured.splitlines() if line.startswith("mmjax:")]
   assert len(err) == 1 and err[0].startswith("mmjax: checkpoint step 6 in ")
   assert err[0].endswith("moving it to corrupt-6 and trying the previous one")
+  # A straggler may still fail after close() has put the previous hooks back (seen in CI under
+  # load): only what the calls below send is checked.
+  seen.clear()
   sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
   other = ValueError("something else")
   sys.excepthook(ValueError, other, None)
